@@ -1,0 +1,341 @@
+//! Typed configuration: built-in defaults < config file < `CANDLESTREAM__SECTION__KEY` env vars.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const ENV_PREFIX: &str = "CANDLESTREAM";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// A bad configuration stays bad until a person fixes it.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub bitfinex: BitfinexConfig,
+    pub kafka: KafkaConfig,
+    pub schema_registry: SchemaRegistryConfig,
+    pub producer: ProducerConfig,
+    pub http: HttpConfig,
+    pub health: HealthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeMode {
+    /// Websocket, with REST polling while a connection is down.
+    Websocket,
+    /// REST polling only.
+    Rest,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BitfinexConfig {
+    pub ws_url: String,
+    pub rest_url: String,
+    pub symbols: Vec<String>,
+    pub mode: ExchangeMode,
+    #[serde(with = "humantime_serde")]
+    pub rest_poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_backoff_max: Duration,
+    pub channels_per_connection: usize,
+    pub connections_per_minute: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for BitfinexConfig {
+    fn default() -> Self {
+        Self {
+            ws_url: "wss://api-pub.bitfinex.com/ws/2".into(),
+            rest_url: "https://api-pub.bitfinex.com".into(),
+            symbols: ["tBTCUSD", "tETHUSD", "tSOLUSD", "tXRPUSD", "tLTCUSD", "tADAUSD"]
+                .map(String::from)
+                .into(),
+            mode: ExchangeMode::Websocket,
+            rest_poll_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(20),
+            reconnect_backoff_min: Duration::from_millis(500),
+            reconnect_backoff_max: Duration::from_secs(30),
+            channels_per_connection: 25,
+            connections_per_minute: 20,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group_id: String,
+    /// librdkafka producer properties, verbatim; they override the built-in defaults.
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka consumer properties, verbatim; they override the built-in defaults.
+    pub consumer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "localhost:19091,localhost:19092,localhost:19093".into(),
+            topic: "crypto-ticker".into(),
+            dlq_topic: "crypto-ticker-dlq".into(),
+            group_id: "candlestream-influx".into(),
+            producer: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for SchemaRegistryConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://localhost:8081".into(),
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProducerConfig {
+    /// Ticks buffered between the exchange and Kafka; when full, reading the exchange waits.
+    pub buffer: usize,
+    /// How long shutdown may spend delivering what is in flight.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            buffer: 10_000,
+            shutdown_timeout: Duration::from_secs(15),
+            retry_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of /healthz and /metrics. Port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: ([0, 0, 0, 0], 9100).into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// /healthz fails when no exchange data arrived for this long.
+    #[serde(with = "humantime_serde")]
+    pub max_exchange_silence: Duration,
+    /// /healthz fails when messages are waiting and Kafka acknowledged none for this long.
+    #[serde(with = "humantime_serde")]
+    pub max_ack_silence: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            max_exchange_silence: Duration::from_secs(60),
+            max_ack_silence: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, so tests need not touch the
+    /// process environment.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env: config::Map<String, String> = env.into_iter().collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .separator("__")
+                .prefix_separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("bitfinex.symbols")
+                .source(Some(env)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.bitfinex;
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if b.symbols.is_empty() {
+            return invalid("bitfinex.symbols is empty");
+        }
+        if let Some(s) = b.symbols.iter().find(|s| !s.starts_with('t') || s.len() < 4) {
+            return invalid(&format!("bitfinex.symbols: {s:?} is not a trading symbol like tBTCUSD"));
+        }
+        if !(1..=25).contains(&b.channels_per_connection) {
+            return invalid("bitfinex.channels_per_connection must be 1..=25 (Bitfinex's limit)");
+        }
+        if b.connections_per_minute == 0 || b.rest_poll_interval.is_zero() {
+            return invalid("bitfinex.connections_per_minute and rest_poll_interval must be positive");
+        }
+        if self.kafka.topic.is_empty() || self.kafka.brokers.is_empty() {
+            return invalid("kafka.brokers and kafka.topic must be set");
+        }
+        if self.producer.buffer == 0 {
+            return invalid("producer.buffer must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_file() -> &'static Path {
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn default_file_documents_exactly_the_builtin_defaults() {
+        let from_file = Settings::load_with_env(Some(default_file()), env(&[])).unwrap();
+        assert_eq!(from_file, Settings::default());
+        assert_eq!(Settings::load_with_env(None, env(&[])).unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = Settings::load_with_env(
+            Some(default_file()),
+            env(&[
+                ("CANDLESTREAM__BITFINEX__SYMBOLS", "tBTCUSD,tETHUSD"),
+                ("CANDLESTREAM__BITFINEX__MODE", "rest"),
+                ("CANDLESTREAM__BITFINEX__REST_POLL_INTERVAL", "250ms"),
+                ("CANDLESTREAM__KAFKA__BROKERS", "a:1,b:2"),
+                ("CANDLESTREAM__KAFKA__PRODUCER__LINGER_MS", "5"),
+                ("CANDLESTREAM__SCHEMA_REGISTRY__PASSWORD", "true"),
+                ("CANDLESTREAM__HTTP__LISTEN", "127.0.0.1:0"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.bitfinex.symbols, ["tBTCUSD", "tETHUSD"]);
+        assert_eq!(s.bitfinex.mode, ExchangeMode::Rest);
+        assert_eq!(s.bitfinex.rest_poll_interval, Duration::from_millis(250));
+        assert_eq!(s.kafka.brokers, "a:1,b:2");
+        assert_eq!(s.kafka.producer.get("linger_ms").map(String::as_str), Some("5"));
+        assert_eq!(s.schema_registry.password.as_deref(), Some("true"));
+        assert_eq!(s.http.listen.port(), 0);
+    }
+
+    #[test]
+    fn pass_through_tables_keep_dotted_librdkafka_keys() {
+        let dir = std::env::temp_dir().join(format!("cs-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[kafka.producer]\n\"enable.idempotence\" = \"false\"\n\"linger.ms\" = 5\n[kafka.consumer]\n\"api.version.request\" = false\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(Some(&file), env(&[])).unwrap();
+        assert_eq!(s.kafka.producer.get("enable.idempotence").unwrap(), "false");
+        assert_eq!(s.kafka.producer.get("linger.ms").unwrap(), "5");
+        assert_eq!(s.kafka.consumer.get("api.version.request").unwrap(), "false");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        for (k, v) in [
+            ("CANDLESTREAM__KAFKA__BROKRES", "x:1"),
+            ("CANDLESTREAM__BITFINEX__MODE", "carrier-pigeon"),
+            ("CANDLESTREAM__BITFINEX__SYMBOLS", "BTCUSD"),
+            ("CANDLESTREAM__BITFINEX__CHANNELS_PER_CONNECTION", "26"),
+            ("CANDLESTREAM__BITFINEX__HEARTBEAT_TIMEOUT", "soon"),
+        ] {
+            let r = Settings::load_with_env(None, env(&[(k, v)]));
+            assert!(r.is_err(), "{k}={v} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! One websocket connection ("shard") for up to 25 ticker channels, and its reconnect loop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+
+use super::message::{
+    parse_frame, ChannelMessage, Event, Frame, Payload, TickerValues, FLAG_SEQ_ALL, FLAG_TIMESTAMP,
+    INFO_MAINTENANCE_END, INFO_MAINTENANCE_START, INFO_RECONNECT,
+};
+use super::{now_ms, sleep_or_cancel, Ctx, ExchangeError};
+use crate::candles::{Tick, TickSource};
+use crate::retry::backoff;
+use crate::telemetry::metric;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How a session ended when it was not an error.
+enum End {
+    Cancelled,
+    /// Info 20051: the server restarts; reconnect at once.
+    ServerRestart,
+}
+
+/// Keeps one shard connected until cancelled.
+pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, symbols: Vec<String>) {
+    let new_backoff = || backoff(ctx.cfg.reconnect_backoff_min, ctx.cfg.reconnect_backoff_max);
+    let mut delays = new_backoff();
+    loop {
+        tokio::select! {
+            _ = ctx.limiter.acquire() => {}
+            _ = ctx.cancel.cancelled() => return,
+        }
+        let mut session = Session::new(&ctx, shard, &symbols);
+        let outcome = session.run().await;
+        ctx.coverage.uncover(&symbols);
+        if session.subscribed {
+            delays = new_backoff();
+        }
+        match outcome {
+            Ok(End::Cancelled) | Err(ExchangeError::Downstream) => return,
+            Ok(End::ServerRestart) => {
+                metrics::counter!(metric::RECONNECTS, "reason" => "server_restart").increment(1);
+                tracing::info!(shard, "server restarting (20051); reconnecting now");
+            }
+            Err(e) => {
+                let reason = match e {
+                    ExchangeError::Stale(_) => "stale",
+                    ExchangeError::Closed(_) => "closed",
+                    ExchangeError::Connect(_) | ExchangeError::ConnectTimeout(_) => "connect",
+                    _ => "error",
+                };
+                metrics::counter!(metric::RECONNECTS, "reason" => reason).increment(1);
+                let wait = delays.next().unwrap_or(ctx.cfg.reconnect_backoff_max);
+                tracing::warn!(shard, error = %e, ?wait, "websocket lost; reconnecting after backoff");
+                if !sleep_or_cancel(wait, &ctx.cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Session<'a> {
+    ctx: &'a Ctx,
+    shard: usize,
+    symbols: &'a [String],
+    channels: HashMap<u64, String>,
+    last_seq: Option<u64>,
+    /// True once any channel was subscribed: the connection worked, so backoff starts over.
+    subscribed: bool,
+}
+
+impl<'a> Session<'a> {
+    fn new(ctx: &'a Ctx, shard: usize, symbols: &'a [String]) -> Self {
+        Self { ctx, shard, symbols, channels: HashMap::new(), last_seq: None, subscribed: false }
+    }
+
+    async fn run(&mut self) -> Result<End, ExchangeError> {
+        let cfg = &self.ctx.cfg;
+        let (mut ws, _) = tokio::time::timeout(cfg.request_timeout, connect_async(cfg.ws_url.as_str()))
+            .await
+            .map_err(|_| ExchangeError::ConnectTimeout(cfg.request_timeout))?
+            .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
+        tracing::info!(shard = self.shard, url = %cfg.ws_url, symbols = ?self.symbols, "websocket connected");
+        send(&mut ws, json!({"event": "conf", "flags": FLAG_TIMESTAMP | FLAG_SEQ_ALL})).await?;
+        self.subscribe_all(&mut ws).await?;
+        loop {
+            let next = tokio::select! {
+                _ = self.ctx.cancel.cancelled() => {
+                    let _ = ws.close(None).await;
+                    return Ok(End::Cancelled);
+                }
+                next = tokio::time::timeout(cfg.heartbeat_timeout, ws.next()) => next,
+            };
+            let msg = match next {
+                Err(_) => return Err(ExchangeError::Stale(cfg.heartbeat_timeout)),
+                Ok(None) => return Err(ExchangeError::Closed("stream ended without a close frame".into())),
+                Ok(Some(Err(e))) => return Err(ExchangeError::Socket(Box::new(e))),
+                Ok(Some(Ok(msg))) => msg,
+            };
+            match msg {
+                Message::Text(text) => {
+                    if let Some(end) = self.on_text(text.as_str(), &mut ws).await? {
+                        return Ok(end);
+                    }
+                }
+                Message::Close(frame) => {
+                    let why = frame.map_or("no close frame".into(), |f| format!("{} {}", f.code, f.reason));
+                    return Err(ExchangeError::Closed(why));
+                }
+                Message::Binary(_) => count_frame("unknown"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn subscribe_all(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
+        for symbol in self.symbols {
+            send(ws, json!({"event": "subscribe", "channel": "ticker", "symbol": symbol})).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_text(&mut self, text: &str, ws: &mut Socket) -> Result<Option<End>, ExchangeError> {
+        let frame = match parse_frame(text) {
+            Ok(f) => f,
+            Err(e) => {
+                count_frame("invalid");
+                metrics::counter!(metric::FRAME_ERRORS).increment(1);
+                tracing::warn!(shard = self.shard, error = %e, frame = %truncate(text), "unparseable frame ignored");
+                return Ok(None);
+            }
+        };
+        match frame {
+            Frame::Event(event) => {
+                count_frame("event");
+                self.on_event(event, ws).await
+            }
+            Frame::Channel(msg) => {
+                self.on_channel(msg).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: Event, ws: &mut Socket) -> Result<Option<End>, ExchangeError> {
+        let shard = self.shard;
+        match event {
+            Event::Info { code: Some(INFO_RECONNECT), .. } => return Ok(Some(End::ServerRestart)),
+            Event::Info { code: Some(INFO_MAINTENANCE_START), msg, .. } => {
+                // Symbols stay covered: REST would only poll a platform that is paused too.
+                tracing::warn!(shard, ?msg, "exchange maintenance started (20060); pausing until 20061");
+            }
+            Event::Info { code: Some(INFO_MAINTENANCE_END), .. } => {
+                tracing::info!(shard, "exchange maintenance ended (20061); subscribing again");
+                for chan_id in std::mem::take(&mut self.channels).into_keys() {
+                    send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
+                }
+                self.subscribe_all(ws).await?;
+            }
+            Event::Info { code: Some(code), msg, .. } => tracing::info!(shard, code, ?msg, "exchange info"),
+            Event::Info { version, platform, .. } => {
+                let status = platform.map(|p| p.status);
+                if status == Some(0) {
+                    tracing::warn!(shard, ?version, "exchange reports platform maintenance");
+                } else {
+                    tracing::info!(shard, ?version, ?status, "exchange hello");
+                }
+            }
+            Event::Conf { status, flags } => {
+                if status.as_deref() == Some("OK") {
+                    tracing::debug!(shard, ?flags, "conf acknowledged");
+                } else {
+                    tracing::warn!(shard, ?status, "conf refused; ticks fall back to receive time");
+                }
+            }
+            Event::Subscribed { channel, chan_id, symbol } => {
+                let Some(symbol) = symbol.filter(|s| channel == "ticker" && self.symbols.contains(s)) else {
+                    tracing::warn!(shard, %channel, chan_id, "subscribed to a channel we did not ask for");
+                    return Ok(None);
+                };
+                tracing::info!(shard, %symbol, chan_id, "subscribed");
+                self.ctx.coverage.cover(&symbol);
+                self.channels.insert(chan_id, symbol);
+                self.subscribed = true;
+            }
+            Event::Unsubscribed { chan_id, .. } => {
+                self.channels.remove(&chan_id);
+            }
+            Event::Error { code, msg, symbol } => {
+                let code_label = code.map_or("none".to_string(), |c| c.to_string());
+                metrics::counter!(metric::EXCHANGE_ERRORS, "code" => code_label).increment(1);
+                tracing::warn!(shard, ?code, ?msg, ?symbol, "exchange error event");
+            }
+            Event::Pong { cid } => tracing::debug!(shard, ?cid, "pong"),
+            Event::Unknown => {
+                count_frame("unknown");
+                tracing::warn!(shard, "unknown event ignored");
+            }
+        }
+        Ok(None)
+    }
+
+    async fn on_channel(&mut self, msg: ChannelMessage) -> Result<(), ExchangeError> {
+        let received_at = now_ms();
+        if let Some(seq) = msg.seq {
+            self.check_sequence(seq);
+        }
+        let Some(symbol) = self.channels.get(&msg.chan_id) else {
+            count_frame("unknown_channel");
+            metrics::counter!(metric::UNKNOWN_CHANNEL).increment(1);
+            tracing::debug!(shard = self.shard, chan_id = msg.chan_id, "update for an unknown channel ignored");
+            return Ok(());
+        };
+        let raw = match msg.payload {
+            Payload::Heartbeat => {
+                count_frame("heartbeat");
+                return Ok(());
+            }
+            Payload::Other(kind) => {
+                count_frame("unknown");
+                tracing::debug!(shard = self.shard, %kind, "unhandled channel payload");
+                return Ok(());
+            }
+            Payload::Ticker(raw) => raw,
+        };
+        count_frame("ticker");
+        let values = match TickerValues::from_raw(&raw) {
+            Ok(v) => v,
+            Err(e) => {
+                metrics::counter!(metric::TICKS_REJECTED).increment(1);
+                tracing::warn!(shard = self.shard, %symbol, error = %e, "ticker update rejected");
+                return Ok(());
+            }
+        };
+        let tick = Tick::new(
+            symbol.clone(),
+            values,
+            msg.timestamp_ms.unwrap_or(received_at),
+            msg.seq.map(|s| s as i64),
+            TickSource::Websocket,
+            received_at,
+        );
+        metrics::counter!(metric::TICKS_RECEIVED, "source" => "websocket").increment(1);
+        self.ctx.data.beat();
+        self.ctx.tx.send(tick).await.map_err(|_| ExchangeError::Downstream)
+    }
+
+    fn check_sequence(&mut self, seq: u64) {
+        if let Some(last) = self.last_seq
+            && seq != last + 1
+        {
+            let missed = seq.saturating_sub(last + 1);
+            metrics::counter!(metric::SEQUENCE_GAPS).increment(1);
+            metrics::counter!(metric::MISSED_MESSAGES).increment(missed);
+            tracing::warn!(shard = self.shard, last, seq, missed, "sequence gap");
+        }
+        self.last_seq = Some(seq);
+    }
+}
+
+async fn send(ws: &mut Socket, value: serde_json::Value) -> Result<(), ExchangeError> {
+    ws.send(Message::text(value.to_string())).await.map_err(|e| ExchangeError::Socket(Box::new(e)))
+}
+
+fn count_frame(kind: &'static str) {
+    metrics::counter!(metric::FRAMES, "kind" => kind).increment(1);
+}
+
+fn truncate(text: &str) -> &str {
+    let end = text.char_indices().nth(200).map_or(text.len(), |(i, _)| i);
+    &text[..end]
+}

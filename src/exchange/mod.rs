@@ -1,0 +1,3 @@
+//! Market-data sources.
+
+pub mod bitfinex;

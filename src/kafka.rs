@@ -1,0 +1,232 @@
+//! Kafka clients: built-in defaults overlaid with the `[kafka.producer]` / `[kafka.consumer]`
+//! pass-through tables, and the delivery-tracking producer stage.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::KafkaConfig;
+use crate::telemetry::{metric, Liveness};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaStageError {
+    #[error("cannot create Kafka client: {0}")]
+    Client(#[source] KafkaError),
+    #[error("shutdown deadline passed with {0} message(s) not acknowledged by Kafka")]
+    Undelivered(usize),
+}
+
+impl KafkaStageError {
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Producer defaults: acks from every in-sync replica, no duplicates from retries, and the
+/// Java-compatible key hash so a coin lands on the same partition whichever client wrote it.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    ("partitioner", "murmur2_random"),
+    ("compression.type", "lz4"),
+    ("linger.ms", "20"),
+    ("client.id", "candlestream-producer"),
+];
+
+pub fn client_config(
+    brokers: &str,
+    defaults: &[(&str, &str)],
+    overrides: &BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    for (k, v) in defaults {
+        cfg.set(*k, *v);
+    }
+    for (k, v) in overrides {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    client_config(&cfg.brokers, PRODUCER_DEFAULTS, &cfg.producer)
+}
+
+/// Errors after which sending the same record again can succeed.
+fn is_retriable(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            MessageTimedOut
+                | QueueFull
+                | NotEnoughReplicas
+                | NotEnoughReplicasAfterAppend
+                | LeaderNotAvailable
+                | NotLeaderForPartition
+                | RequestTimedOut
+                | NetworkException
+                | BrokerTransportFailure
+                | AllBrokersDown
+                | UnknownTopicOrPartition
+                | UnknownPartition
+                | BrokerNotAvailable
+                | OutOfOrderSequenceNumber
+        )
+    )
+}
+
+/// One record to produce.
+pub struct Outgoing {
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+/// Produces records and tracks every delivery: acks are counted, retriable failures are sent
+/// again, permanent failures are logged with their key. Memory stays bounded because librdkafka's
+/// queue is bounded and [`DeliveryTracker::send`] waits while it is full.
+#[derive(Clone)]
+pub struct DeliveryTracker {
+    producer: FutureProducer,
+    topic: Arc<str>,
+    acks: Arc<Liveness>,
+    pending_tx: mpsc::Sender<(DeliveryFuture, Arc<str>)>,
+}
+
+impl DeliveryTracker {
+    /// Returns the tracker and the task that awaits deliveries; the task ends once every clone
+    /// of the tracker is dropped and all deliveries are settled.
+    pub fn new(
+        producer: FutureProducer,
+        topic: &str,
+        acks: Arc<Liveness>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (pending_tx, pending_rx) = mpsc::channel(4096);
+        let tracker = Self { producer, topic: topic.into(), acks, pending_tx };
+        let task = tokio::spawn(tracker.clone().settle(pending_rx));
+        (tracker, task)
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Enqueues one record, waiting while librdkafka's queue is full. Gives up only when
+    /// `deadline` passes (shutdown), returning false.
+    pub async fn send(&self, msg: &Outgoing, deadline: Option<Instant>) -> bool {
+        let mut warned = false;
+        loop {
+            let mut record = FutureRecord::to(&self.topic).key(msg.key.as_str()).payload(&msg.payload);
+            if let Some(h) = &msg.headers {
+                record = record.headers(h.clone());
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    self.acks.add_pending(1);
+                    metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
+                    // The settle task holds at most this many futures; beyond that we wait.
+                    let _ = self.pending_tx.send((delivery, msg.key.as_str().into())).await;
+                    return true;
+                }
+                Err((e, _)) if is_retriable(&e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, "Kafka producer queue is full; holding exchange data (backpressure)");
+                        warned = true;
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err((e, _)) => {
+                    metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
+                    tracing::error!(error = %e, key = %msg.key, "Kafka refused a record; it is not retried");
+                    return true;
+                }
+            }
+        }
+    }
+
+    async fn settle(self, mut incoming: mpsc::Receiver<(DeliveryFuture, Arc<str>)>) {
+        let Self { producer, topic, acks, pending_tx } = self;
+        // Our own sender must go, or the channel could never close.
+        drop(pending_tx);
+        let mut inflight = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                next = incoming.recv(), if open => match next {
+                    Some((delivery, key)) => inflight.push(settled(delivery, key)),
+                    None => open = false,
+                },
+                Some((result, key)) = inflight.next() => {
+                    match result {
+                        Ok(Ok(_)) => {
+                            acks.beat();
+                            acks.add_pending(-1);
+                            metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
+                            metrics::counter!(metric::PRODUCED).increment(1);
+                        }
+                        Ok(Err((e, msg))) if is_retriable(&e) => {
+                            metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "retried").increment(1);
+                            tracing::warn!(error = %e, %key, "delivery failed; sending again");
+                            let delivery = resend(&producer, &topic, &msg).await;
+                            inflight.push(settled(delivery, key));
+                        }
+                        Ok(Err((e, _))) => {
+                            acks.add_pending(-1);
+                            metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
+                            metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
+                            tracing::error!(error = %e, %key, "delivery failed permanently; record not stored");
+                        }
+                        Err(_) => tracing::error!(%key, "producer dropped before delivery was reported"),
+                    }
+                }
+                else => break,
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for everything queued to be acknowledged.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaStageError> {
+        let producer = self.producer.clone();
+        let result = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(KafkaStageError::Undelivered(self.producer.in_flight_count().max(0) as usize)),
+        }
+    }
+}
+
+async fn settled(
+    delivery: DeliveryFuture,
+    key: Arc<str>,
+) -> (Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>, Arc<str>) {
+    (delivery.await, key)
+}
+
+/// Enqueues a failed record again, waiting while the queue is full.
+async fn resend(producer: &FutureProducer, topic: &str, msg: &OwnedMessage) -> DeliveryFuture {
+    loop {
+        let mut record = FutureRecord::to(topic)
+            .key(msg.key().unwrap_or_default())
+            .payload(msg.payload().unwrap_or_default());
+        if let Some(h) = msg.headers() {
+            record = record.headers(h.clone());
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => return delivery,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! candlestream: Bitfinex tickers → Avro in Kafka → InfluxDB → Grafana candles.
+
+pub mod candles;
+pub mod codec;
+pub mod config;
+pub mod exchange;
+pub mod kafka;
+pub mod producer;
+pub mod retry;
+pub mod telemetry;

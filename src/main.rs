@@ -1,0 +1,52 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use candlestream::config::Settings;
+
+/// Real-time crypto candlesticks: Bitfinex → Kafka (Avro) → InfluxDB → Grafana.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file layered over the built-in defaults (see config/default.toml). Environment
+    /// variables CANDLESTREAM__SECTION__KEY override both.
+    #[arg(long, short, global = true, env = "CANDLESTREAM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream Bitfinex tickers into Kafka as Avro (Confluent wire format), keyed by symbol.
+    ///
+    /// Subscribes every `bitfinex.symbols` ticker over websocket (REST polling while a connection
+    /// is down, or only REST with `bitfinex.mode = "rest"`), registers schemas/ticker.avsc under
+    /// `<kafka.topic>-value` and produces with acks=all and idempotence. SIGINT/SIGTERM stop
+    /// reading and flush what is in flight within `producer.shutdown_timeout`, then exit 0.
+    Producer,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
+    candlestream::telemetry::init_logging(&settings.log);
+    let cancel = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    match cli.command {
+        Command::Producer => candlestream::producer::run(settings, cancel).await.context("producer failed"),
+    }
+}
+
+async fn cancel_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    cancel.cancel();
+}

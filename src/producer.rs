@@ -1,0 +1,155 @@
+//! `candlestream producer`: Bitfinex → Avro (Schema Registry) → Kafka.
+
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::candles::MonotonicClock;
+use crate::codec::{CodecError, TickEncoder};
+use crate::config::Settings;
+use crate::exchange::bitfinex;
+use crate::kafka::{producer_config, DeliveryTracker, KafkaStageError, Outgoing};
+use crate::retry::backoff;
+use crate::telemetry::{metric, serve_http, Health};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaStageError),
+    #[error("cannot serve /healthz and /metrics: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+impl ProducerError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProducerError::Codec(e) => e.is_retryable(),
+            ProducerError::Kafka(e) => e.is_retryable(),
+            ProducerError::Http(_) => false,
+        }
+    }
+}
+
+/// Runs until `cancel`, then drains what was read and flushes it to Kafka within
+/// `producer.shutdown_timeout`.
+pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), ProducerError> {
+    let health = Health::default();
+    let data = health.liveness("exchange_data", settings.health.max_exchange_silence);
+    let acks = health.progress("kafka_acks", settings.health.max_ack_silence);
+    let http_stop = CancellationToken::new();
+    let _http_guard = http_stop.clone().drop_guard();
+    serve_http(settings.http.listen, health, http_stop).await?;
+
+    let encoder = TickEncoder::new(&settings.schema_registry, &settings.kafka.topic)?;
+    let Some(schema_id) = register_schema(&encoder, &settings, &cancel).await? else {
+        return Ok(());
+    };
+    tracing::info!(schema_id, subject = %crate::codec::value_subject(&settings.kafka.topic), "schema registered");
+
+    let producer: FutureProducer = producer_config(&settings.kafka).create().map_err(KafkaStageError::Client)?;
+    let (tracker, settle) = DeliveryTracker::new(producer, &settings.kafka.topic, acks);
+    let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
+    let exchange = tokio::spawn(bitfinex::run(settings.bitfinex.clone(), tx, data, cancel.clone()));
+    tracing::info!(topic = %settings.kafka.topic, symbols = ?settings.bitfinex.symbols, mode = ?settings.bitfinex.mode, "producer running");
+
+    let mut clock = MonotonicClock::default();
+    let mut deadline: Option<Instant> = None;
+    let mut abandoned = 0usize;
+    loop {
+        let mut tick = tokio::select! {
+            next = rx.recv() => match next { Some(t) => t, None => break },
+            _ = cancel.cancelled(), if deadline.is_none() => {
+                tracing::info!("shutting down: no new exchange reads; delivering what was read");
+                deadline = Some(Instant::now() + settings.producer.shutdown_timeout);
+                continue;
+            }
+        };
+        if clock.stamp(&mut tick) > 0 {
+            metrics::counter!(metric::TIME_ADJUSTED).increment(1);
+        }
+        let payload = match encode(&encoder, &tick, &settings, deadline).await {
+            Some(p) => p,
+            None => {
+                abandoned += 1;
+                continue;
+            }
+        };
+        let out = Outgoing { key: tick.symbol, payload, headers: None };
+        if !tracker.send(&out, deadline).await {
+            abandoned += 1 + rx.len();
+            break;
+        }
+    }
+    drop(rx);
+    let _ = exchange.await;
+
+    let remaining = deadline.map_or(settings.producer.shutdown_timeout, |d| d.saturating_duration_since(Instant::now()));
+    let flushed = tracker.flush(remaining).await;
+    drop(tracker);
+    if tokio::time::timeout(remaining.max(Duration::from_millis(100)), settle).await.is_err() {
+        tracing::error!("delivery reports still outstanding at shutdown");
+    }
+    match (flushed, abandoned) {
+        (Ok(()), 0) => tracing::info!("producer stopped; every tick read was acknowledged by Kafka"),
+        (flushed, _) => tracing::error!(
+            abandoned,
+            unacknowledged = ?flushed.err(),
+            "producer stopped before Kafka acknowledged everything"
+        ),
+    }
+    Ok(())
+}
+
+/// Registers the schema, retrying while the registry is unreachable. `None` when cancelled.
+async fn register_schema(
+    encoder: &TickEncoder,
+    settings: &Settings,
+    cancel: &CancellationToken,
+) -> Result<Option<u32>, CodecError> {
+    let mut delays = backoff(Duration::from_millis(500), settings.producer.retry_backoff_max);
+    loop {
+        match encoder.register().await {
+            Ok(id) => return Ok(Some(id)),
+            Err(e) if e.is_retryable() => {
+                let wait = delays.next().unwrap_or(settings.producer.retry_backoff_max);
+                tracing::error!(error = %e, url = %settings.schema_registry.url, ?wait, "cannot register the schema; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Encodes one tick, retrying while the registry is unreachable; `None` means the tick is
+/// given up (it cannot be encoded, or shutdown's deadline passed).
+async fn encode(
+    encoder: &TickEncoder,
+    tick: &crate::candles::Tick,
+    settings: &Settings,
+    deadline: Option<Instant>,
+) -> Option<Vec<u8>> {
+    let mut delays = backoff(Duration::from_millis(200), settings.producer.retry_backoff_max);
+    loop {
+        match encoder.encode(tick).await {
+            Ok(p) => return Some(p),
+            Err(e) if e.is_retryable() && deadline.is_none_or(|d| Instant::now() < d) => {
+                let wait = delays.next().unwrap_or(settings.producer.retry_backoff_max);
+                tracing::warn!(error = %e, ?wait, "encode needs the registry; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                metrics::counter!(metric::ENCODE_ERRORS).increment(1);
+                tracing::error!(error = %e, symbol = %tick.symbol, "tick cannot be encoded; dropped");
+                return None;
+            }
+        }
+    }
+}

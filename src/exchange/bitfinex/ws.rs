@@ -159,7 +159,10 @@ impl<'a> Session<'a> {
             }
             Event::Info { code: Some(INFO_MAINTENANCE_END), .. } => {
                 tracing::info!(shard, "exchange maintenance ended (20061); subscribing again");
-                for chan_id in std::mem::take(&mut self.channels).into_keys() {
+                // Channels stay mapped until their `unsubscribed` arrives: updates already on
+                // the wire for them are still good.
+                let old: Vec<u64> = self.channels.keys().copied().collect();
+                for chan_id in old {
                     send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
                 }
                 self.subscribe_all(ws).await?;

@@ -1,0 +1,441 @@
+//! A local exchange speaking Bitfinex's public v2 protocol: the info event, conf,
+//! subscribe/subscribed/unsubscribe, ticker updates with SEQ_ALL + TIMESTAMP, heartbeats,
+//! info 20051/20060/20061, abrupt closes and garbage, plus `GET /v2/tickers` on a second port.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+/// An update the exchange put on the wire for a subscribed client (or answered over REST).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    pub symbol: String,
+    pub values: [f64; 10],
+    /// Exchange time for websocket updates; `None` for REST answers (they carry none).
+    pub exchange_time: Option<i64>,
+    pub seq: Option<u64>,
+    pub rest: bool,
+}
+
+impl Sent {
+    pub fn last_price(&self) -> f64 {
+        self.values[6]
+    }
+}
+
+enum Command {
+    Update { symbol: String, done: oneshot::Sender<Option<Sent>> },
+    Raw(String),
+    Info(u32, oneshot::Sender<()>),
+    /// Closes TCP without a websocket close frame, after flushing what was sent.
+    Drop(oneshot::Sender<()>),
+}
+
+struct Subscription {
+    conn: u64,
+    chan_id: u64,
+}
+
+#[derive(Default)]
+struct Exchange {
+    conns: HashMap<u64, mpsc::Sender<Command>>,
+    subs: HashMap<String, Subscription>,
+    paused: bool,
+    sent: Vec<Sent>,
+    /// Latest values per symbol, served over REST too.
+    prices: HashMap<String, u64>,
+}
+
+struct Inner {
+    exchange: Mutex<Exchange>,
+    accepting: AtomicBool,
+    next_conn: AtomicU64,
+    next_chan: AtomicU64,
+    ws_connections: AtomicU64,
+    rest_requests: AtomicU64,
+    /// Last exchange time handed out.
+    clock: AtomicU64,
+    /// `Some(step)`: synthetic time advancing by `step` per frame; `None`: wall clock, kept
+    /// strictly increasing like the real exchange's.
+    time_step_ms: Option<u64>,
+    heartbeat: Duration,
+}
+
+pub struct FakeBitfinex {
+    pub ws_addr: SocketAddr,
+    pub rest_addr: SocketAddr,
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+}
+
+impl FakeBitfinex {
+    /// Wall-clock exchange times and Bitfinex's 15 s heartbeat.
+    pub async fn start() -> Self {
+        Self::start_with(None, Duration::from_secs(15)).await
+    }
+
+    /// Synthetic exchange times from `start_ms`, advancing `step_ms` per frame.
+    pub async fn start_synthetic(start_ms: u64, step_ms: u64) -> Self {
+        Self::start_with(Some((start_ms, step_ms)), Duration::from_secs(15)).await
+    }
+
+    pub async fn start_with(synthetic: Option<(u64, u64)>, heartbeat: Duration) -> Self {
+        let inner = Arc::new(Inner {
+            exchange: Mutex::new(Exchange::default()),
+            accepting: AtomicBool::new(true),
+            next_conn: AtomicU64::new(1),
+            next_chan: AtomicU64::new(100_000),
+            ws_connections: AtomicU64::new(0),
+            rest_requests: AtomicU64::new(0),
+            clock: AtomicU64::new(synthetic.map_or(0, |(start, step)| start - step)),
+            time_step_ms: synthetic.map(|(_, step)| step),
+            heartbeat,
+        });
+        let stop = CancellationToken::new();
+        let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ws_addr = ws.local_addr().unwrap();
+        tokio::spawn(accept_loop(ws, inner.clone(), stop.clone()));
+        let rest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rest_addr = rest.local_addr().unwrap();
+        let app = Router::new().route("/v2/tickers", get(tickers)).with_state(inner.clone());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(rest, app).with_graceful_shutdown(token.cancelled_owned()).await.unwrap();
+        });
+        Self { ws_addr, rest_addr, inner, stop }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws/2", self.ws_addr)
+    }
+
+    pub fn rest_url(&self) -> String {
+        format!("http://{}", self.rest_addr)
+    }
+
+    /// When false, websocket handshakes are answered with HTTP 503.
+    pub fn set_accepting(&self, accepting: bool) {
+        self.inner.accepting.store(accepting, Ordering::SeqCst);
+    }
+
+    pub fn ws_connections(&self) -> u64 {
+        self.inner.ws_connections.load(Ordering::SeqCst)
+    }
+
+    pub fn rest_requests(&self) -> u64 {
+        self.inner.rest_requests.load(Ordering::SeqCst)
+    }
+
+    pub fn subscribed(&self) -> Vec<String> {
+        let mut s: Vec<String> = self.inner.exchange.lock().unwrap().subs.keys().cloned().collect();
+        s.sort();
+        s
+    }
+
+    /// Waits until every symbol has a live ticker subscription.
+    pub async fn wait_subscribed(&self, symbols: &[&str], timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let subs = self.subscribed();
+            if symbols.iter().all(|s| subs.iter().any(|x| x == s)) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not subscribed in time: have {subs:?}, want {symbols:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends one ticker update to the client subscribed to `symbol`; `None` when nobody is.
+    pub async fn emit(&self, symbol: &str) -> Option<Sent> {
+        let conn = {
+            let ex = self.inner.exchange.lock().unwrap();
+            if ex.paused {
+                return None;
+            }
+            let sub = ex.subs.get(symbol)?;
+            ex.conns.get(&sub.conn)?.clone()
+        };
+        let (done, rx) = oneshot::channel();
+        conn.send(Command::Update { symbol: symbol.into(), done }).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Everything sent so far, in order.
+    pub fn sent(&self) -> Vec<Sent> {
+        self.inner.exchange.lock().unwrap().sent.clone()
+    }
+
+    async fn broadcast(&self, make: impl Fn(oneshot::Sender<()>) -> Command) {
+        let conns: Vec<_> = self.inner.exchange.lock().unwrap().conns.values().cloned().collect();
+        for conn in conns {
+            let (tx, rx) = oneshot::channel();
+            if conn.send(make(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
+    /// Info 20051 on every connection; their subscriptions end there, as the server stops.
+    pub async fn restart(&self) {
+        self.inner.exchange.lock().unwrap().subs.clear();
+        self.broadcast(|tx| Command::Info(20051, tx)).await;
+    }
+
+    /// Info 20060: no updates until [`FakeBitfinex::maintenance_end`].
+    pub async fn maintenance_start(&self) {
+        self.inner.exchange.lock().unwrap().paused = true;
+        self.broadcast(|tx| Command::Info(20060, tx)).await;
+    }
+
+    /// Info 20061: clients are expected to unsubscribe and subscribe again.
+    pub async fn maintenance_end(&self) {
+        self.inner.exchange.lock().unwrap().paused = false;
+        self.broadcast(|tx| Command::Info(20061, tx)).await;
+    }
+
+    /// Closes every connection without a websocket close frame.
+    pub async fn drop_connections(&self) {
+        self.inner.exchange.lock().unwrap().subs.clear();
+        self.broadcast(Command::Drop).await;
+    }
+
+    /// Sends a raw text frame on every connection.
+    pub async fn send_raw(&self, text: &str) {
+        let conns: Vec<_> = self.inner.exchange.lock().unwrap().conns.values().cloned().collect();
+        for conn in conns {
+            let _ = conn.send(Command::Raw(text.to_string())).await;
+        }
+    }
+}
+
+impl Drop for FakeBitfinex {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Inner {
+    fn next_time(&self) -> u64 {
+        let step = self.time_step_ms;
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let prev = self
+            .clock
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(step.map_or(wall.max(last + 1), |s| last + s)))
+            .unwrap();
+        step.map_or(wall.max(prev + 1), |s| prev + s)
+    }
+}
+
+/// Deterministic, distinct ticker values for the n-th update of a symbol.
+fn values(symbol: &str, n: u64) -> [f64; 10] {
+    let base = match symbol {
+        "tBTCUSD" => 97_000.0,
+        "tETHUSD" => 3_500.0,
+        _ => 100.0,
+    };
+    let last = base + (n % 97) as f64 * 1.5 - (n % 13) as f64 * 0.25;
+    [last - 0.5, 1.0 + n as f64 * 0.01, last + 0.5, 2.0, -12.5, -0.0012, last, 1000.0 + n as f64, base + 200.0, base - 200.0]
+}
+
+async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            _ = stop.cancelled() => return,
+        };
+        tokio::spawn(serve_connection(stream, inner.clone(), stop.clone()));
+    }
+}
+
+async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: CancellationToken) {
+    let accepting = inner.accepting.load(Ordering::SeqCst);
+    let callback = |_: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if accepting {
+            Ok(resp)
+        } else {
+            let mut e = ErrorResponse::new(Some("maintenance".into()));
+            *e.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+            Err(e)
+        }
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else { return };
+    inner.ws_connections.fetch_add(1, Ordering::SeqCst);
+    let conn = inner.next_conn.fetch_add(1, Ordering::SeqCst);
+    let (tx, mut rx) = mpsc::channel(64);
+    inner.exchange.lock().unwrap().conns.insert(conn, tx);
+    let mut c = Conn { inner: inner.clone(), conn, seq: 0, flags: 0, chans: HashMap::new() };
+    let hello = json!({"event":"info","version":2,"serverId":"fake-0001","platform":{"status":1}});
+    let _ = ws.send(Message::text(hello.to_string())).await;
+    let mut hb = tokio::time::interval(inner.heartbeat);
+    hb.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if c.on_client(t.as_str(), &mut ws).await.is_err() { break }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            },
+            cmd = rx.recv() => match cmd {
+                Some(Command::Update { symbol, done }) => {
+                    let _ = done.send(c.update(&symbol, &mut ws).await);
+                }
+                Some(Command::Raw(text)) => { let _ = ws.send(Message::text(text)).await; }
+                Some(Command::Info(code, done)) => {
+                    let _ = ws.send(Message::text(json!({"event":"info","code":code,"msg":"fake"}).to_string())).await;
+                    let _ = done.send(());
+                }
+                Some(Command::Drop(done)) => {
+                    let _ = ws.flush().await;
+                    let _ = ws.get_mut().shutdown().await;
+                    let _ = done.send(());
+                    break;
+                }
+                None => break,
+            },
+            _ = hb.tick() => {
+                let chans: Vec<u64> = c.chans.keys().copied().collect();
+                for chan in chans {
+                    let frame = c.with_trailer(json!([chan, "hb"]));
+                    let _ = ws.send(Message::text(frame.to_string())).await;
+                }
+            }
+        }
+    }
+    let mut ex = inner.exchange.lock().unwrap();
+    ex.conns.remove(&conn);
+    ex.subs.retain(|_, s| s.conn != conn);
+}
+
+struct Conn {
+    inner: Arc<Inner>,
+    conn: u64,
+    seq: u64,
+    flags: u64,
+    /// chan id → symbol
+    chans: HashMap<u64, String>,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+impl Conn {
+    /// Appends SEQ and TIMESTAMP when the client asked for them with conf.
+    fn with_trailer(&mut self, mut frame: Value) -> Value {
+        self.seq += 1;
+        let ts = self.inner.next_time();
+        let arr = frame.as_array_mut().unwrap();
+        if self.flags & 65_536 != 0 {
+            arr.push(json!(self.seq));
+        }
+        if self.flags & 32_768 != 0 {
+            arr.push(json!(ts));
+        }
+        frame
+    }
+
+    async fn update(&mut self, symbol: &str, ws: &mut Ws) -> Option<Sent> {
+        let chan = *self.chans.iter().find(|(_, s)| *s == symbol)?.0;
+        let n = {
+            let mut ex = self.inner.exchange.lock().unwrap();
+            let n = ex.prices.entry(symbol.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let v = values(symbol, n);
+        let frame = self.with_trailer(json!([chan, v]));
+        let arr = frame.as_array().unwrap();
+        ws.send(Message::text(frame.to_string())).await.ok()?;
+        let sent = Sent {
+            symbol: symbol.to_string(),
+            values: v,
+            exchange_time: arr.get(3).and_then(Value::as_i64),
+            seq: arr.get(2).and_then(Value::as_u64),
+            rest: false,
+        };
+        self.inner.exchange.lock().unwrap().sent.push(sent.clone());
+        Some(sent)
+    }
+
+    async fn on_client(&mut self, text: &str, ws: &mut Ws) -> Result<(), ()> {
+        let Ok(msg) = serde_json::from_str::<Value>(text) else { return Ok(()) };
+        let reply = match msg["event"].as_str() {
+            Some("conf") => {
+                self.flags = msg["flags"].as_u64().unwrap_or(0);
+                json!({"event":"conf","status":"OK","flags":self.flags})
+            }
+            Some("subscribe") if msg["channel"] == "ticker" => {
+                let symbol = msg["symbol"].as_str().unwrap_or_default().to_string();
+                if self.chans.values().any(|s| *s == symbol) {
+                    json!({"event":"error","msg":"subscribe: dup","code":10301,"channel":"ticker","symbol":symbol})
+                } else {
+                    let chan = self.inner.next_chan.fetch_add(1, Ordering::SeqCst);
+                    self.chans.insert(chan, symbol.clone());
+                    self.inner
+                        .exchange
+                        .lock()
+                        .unwrap()
+                        .subs
+                        .insert(symbol.clone(), Subscription { conn: self.conn, chan_id: chan });
+                    let pair = symbol.trim_start_matches('t').to_string();
+                    json!({"event":"subscribed","channel":"ticker","chanId":chan,"symbol":symbol,"pair":pair})
+                }
+            }
+            Some("unsubscribe") => {
+                let chan = msg["chanId"].as_u64().unwrap_or(0);
+                if let Some(symbol) = self.chans.remove(&chan) {
+                    let mut ex = self.inner.exchange.lock().unwrap();
+                    if ex.subs.get(&symbol).is_some_and(|s| s.chan_id == chan && s.conn == self.conn) {
+                        ex.subs.remove(&symbol);
+                    }
+                    json!({"event":"unsubscribed","status":"OK","chanId":chan})
+                } else {
+                    json!({"event":"error","msg":"unsubscribe: invalid","code":10400})
+                }
+            }
+            Some("ping") => json!({"event":"pong","ts":0,"cid":msg["cid"]}),
+            _ => json!({"event":"error","msg":"unknown event","code":10000}),
+        };
+        ws.send(Message::text(reply.to_string())).await.map_err(|_| ())
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TickersQuery {
+    symbols: String,
+}
+
+async fn tickers(State(inner): State<Arc<Inner>>, Query(q): Query<TickersQuery>) -> Json<Value> {
+    inner.rest_requests.fetch_add(1, Ordering::SeqCst);
+    let mut ex = inner.exchange.lock().unwrap();
+    let mut out = Vec::new();
+    for symbol in q.symbols.split(',') {
+        let n = {
+            let n = ex.prices.entry(symbol.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let v = values(symbol, n);
+        ex.sent.push(Sent { symbol: symbol.to_string(), values: v, exchange_time: None, seq: None, rest: true });
+        let mut row = vec![json!(symbol)];
+        row.extend(v.iter().map(|x| json!(x)));
+        out.push(Value::Array(row));
+    }
+    Json(Value::Array(out))
+}

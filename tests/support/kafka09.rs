@@ -1,0 +1,224 @@
+//! A real Kafka cluster for tests: ZooKeeper plus brokers from Apache Kafka 0.9.0.1 on
+//! loopback ports, each test with its own data directory.
+//!
+//! The distribution is found at `$CANDLESTREAM_KAFKA_HOME`, else `.test-deps/kafka` in the
+//! repository (`tests/install-deps.sh` puts it there).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub struct KafkaCluster {
+    home: PathBuf,
+    dir: TempDir,
+    zk: Child,
+    zk_port: u16,
+    ports: Vec<u16>,
+    brokers: Vec<Option<Child>>,
+}
+
+/// Settings every client of a 0.9 broker needs. They live here, not in production code: the
+/// clusters candlestream targets answer ApiVersion requests and support idempotence.
+pub fn client_overrides() -> BTreeMap<String, String> {
+    [("api.version.request", "false"), ("broker.version.fallback", "0.9.0.1")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Producer settings for 0.9: no idempotence, and a codec 0.9 brokers read.
+pub fn producer_overrides() -> BTreeMap<String, String> {
+    let mut m = client_overrides();
+    m.insert("enable.idempotence".into(), "false".into());
+    m.insert("compression.type".into(), "gzip".into());
+    m
+}
+
+fn kafka_home() -> PathBuf {
+    let home = std::env::var_os("CANDLESTREAM_KAFKA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".test-deps/kafka"));
+    assert!(
+        home.join("bin/kafka-server-start.sh").exists(),
+        "Kafka 0.9.0.1 not found at {}; run tests/install-deps.sh (or set CANDLESTREAM_KAFKA_HOME)",
+        home.display()
+    );
+    home
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl KafkaCluster {
+    /// Starts ZooKeeper and `brokers` brokers and waits until all have registered.
+    pub fn start(brokers: usize) -> Self {
+        let home = kafka_home();
+        let dir = tempfile::Builder::new().prefix("kafka09-").tempdir().unwrap();
+        let zk_port = free_port();
+        let zk_conf = dir.path().join("zookeeper.properties");
+        std::fs::write(
+            &zk_conf,
+            format!("dataDir={}\nclientPort={zk_port}\nclientPortAddress=127.0.0.1\nmaxClientCnxns=0\n", dir.path().join("zk").display()),
+        )
+        .unwrap();
+        let zk = spawn(&home, dir.path(), "zookeeper", "zookeeper-server-start.sh", &zk_conf);
+        let ports: Vec<u16> = (0..brokers).map(|_| free_port()).collect();
+        let mut cluster = Self { home, dir, zk, zk_port, ports, brokers: Vec::new() };
+        cluster.wait_for_port(zk_port, Duration::from_secs(30));
+        for i in 0..brokers {
+            let child = cluster.spawn_broker(i);
+            cluster.brokers.push(Some(child));
+        }
+        for i in 0..brokers {
+            cluster.wait_for_broker(i);
+        }
+        cluster
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn zookeeper(&self) -> String {
+        format!("127.0.0.1:{}", self.zk_port)
+    }
+
+    fn spawn_broker(&self, i: usize) -> Child {
+        let conf = self.dir.path().join(format!("broker-{i}.properties"));
+        std::fs::write(
+            &conf,
+            format!(
+                "broker.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{port}\nadvertised.host.name=127.0.0.1\n\
+                 log.dirs={logs}\nzookeeper.connect=127.0.0.1:{zk}\nunclean.leader.election.enable=false\n\
+                 auto.create.topics.enable=false\noffsets.topic.replication.factor={n}\n\
+                 offsets.topic.num.partitions=3\ndefault.replication.factor={n}\n\
+                 controlled.shutdown.enable=true\nlog.flush.interval.messages=1\n\
+                 replica.lag.time.max.ms=5000\nzookeeper.session.timeout.ms=6000\n",
+                id = i + 1,
+                port = self.ports[i],
+                logs = self.dir.path().join(format!("data-{i}")).display(),
+                zk = self.zk_port,
+                n = self.ports.len().min(3),
+            ),
+        )
+        .unwrap();
+        spawn(&self.home, self.dir.path(), &format!("broker-{i}"), "kafka-server-start.sh", &conf)
+    }
+
+    fn wait_for_port(&self, port: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "port {port} did not open; see {}", self.dir.path().display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A broker is ready when it registered itself in ZooKeeper.
+    fn wait_for_broker(&self, i: usize) {
+        let log = self.dir.path().join(format!("broker-{i}.log"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("started (kafka.server.KafkaServer)") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "broker {i} did not start:\n{}", tail(&text));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Creates a topic the way ops would on 0.9 (no CreateTopics API), then waits until
+    /// every partition has a leader and a full ISR.
+    pub fn create_topic(&self, topic: &str, partitions: u32, replication: usize, min_isr: usize) {
+        let out = Command::new(self.home.join("bin/kafka-topics.sh"))
+            .args(["--zookeeper", &self.zookeeper(), "--create", "--topic", topic])
+            .args(["--partitions", &partitions.to_string(), "--replication-factor", &replication.to_string()])
+            .args(["--config", &format!("min.insync.replicas={min_isr}")])
+            .envs(java_env(self.dir.path()))
+            .output()
+            .expect("kafka-topics.sh");
+        assert!(out.status.success(), "create topic: {}", String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = self.describe(topic);
+            let ready = d.lines().filter(|l| l.contains("Leader:")).count() == partitions as usize
+                && d.lines().filter(|l| l.contains("Leader:")).all(|l| {
+                    let isr = l.split("Isr:").nth(1).unwrap_or("").trim();
+                    !l.contains("Leader: -1") && isr.split(',').count() == replication
+                });
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "topic {topic} not ready:\n{d}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn describe(&self, topic: &str) -> String {
+        let out = Command::new(self.home.join("bin/kafka-topics.sh"))
+            .args(["--zookeeper", &self.zookeeper(), "--describe", "--topic", topic])
+            .envs(java_env(self.dir.path()))
+            .output()
+            .expect("kafka-topics.sh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGKILL: the broker gets no chance to hand over leadership.
+    pub fn kill_broker(&mut self, i: usize) {
+        if let Some(mut child) = self.brokers[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart_broker(&mut self, i: usize) {
+        self.kill_broker(i);
+        let log = self.dir.path().join(format!("broker-{i}.log"));
+        let _ = std::fs::remove_file(&log);
+        let child = self.spawn_broker(i);
+        self.brokers[i] = Some(child);
+        self.wait_for_broker(i);
+    }
+}
+
+impl Drop for KafkaCluster {
+    fn drop(&mut self) {
+        for i in 0..self.brokers.len() {
+            self.kill_broker(i);
+        }
+        let _ = self.zk.kill();
+        let _ = self.zk.wait();
+    }
+}
+
+/// Kafka 0.9's scripts pass GC-logging flags Java 9+ rejects; blank them, keep heaps small.
+fn java_env(dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_GC_LOG_OPTS", " ".into()),
+        ("KAFKA_JMX_OPTS", " ".into()),
+        ("KAFKA_HEAP_OPTS", "-Xmx256m -Xms64m".into()),
+        ("KAFKA_JVM_PERFORMANCE_OPTS", "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true".into()),
+        ("LOG_DIR", dir.join("logs").display().to_string()),
+    ]
+}
+
+fn spawn(home: &Path, dir: &Path, name: &str, script: &str, conf: &Path) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(home.join("bin").join(script))
+        .arg(conf)
+        .envs(java_env(dir))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {script}: {e}"))
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}

@@ -1,0 +1,165 @@
+//! Shared test support: fakes for what cannot run here (Bitfinex, Schema Registry), the real
+//! Kafka 0.9 cluster harness, and helpers to read topics back.
+#![allow(dead_code)]
+
+pub mod fake_bitfinex;
+pub mod fake_registry;
+pub mod kafka09;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use candlestream::config::Settings;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use fake_bitfinex::FakeBitfinex;
+use fake_registry::FakeRegistry;
+
+pub const SYMBOLS: [&str; 3] = ["tBTCUSD", "tETHUSD", "tSOLUSD"];
+
+/// A unique name per call, so tests sharing a cluster never share a topic or group.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Settings pointing at the fakes, with short timers so faults resolve quickly.
+pub fn settings(exchange: &FakeBitfinex, registry: &FakeRegistry, brokers: &str, topic: &str) -> Settings {
+    let mut s = Settings::default();
+    s.bitfinex.ws_url = exchange.ws_url();
+    s.bitfinex.rest_url = exchange.rest_url();
+    s.bitfinex.symbols = SYMBOLS.map(String::from).to_vec();
+    s.bitfinex.rest_poll_interval = Duration::from_millis(100);
+    s.bitfinex.heartbeat_timeout = Duration::from_secs(3);
+    s.bitfinex.reconnect_backoff_min = Duration::from_millis(50);
+    s.bitfinex.reconnect_backoff_max = Duration::from_secs(1);
+    s.bitfinex.request_timeout = Duration::from_secs(2);
+    s.kafka.brokers = brokers.to_string();
+    s.kafka.topic = topic.to_string();
+    s.kafka.dlq_topic = format!("{topic}-dlq");
+    s.kafka.group_id = format!("{topic}-group");
+    s.schema_registry.url = registry.url();
+    s.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.producer.shutdown_timeout = Duration::from_secs(10);
+    s.producer.retry_backoff_max = Duration::from_secs(1);
+    s
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub partition: i32,
+    pub offset: i64,
+    pub headers: BTreeMap<String, String>,
+}
+
+fn reader(brokers: &str, client_overrides: &BTreeMap<String, String>) -> BaseConsumer {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false");
+    for (k, v) in client_overrides {
+        cfg.set(k, v);
+    }
+    cfg.create().expect("reader")
+}
+
+/// Number of records in `topic` (sum of high watermarks; nothing is deleted in tests).
+pub fn topic_size(brokers: &str, topic: &str, client_overrides: &BTreeMap<String, String>) -> usize {
+    let consumer = reader(brokers, client_overrides);
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+            (high - low) as usize
+        })
+        .sum()
+}
+
+/// Every record of a topic.
+pub fn read_all(brokers: &str, topic: &str, client_overrides: &BTreeMap<String, String>) -> Vec<Record> {
+    let n = topic_size(brokers, topic, client_overrides);
+    let records = read_topic(brokers, topic, client_overrides, n, Duration::from_secs(30));
+    assert_eq!(records.len(), n, "could not read back all of {topic}");
+    records
+}
+
+/// Reads a topic from the beginning until `expected` records arrived or `timeout` passed.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    client_overrides: &BTreeMap<String, String>,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer = reader(brokers, client_overrides);
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    assert!(partitions > 0, "topic {topic} has no partitions");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < expected && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Record {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                partition: m.partition(),
+                offset: m.offset(),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// Kafka's Java murmur2 partitioner, to check that keys land where Java clients put them.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ key.len() as u32;
+    let mut chunks = key.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]).wrapping_mul(M);
+        k ^= k >> 24;
+        h = h.wrapping_mul(M) ^ k.wrapping_mul(M);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        for (i, b) in rest.iter().enumerate().rev() {
+            h ^= (*b as u32) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    ((h as i32) & 0x7fff_ffff) % partitions
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -84,14 +84,15 @@ pub struct FakeBitfinex {
 }
 
 impl FakeBitfinex {
-    /// Wall-clock exchange times and Bitfinex's 15 s heartbeat.
+    /// Wall-clock exchange times; heartbeats every second (Bitfinex: 15 s) so that the short
+    /// watchdogs of tests only fire on real faults.
     pub async fn start() -> Self {
-        Self::start_with(None, Duration::from_secs(15)).await
+        Self::start_with(None, Duration::from_secs(1)).await
     }
 
     /// Synthetic exchange times from `start_ms`, advancing `step_ms` per frame.
     pub async fn start_synthetic(start_ms: u64, step_ms: u64) -> Self {
-        Self::start_with(Some((start_ms, step_ms)), Duration::from_secs(15)).await
+        Self::start_with(Some((start_ms, step_ms)), Duration::from_secs(1)).await
     }
 
     pub async fn start_with(synthetic: Option<(u64, u64)>, heartbeat: Duration) -> Self {

@@ -92,7 +92,7 @@ impl KafkaCluster {
         std::fs::write(
             &conf,
             format!(
-                "broker.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{port}\nadvertised.host.name=127.0.0.1\n\
+                "broker.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{port}\n\
                  log.dirs={logs}\nzookeeper.connect=127.0.0.1:{zk}\nunclean.leader.election.enable=false\n\
                  auto.create.topics.enable=false\noffsets.topic.replication.factor={n}\n\
                  offsets.topic.num.partitions=3\ndefault.replication.factor={n}\n\

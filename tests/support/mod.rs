@@ -5,6 +5,7 @@
 pub mod fake_bitfinex;
 pub mod fake_registry;
 pub mod kafka09;
+pub mod pipeline;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

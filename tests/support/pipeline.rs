@@ -1,0 +1,125 @@
+//! Starting the producer in-process and checking what reached Kafka against what the fake
+//! exchange sent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use candlestream::candles::{Tick, TickSource};
+use candlestream::codec::TickDecoder;
+use candlestream::config::Settings;
+use candlestream::producer::{self, ProducerError};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::fake_bitfinex::{FakeBitfinex, Sent};
+use super::fake_registry::FakeRegistry;
+use super::{eventually, java_partition, read_all, topic_size, Record, SYMBOLS};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+
+pub struct Running {
+    pub cancel: CancellationToken,
+    pub task: JoinHandle<Result<(), ProducerError>>,
+}
+
+pub fn start(settings: Settings) -> Running {
+    candlestream::telemetry::init_logging(&settings.log);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(producer::run(settings, cancel.clone()));
+    Running { cancel, task }
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let result = tokio::time::timeout(WAIT, self.task).await.expect("producer stops in time");
+        result.expect("no panic").expect("clean shutdown");
+    }
+}
+
+
+pub async fn emit_rounds(exchange: &FakeBitfinex, rounds: usize) -> usize {
+    let mut n = 0;
+    for _ in 0..rounds {
+        for s in SYMBOLS {
+            n += exchange.emit(s).await.map_or(0, |_| 1);
+        }
+    }
+    n
+}
+
+/// Stops the producer once what was sent so far is in Kafka (frames still unread in the socket at
+/// shutdown are given up by design), then returns the whole topic.
+pub async fn stop_when_delivered(
+    running: Running,
+    exchange: &FakeBitfinex,
+    brokers: &str,
+    topic: &str,
+    overrides: &BTreeMap<String, String>,
+) -> Vec<Record> {
+    let sent = exchange.sent().len();
+    eventually("sent updates reach Kafka", WAIT, || topic_size(brokers, topic, overrides) >= sent).await;
+    running.stop().await;
+    read_all(brokers, topic, overrides)
+}
+
+pub async fn decode_all(registry: &FakeRegistry, records: &[Record]) -> Vec<Tick> {
+    let decoder = TickDecoder::new(&candlestream::config::SchemaRegistryConfig {
+        url: registry.url(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut ticks = Vec::new();
+    for r in records {
+        let tick = decoder.decode(&r.payload).await.expect("every record decodes through the registry");
+        assert_eq!(r.key.as_deref(), Some(tick.symbol.as_str()), "key is the symbol");
+        ticks.push(tick);
+    }
+    ticks
+}
+
+/// (symbol, volume bits, source): volume is unique per symbol and update in the fake.
+pub type Identity = (String, u64, bool);
+
+pub fn sent_identity(s: &Sent) -> Identity {
+    (s.symbol.clone(), s.values[7].to_bits(), s.rest)
+}
+
+pub fn tick_identity(t: &Tick) -> Identity {
+    (t.symbol.clone(), t.volume.to_bits(), t.source == TickSource::Rest)
+}
+
+/// Every sent update is in the topic exactly once, with the values and times that were sent.
+pub fn assert_exactly_sent(sent: &[Sent], ticks: &[Tick]) {
+    let mut want: Vec<Identity> = sent.iter().map(sent_identity).collect();
+    let mut got: Vec<Identity> = ticks.iter().map(tick_identity).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got.len(), want.len(), "record count");
+    assert_eq!(got, want, "records differ from what the exchange sent");
+    let by_identity: BTreeMap<Identity, &Tick> = ticks.iter().map(|t| (tick_identity(t), t)).collect();
+    for s in sent {
+        let t = by_identity[&sent_identity(s)];
+        let got = [t.bid, t.bid_size, t.ask, t.ask_size, t.daily_change, t.daily_change_relative, t.last_price, t.volume, t.high, t.low];
+        assert_eq!(got, s.values, "values of {s:?}");
+        if let Some(ts) = s.exchange_time {
+            // Exact, unless it shared a millisecond with a REST tick and was moved forward.
+            assert!((ts..ts + 50).contains(&t.exchange_time), "exchange time {} for sent {ts}", t.exchange_time);
+            assert_eq!(t.sequence, s.seq.map(|x| x as i64));
+        }
+    }
+}
+
+pub fn assert_one_partition_per_symbol(records: &[Record], partitions_in_topic: i32) {
+    let mut partitions: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
+    for r in records {
+        partitions.entry(r.key.clone().unwrap()).or_default().insert(r.partition);
+    }
+    for (symbol, parts) in partitions {
+        assert_eq!(parts.len(), 1, "{symbol} spread over {parts:?}");
+        let expected = java_partition(symbol.as_bytes(), partitions_in_topic);
+        assert_eq!(parts.first(), Some(&expected), "{symbol} not where Java's murmur2 puts it");
+    }
+}
+

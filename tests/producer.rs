@@ -95,3 +95,64 @@ async fn rest_mode_never_opens_a_websocket() {
     let sent = exchange.sent();
     assert_exactly_sent(&sent, &decode_all(&registry, &records).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_follow_the_exchange() {
+    let topic = unique("ticks");
+    let cluster = mock_cluster(&topic);
+    let exchange = FakeBitfinex::start().await;
+    let registry = FakeRegistry::start().await;
+    let mut s = settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    s.http.listen = ([127, 0, 0, 1], port).into();
+    s.health.max_exchange_silence = Duration::from_millis(800);
+    s.bitfinex.rest_url = "http://127.0.0.1:9".into();
+    let running = start(s);
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("http://127.0.0.1:{port}{path}")).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+
+    exchange.wait_subscribed(&SYMBOLS, WAIT).await;
+    emit_rounds(&exchange, 3).await;
+    eventually("ticks acknowledged", WAIT, || support::topic_size(&cluster.bootstrap_servers(), &topic, &BTreeMap::new()) >= 9).await;
+    assert_eq!(get("/healthz").await.0, 200);
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for name in ["candlestream_kafka_produced_total", "candlestream_exchange_frames_total", "candlestream_ticks_received_total"] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
+
+    // The websocket is refused and REST answers nothing: no exchange data, so unhealthy.
+    exchange.set_accepting(false);
+    exchange.drop_connections().await;
+    let mut last = (0, String::new());
+    for _ in 0..100 {
+        last = get("/healthz").await;
+        if last.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last.0, 503, "{last:?}");
+    assert!(last.1.contains("exchange_data"), "{last:?}");
+
+    exchange.set_accepting(true);
+    exchange.wait_subscribed(&SYMBOLS, WAIT).await;
+    emit_rounds(&exchange, 1).await;
+    eventually("healthy again", WAIT, || exchange.sent().len() >= 12).await;
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get("/healthz").await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    running.stop().await;
+}

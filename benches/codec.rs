@@ -1,0 +1,53 @@
+//! Per-tick cost of the producer's hot path: Bitfinex frame → typed tick → Confluent wire-format
+//! Avro, next to plain `apache_avro::to_avro_datum` on the same record.
+
+#[path = "../tests/support/fake_registry.rs"]
+#[allow(dead_code)]
+mod fake_registry;
+
+use std::hint::black_box;
+
+use apache_avro::{to_avro_datum, to_value, Schema};
+use candlestream::candles::{Tick, TickSource};
+use candlestream::codec::{TickEncoder, TICKER_SCHEMA};
+use candlestream::config::SchemaRegistryConfig;
+use candlestream::exchange::bitfinex::message::{parse_frame, Frame, Payload, TickerValues};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+const FRAME: &str = "[224555,[97321,5.22112483,97322,4.31554012,-1200,-0.0122,97321,1210.55304011,99000,96100],1,1763787600123]";
+
+fn parse(text: &str) -> Tick {
+    let Ok(Frame::Channel(msg)) = parse_frame(text) else { panic!("bench frame parses") };
+    let Payload::Ticker(raw) = msg.payload else { panic!("ticker") };
+    let values = TickerValues::from_raw(&raw).unwrap();
+    Tick::new("tBTCUSD".into(), values, msg.timestamp_ms.unwrap(), msg.seq.map(|s| s as i64), TickSource::Websocket, 1_763_787_600_200)
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_registry, encoder) = rt.block_on(async {
+        let registry = fake_registry::FakeRegistry::start().await;
+        let cfg = SchemaRegistryConfig { url: registry.url(), ..Default::default() };
+        let encoder = TickEncoder::new(&cfg, "bench").unwrap();
+        encoder.register().await.unwrap();
+        (registry, encoder)
+    });
+    let schema = Schema::parse_str(TICKER_SCHEMA).unwrap();
+    let tick = parse(FRAME);
+
+    let mut g = c.benchmark_group("per_tick");
+    g.bench_function("parse_frame", |b| b.iter(|| parse(black_box(FRAME))));
+    g.bench_function("parse_and_encode/candlestream", |b| {
+        b.to_async(&rt).iter(|| async { encoder.encode(&parse(black_box(FRAME))).await.unwrap() })
+    });
+    g.bench_function("encode/candlestream", |b| {
+        b.to_async(&rt).iter(|| async { encoder.encode(black_box(&tick)).await.unwrap() })
+    });
+    g.bench_function("encode/apache_avro_to_avro_datum", |b| {
+        b.iter(|| to_avro_datum(&schema, to_value(black_box(&tick)).unwrap()).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

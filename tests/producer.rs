@@ -156,3 +156,59 @@ async fn health_and_metrics_follow_the_exchange() {
     assert_eq!(status, 200);
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_garbage_and_oversized_frames_lose_nothing() {
+    let topic = unique("ticks");
+    let cluster = mock_cluster(&topic);
+    let exchange = FakeBitfinex::start().await;
+    let registry = FakeRegistry::start().await;
+    let running = start(settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic));
+    exchange.wait_subscribed(&SYMBOLS, WAIT).await;
+    emit_rounds(&exchange, 5).await;
+
+    // Garbage and odd frames do not cost the connection.
+    for raw in include_str!("fixtures/bitfinex/ws-odd-frames.jsonl").lines() {
+        let v: serde_json::Value = serde_json::from_str(raw).unwrap();
+        let text = v.get("raw").map_or_else(|| v["frame"].to_string(), |r| r.as_str().unwrap().to_string());
+        exchange.send_raw(&text).await;
+    }
+    emit_rounds(&exchange, 5).await;
+    assert_eq!(exchange.ws_connections(), 1, "odd frames must not force a reconnect");
+
+    // 20060 pauses, 20061 makes the client unsubscribe and subscribe again on the same socket.
+    exchange.maintenance_start().await;
+    assert_eq!(exchange.emit("tBTCUSD").await, None);
+    exchange.maintenance_end().await;
+    exchange.wait_subscribed(&SYMBOLS, WAIT).await;
+    emit_rounds(&exchange, 5).await;
+    assert_eq!(exchange.ws_connections(), 1);
+
+    // An oversized frame is refused by the client, which reconnects.
+    exchange.send_raw(&format!("[1,\"{}\"]", "x".repeat(2 << 20))).await;
+    eventually("reconnect after an oversized frame", WAIT, || exchange.ws_connections() == 2).await;
+    exchange.wait_subscribed(&SYMBOLS, WAIT).await;
+    emit_rounds(&exchange, 5).await;
+
+    let records = stop_when_delivered(running, &exchange, &cluster.bootstrap_servers(), &topic, &BTreeMap::new()).await;
+    assert_exactly_sent(&exchange.sent(), &decode_all(&registry, &records).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symbols_beyond_25_channels_get_their_own_connection() {
+    let topic = unique("ticks");
+    let cluster = mock_cluster(&topic);
+    let exchange = FakeBitfinex::start().await;
+    let registry = FakeRegistry::start().await;
+    let mut s = settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
+    s.bitfinex.symbols = (0..30).map(|i| format!("tC{i:02}USD")).collect();
+    let symbols: Vec<&str> = s.bitfinex.symbols.iter().map(String::as_str).collect();
+    let running = start(s.clone());
+    exchange.wait_subscribed(&symbols, WAIT).await;
+    assert_eq!(exchange.ws_connections(), 2, "30 channels need two connections of at most 25");
+    for sym in &symbols {
+        assert!(exchange.emit(sym).await.is_some());
+    }
+    let records = stop_when_delivered(running, &exchange, &cluster.bootstrap_servers(), &topic, &BTreeMap::new()).await;
+    assert_exactly_sent(&exchange.sent(), &decode_all(&registry, &records).await);
+}

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{connect_async_with_config, MaybeTlsStream, WebSocketStream};
 
 use super::message::{
     parse_frame, ChannelMessage, Event, Frame, Payload, TickerValues, FLAG_SEQ_ALL, FLAG_TIMESTAMP,
@@ -19,6 +20,9 @@ use crate::retry::backoff;
 use crate::telemetry::metric;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Ticker frames are a few hundred bytes; anything near this is not a frame we want to buffer.
+const MAX_FRAME_BYTES: usize = 1 << 20;
 
 /// How a session ended when it was not an error.
 enum End {
@@ -83,7 +87,11 @@ impl<'a> Session<'a> {
 
     async fn run(&mut self) -> Result<End, ExchangeError> {
         let cfg = &self.ctx.cfg;
-        let (mut ws, _) = tokio::time::timeout(cfg.request_timeout, connect_async(cfg.ws_url.as_str()))
+        let limits = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let connect = connect_async_with_config(cfg.ws_url.as_str(), Some(limits), true);
+        let (mut ws, _) = tokio::time::timeout(cfg.request_timeout, connect)
             .await
             .map_err(|_| ExchangeError::ConnectTimeout(cfg.request_timeout))?
             .map_err(|e| ExchangeError::Connect(Box::new(e)))?;

@@ -11,7 +11,7 @@ pub const ENV_PREFIX: &str = "CANDLESTREAM";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration")]
     Load(#[from] config::ConfigError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -31,6 +31,8 @@ pub struct Settings {
     pub kafka: KafkaConfig,
     pub schema_registry: SchemaRegistryConfig,
     pub producer: ProducerConfig,
+    pub consumer: ConsumerConfig,
+    pub influx: InfluxConfig,
     pub http: HttpConfig,
     pub health: HealthConfig,
     pub log: LogConfig,
@@ -93,6 +95,8 @@ pub struct KafkaConfig {
     pub topic: String,
     pub dlq_topic: String,
     pub group_id: String,
+    pub assignment_strategy: AssignmentStrategy,
+    pub auto_offset_reset: OffsetReset,
     /// librdkafka producer properties, verbatim; they override the built-in defaults.
     pub producer: BTreeMap<String, String>,
     /// librdkafka consumer properties, verbatim; they override the built-in defaults.
@@ -106,8 +110,45 @@ impl Default for KafkaConfig {
             topic: "crypto-ticker".into(),
             dlq_topic: "crypto-ticker-dlq".into(),
             group_id: "candlestream-influx".into(),
+            assignment_strategy: AssignmentStrategy::CooperativeSticky,
+            auto_offset_reset: OffsetReset::Earliest,
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AssignmentStrategy {
+    Range,
+    Roundrobin,
+    CooperativeSticky,
+}
+
+impl AssignmentStrategy {
+    /// librdkafka's name for `partition.assignment.strategy`.
+    pub fn librdkafka_name(self) -> &'static str {
+        match self {
+            AssignmentStrategy::Range => "range",
+            AssignmentStrategy::Roundrobin => "roundrobin",
+            AssignmentStrategy::CooperativeSticky => "cooperative-sticky",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn librdkafka_name(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
         }
     }
 }
@@ -152,6 +193,97 @@ impl Default for ProducerConfig {
             shutdown_timeout: Duration::from_secs(15),
             retry_backoff_max: Duration::from_secs(30),
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Group members inside this process; `--workers` overrides it.
+    pub workers: usize,
+    /// On SIGINT/SIGTERM: how long to spend writing the last batch and committing.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Upper bound of retry backoffs (InfluxDB, registry, dead-letter topic).
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self { workers: 1, shutdown_timeout: Duration::from_secs(15), retry_backoff_max: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InfluxApi {
+    /// InfluxDB 2.x `/api/v2/write` through the influxdb2 crate (org, bucket, token).
+    V2,
+    /// `/write?db=…` of InfluxDB 1.x, also served by 2.x and 3.x for compatibility.
+    V1,
+}
+
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfluxConfig {
+    pub api: InfluxApi,
+    pub url: String,
+    /// v2: organization and bucket.
+    pub org: String,
+    pub bucket: String,
+    /// v2: API token. Set it through CANDLESTREAM__INFLUX__TOKEN, never in a committed file.
+    pub token: Option<String>,
+    /// v1: database, with optional credentials.
+    pub database: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub measurement: String,
+    /// A batch is written when it holds this many points…
+    pub batch_size: usize,
+    /// …or when its oldest point waited this long.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        Self {
+            api: InfluxApi::V2,
+            url: "http://localhost:8086".into(),
+            org: "candlestream".into(),
+            bucket: "crypto".into(),
+            token: None,
+            database: "crypto".into(),
+            username: None,
+            password: None,
+            measurement: "ticker".into(),
+            batch_size: 500,
+            flush_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Hand-written so that secrets never reach a log line.
+impl std::fmt::Debug for InfluxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InfluxConfig")
+            .field("api", &self.api)
+            .field("url", &self.url)
+            .field("org", &self.org)
+            .field("bucket", &self.bucket)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("database", &self.database)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("measurement", &self.measurement)
+            .field("batch_size", &self.batch_size)
+            .field("flush_interval", &self.flush_interval)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
@@ -223,7 +355,8 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
-            builder = builder.add_source(config::File::from(path).required(true));
+            // Always TOML, whatever the file is called.
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
         let env: config::Map<String, String> = env.into_iter().collect();
         builder = builder.add_source(
@@ -260,6 +393,12 @@ impl Settings {
         }
         if self.producer.buffer == 0 {
             return invalid("producer.buffer must be positive");
+        }
+        if self.consumer.workers == 0 || self.influx.batch_size == 0 {
+            return invalid("consumer.workers and influx.batch_size must be positive");
+        }
+        if self.influx.measurement.is_empty() {
+            return invalid("influx.measurement is empty");
         }
         Ok(())
     }

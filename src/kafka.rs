@@ -230,3 +230,83 @@ async fn resend(producer: &FutureProducer, topic: &str, msg: &OwnedMessage) -> D
         }
     }
 }
+
+/// Consumer defaults: offsets are stored by the application only after InfluxDB acknowledged the
+/// write (at-least-once), and librdkafka commits what was stored in the background.
+pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let defaults = [
+        ("group.id", cfg.group_id.as_str()),
+        ("enable.auto.commit", "true"),
+        ("auto.commit.interval.ms", "1000"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", cfg.auto_offset_reset.librdkafka_name()),
+        ("partition.assignment.strategy", cfg.assignment_strategy.librdkafka_name()),
+        ("enable.partition.eof", "false"),
+        ("statistics.interval.ms", "5000"),
+        ("client.id", "candlestream-consumer"),
+    ];
+    client_config(&cfg.brokers, &defaults, &cfg.consumer)
+}
+
+/// Asks the worker's writer to flush; the sender gets an answer once the batch is written and
+/// its offsets stored.
+pub type FlushRequest = std::sync::mpsc::Sender<()>;
+
+/// Group callbacks of one consumer worker: before partitions are revoked, what was already read
+/// is written and committed, so the next owner does not start behind us; lag goes to metrics.
+pub struct GroupContext {
+    pub worker: usize,
+    pub flush: mpsc::Sender<FlushRequest>,
+    pub flush_timeout: Duration,
+}
+
+impl rdkafka::client::ClientContext for GroupContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (topic, t) in stats.topics {
+            for (partition, p) in t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for GroupContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        use rdkafka::consumer::{CommitMode, Consumer, Rebalance};
+        let Rebalance::Revoke(partitions) = rebalance else { return };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let (ack, done) = std::sync::mpsc::channel();
+        // This runs inside the poll of the consumer's own task; the writer is another task, so
+        // waiting here is only safe where tokio can move that task to another thread.
+        let flushed = multi_thread
+            && self.flush.try_send(ack).is_ok()
+            && tokio::task::block_in_place(|| done.recv_timeout(self.flush_timeout)).is_ok();
+        let committed = consumer.commit_consumer_state(CommitMode::Sync);
+        tracing::info!(
+            worker = self.worker,
+            revoked = partitions.count(),
+            flushed,
+            committed = ?committed.err().map(|e| e.to_string()),
+            "partitions revoked"
+        );
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(worker = self.worker, ?partitions, "partitions assigned");
+        }
+    }
+}

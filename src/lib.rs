@@ -3,8 +3,10 @@
 pub mod candles;
 pub mod codec;
 pub mod config;
+pub mod consumer;
 pub mod exchange;
 pub mod kafka;
 pub mod producer;
 pub mod retry;
+pub mod sink;
 pub mod telemetry;

@@ -27,6 +27,19 @@ enum Command {
     /// `<kafka.topic>-value` and produces with acks=all and idempotence. SIGINT/SIGTERM stop
     /// reading and flush what is in flight within `producer.shutdown_timeout`, then exit 0.
     Producer,
+    /// Write ticks from Kafka to InfluxDB as a consumer group, at-least-once.
+    ///
+    /// Joins `kafka.group_id` on `kafka.topic`, decodes each record through the Schema Registry
+    /// and writes line protocol to InfluxDB (`influx.api` "v2" or "v1") in batches of
+    /// `influx.batch_size` or every `influx.flush_interval`. Offsets are committed only after
+    /// InfluxDB acknowledged the batch; points are keyed by exchange time, so replays overwrite.
+    /// Records that can never be decoded go, unchanged, to `kafka.dlq_topic` with headers saying
+    /// why. SIGINT/SIGTERM write the current batch, commit, leave the group and exit 0.
+    Consumer {
+        /// Group members in this process (default: `consumer.workers`).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 #[tokio::main]
@@ -38,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(cancel_on_signal(cancel.clone()));
     match cli.command {
         Command::Producer => candlestream::producer::run(settings, cancel).await.context("producer failed"),
+        Command::Consumer { workers } => {
+            let workers = workers.unwrap_or(settings.consumer.workers).max(1);
+            candlestream::consumer::run(settings, workers, cancel).await.context("consumer failed")
+        }
     }
 }
 

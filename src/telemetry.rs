@@ -31,6 +31,13 @@ pub mod metric {
     pub const DELIVERY_ERRORS: &str = "candlestream_kafka_delivery_errors_total";
     pub const IN_FLIGHT: &str = "candlestream_kafka_in_flight";
     pub const ENCODE_ERRORS: &str = "candlestream_encode_errors_total";
+    pub const CONSUMED: &str = "candlestream_consumer_records_total";
+    pub const CONSUMER_LAG: &str = "candlestream_consumer_lag";
+    pub const DECODE_RETRIES: &str = "candlestream_consumer_decode_retries_total";
+    pub const DEAD_LETTERS: &str = "candlestream_consumer_dead_letters_total";
+    pub const POINTS_WRITTEN: &str = "candlestream_influx_points_written_total";
+    pub const WRITE_ERRORS: &str = "candlestream_influx_write_errors_total";
+    pub const WRITE_SECONDS: &str = "candlestream_influx_write_seconds";
 }
 
 /// Installs the global tracing subscriber. Safe to call more than once (tests do).

@@ -4,6 +4,7 @@
 
 pub mod fake_bitfinex;
 pub mod fake_registry;
+pub mod influx1;
 pub mod kafka09;
 pub mod pipeline;
 
@@ -162,5 +163,18 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() ->
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Like [`eventually`], for conditions that must await.
+pub async fn eventually_async<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

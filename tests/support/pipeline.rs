@@ -18,15 +18,17 @@ use super::{eventually, java_partition, read_all, topic_size, Record, SYMBOLS};
 pub const WAIT: Duration = Duration::from_secs(20);
 
 
+/// A producer or consumer running in this process.
 pub struct Running {
     pub cancel: CancellationToken,
-    pub task: JoinHandle<Result<(), ProducerError>>,
+    pub task: JoinHandle<Result<(), String>>,
 }
 
 pub fn start(settings: Settings) -> Running {
     candlestream::telemetry::init_logging(&settings.log);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(producer::run(settings, cancel.clone()));
+    let task = tokio::spawn(async move { task.await.unwrap().map_err(|e: ProducerError| e.to_string()) });
     Running { cancel, task }
 }
 
@@ -36,6 +38,73 @@ impl Running {
         let result = tokio::time::timeout(WAIT, self.task).await.expect("producer stops in time");
         result.expect("no panic").expect("clean shutdown");
     }
+}
+
+pub fn start_consumer(settings: Settings, workers: usize) -> Running {
+    candlestream::telemetry::init_logging(&settings.log);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(candlestream::consumer::run(settings, workers, cancel.clone()));
+    let task = tokio::spawn(async move { task.await.unwrap().map_err(|e| e.to_string()) });
+    Running { cancel, task }
+}
+
+/// `n` ticks per symbol with distinct values, `step_ms` apart in exchange time.
+pub fn make_ticks(symbols: &[&str], n: usize, start_ms: i64, step_ms: i64) -> Vec<Tick> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        for (j, s) in symbols.iter().enumerate() {
+            let price = 100.0 * (j + 1) as f64 + (i % 37) as f64 * 0.37 - (i % 11) as f64 * 0.11;
+            let v = candlestream::exchange::bitfinex::message::TickerValues {
+                bid: price - 0.5,
+                bid_size: 1.0 + i as f64 / 1000.0,
+                ask: price + 0.5,
+                ask_size: 2.5,
+                daily_change: -1.25,
+                daily_change_relative: -0.0125,
+                last_price: price,
+                volume: 1000.0 + i as f64,
+                high: price + 10.0,
+                low: price - 10.0,
+            };
+            let t = start_ms + i as i64 * step_ms + j as i64;
+            out.push(Tick::new(s.to_string(), v, t, Some(i as i64), TickSource::Websocket, t + 5));
+        }
+    }
+    out
+}
+
+/// Encodes ticks through the registry and produces them keyed by symbol, waiting for every ack.
+pub async fn produce_ticks(
+    brokers: &str,
+    topic: &str,
+    registry: &FakeRegistry,
+    overrides: &BTreeMap<String, String>,
+    ticks: &[Tick],
+) {
+    let encoder = candlestream::codec::TickEncoder::new(
+        &candlestream::config::SchemaRegistryConfig { url: registry.url(), ..Default::default() },
+        topic,
+    )
+    .unwrap();
+    let producer = raw_producer(brokers, overrides);
+    for t in ticks {
+        let payload = encoder.encode(t).await.unwrap();
+        produce_raw(&producer, topic, Some(t.symbol.as_bytes()), &payload).await;
+    }
+}
+
+pub fn raw_producer(brokers: &str, overrides: &BTreeMap<String, String>) -> rdkafka::producer::FutureProducer {
+    let mut cfg = candlestream::config::KafkaConfig { brokers: brokers.into(), ..Default::default() };
+    cfg.producer = overrides.clone();
+    candlestream::kafka::producer_config(&cfg).create().unwrap()
+}
+
+pub async fn produce_raw(producer: &rdkafka::producer::FutureProducer, topic: &str, key: Option<&[u8]>, payload: &[u8]) {
+    let mut record = rdkafka::producer::FutureRecord::to(topic).payload(payload);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
 }
 
 

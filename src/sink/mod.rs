@@ -1,0 +1,3 @@
+//! Where decoded ticks go.
+
+pub mod influx;

@@ -278,3 +278,56 @@ level = "warn"
         db = s.influx.database,
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_api_writes_the_same_line_protocol_with_token_org_bucket_and_gzip() {
+    let mut t = Setup::new().await;
+    let influx2 = support::fake_influx2::FakeInflux2::start("acme", "ticks", "s3cret").await;
+    t.settings.influx.api = InfluxApi::V2;
+    t.settings.influx.url = influx2.url();
+    t.settings.influx.org = "acme".into();
+    t.settings.influx.bucket = "ticks".into();
+    t.settings.influx.token = Some("s3cret".into());
+    let ticks = make_ticks(&SYMBOLS, 50, START_MS, 1000);
+    t.produce(&ticks).await;
+    let running = start_consumer(t.settings.clone(), 1);
+    support::eventually("150 points in the v2 fake", WAIT, || influx2.lines().len() >= ticks.len()).await;
+    running.stop().await;
+    let mut want: Vec<String> = ticks
+        .iter()
+        .map(|tick| {
+            let mut line = String::new();
+            candlestream::sink::influx::write_line(&mut line, "ticker", tick);
+            line.trim_end().to_string()
+        })
+        .collect();
+    want.sort();
+    let mut got = influx2.lines();
+    got.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_batch_is_dead_lettered_not_retried_forever() {
+    let mut t = Setup::new().await;
+    let influx2 = support::fake_influx2::FakeInflux2::start("acme", "ticks", "right-token").await;
+    t.settings.influx.api = InfluxApi::V2;
+    t.settings.influx.url = influx2.url();
+    t.settings.influx.org = "acme".into();
+    t.settings.influx.bucket = "ticks".into();
+    t.settings.influx.token = Some("wrong-token".into());
+    let ticks = make_ticks(&SYMBOLS, 10, START_MS, 1000);
+    t.produce(&ticks).await;
+    let running = start_consumer(t.settings.clone(), 1);
+    let dlq = format!("{}-dlq", t.topic);
+    eventually_async("rejected batch dead-lettered", WAIT, || async {
+        support::topic_size(&t.brokers(), &dlq, &BTreeMap::new()) >= ticks.len()
+    })
+    .await;
+    running.stop().await;
+    let letters = read_all(&t.brokers(), &dlq, &BTreeMap::new());
+    assert_eq!(letters.len(), ticks.len());
+    assert!(letters.iter().all(|r| r.headers[dlq_header::REASON] == "influx-rejected"));
+    assert!(letters[0].headers[dlq_header::DETAIL].contains("401"), "{:?}", letters[0].headers);
+    assert!(influx2.requests() <= 2, "a 401 is not retried ({} requests)", influx2.requests());
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_bitfinex;
+pub mod fake_influx2;
 pub mod fake_registry;
 pub mod influx1;
 pub mod kafka09;

@@ -7,6 +7,7 @@ mod fake_registry;
 
 use std::hint::black_box;
 
+#[allow(deprecated)] // The issue asks for exactly this baseline.
 use apache_avro::{to_avro_datum, to_value, Schema};
 use candlestream::candles::{Tick, TickSource};
 use candlestream::codec::{TickEncoder, TICKER_SCHEMA};
@@ -44,6 +45,7 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async { encoder.encode(black_box(&tick)).await.unwrap() })
     });
     g.bench_function("encode/apache_avro_to_avro_datum", |b| {
+        #[allow(deprecated)]
         b.iter(|| to_avro_datum(&schema, to_value(black_box(&tick)).unwrap()).unwrap())
     });
     g.finish();

@@ -40,22 +40,51 @@ enum Command {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// Exit 0 when a running producer or consumer reports healthy on /healthz (for container
+    /// healthchecks; the runtime image has no curl).
+    Healthcheck {
+        /// Defaults to http://127.0.0.1:<port of http.listen>/healthz.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
-    candlestream::telemetry::init_logging(&settings.log);
-    let cancel = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(cancel.clone()));
     match cli.command {
-        Command::Producer => candlestream::producer::run(settings, cancel).await.context("producer failed"),
+        Command::Producer => {
+            let cancel = start(&settings);
+            candlestream::producer::run(settings, cancel).await.context("producer failed")
+        }
         Command::Consumer { workers } => {
+            let cancel = start(&settings);
             let workers = workers.unwrap_or(settings.consumer.workers).max(1);
             candlestream::consumer::run(settings, workers, cancel).await.context("consumer failed")
         }
+        Command::Healthcheck { url } => {
+            let port = settings.http.listen.port();
+            healthcheck(&url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/healthz"))).await
+        }
     }
+}
+
+/// Logging, and one cancellation token that SIGINT/SIGTERM trip.
+fn start(settings: &Settings) -> CancellationToken {
+    candlestream::telemetry::init_logging(&settings.log);
+    let cancel = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    cancel
+}
+
+async fn healthcheck(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?;
+    let resp = client.get(url).send().await.with_context(|| format!("GET {url}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{url}: {status}: {}", body.trim());
+    Ok(())
 }
 
 async fn cancel_on_signal(cancel: CancellationToken) {

@@ -11,6 +11,8 @@ command -v influxd >/dev/null || missing+=(influxdb)
 command -v kcat >/dev/null || missing+=(kcat)
 command -v npm >/dev/null || missing+=(npm)
 command -v curl >/dev/null || missing+=(curl)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo=""
@@ -30,4 +32,4 @@ if [ ! -x "$kafka/bin/kafka-server-start.sh" ]; then
   rm -rf "$kafka"
   mv "$tmp/package/kafka" "$kafka"
 fi
-echo "test dependencies ready: java, influxd, kcat, $kafka"
+echo "test dependencies ready: java, influxd, kcat, shellcheck, docker-compose, $kafka"

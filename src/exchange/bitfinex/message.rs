@@ -142,7 +142,7 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
         let payload = match payload {
             RawPayload::Text(s) if s == "hb" => Payload::Heartbeat,
             RawPayload::Text(s) => Payload::Other(s),
-            RawPayload::Values(v) => Payload::Ticker(v),
+            RawPayload::Values(v) => Payload::Ticker(v.into_iter().map(|l| l.0).collect()),
         };
         Ok(ChannelMessage { chan_id, payload, seq: seq_no, timestamp_ms })
     }
@@ -152,7 +152,53 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
 #[serde(untagged)]
 enum RawPayload {
     Text(String),
-    Values(Vec<Option<f64>>),
+    Values(Vec<Loose>),
+}
+
+/// One array element read as a number if it is one. Anything else (null, text, nested arrays a
+/// future API version might append) becomes `None` instead of failing the whole frame.
+struct Loose(Option<f64>);
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Loose;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Loose, E> {
+                Ok(Loose(Some(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Loose, E> {
+                Ok(Loose(Some(v as f64)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Loose, E> {
+                Ok(Loose(Some(v as f64)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Loose, E> {
+                Ok(Loose(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Loose, E> {
+                Ok(Loose(None))
+            }
+            fn visit_unit<E>(self) -> Result<Loose, E> {
+                Ok(Loose(None))
+            }
+            fn visit_none<E>(self) -> Result<Loose, E> {
+                Ok(Loose(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Loose(None))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Loose(None))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// The ten documented ticker values, all present.
@@ -354,7 +400,8 @@ mod tests {
             ("{\"event\": 5}", Unparseable),
             ("null", Unparseable),
             ("[1, [1,2,3,4,5,6,7,8,9]]", RejectedTicker(1)),
-            ("[1, [1,2,3,4,5,6,7,\"x\",9,10]]", Unparseable),
+            ("[1, [1,2,3,4,5,6,7,\"x\",9,10]]", RejectedTicker(1)),
+            ("[1, [1,2,3,4,5,6,7,8,9,10,\"new\",[1],{\"k\":true}]]", Ticker(1, 7.0, None, None)),
             ("[1, [1,2,3,4,5,6,7,8,9,1e400]]", Unparseable),
             // Fields appended anywhere are ignored.
             ("[1, [1,2,3,4,5,6,7,8,9,10,11,12], 7, 1700000000000, \"new\", {\"x\":1}]", Ticker(1, 7.0, Some(7), Some(1700000000000))),

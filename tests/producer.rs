@@ -199,3 +199,19 @@ async fn symbols_beyond_25_channels_get_their_own_connection() {
     }
     t.finish(running).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_load_delivers_everything_the_exchange_sent() {
+    let t = Setup::new().await;
+    let running = start(t.settings.clone());
+    t.exchange.wait_subscribed(&SYMBOLS, WAIT).await;
+    let emitter = Emitter::start(&t.exchange, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Stop while updates keep coming: the producer unsubscribes and reads until the exchange
+    // confirms, so nothing the exchange sent is left in the socket.
+    running.stop().await;
+    let emitted = emitter.stop().await;
+    assert!(emitted > 50, "under load ({emitted} updates)");
+    let records = support::read_all(&t.cluster.bootstrap_servers(), &t.topic, &BTreeMap::new());
+    assert_exactly_sent(&t.exchange.sent(), &decode_all(&t.registry, &records).await);
+}

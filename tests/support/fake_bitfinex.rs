@@ -44,6 +44,10 @@ enum Command {
     Info(u32, oneshot::Sender<()>),
     /// Closes TCP without a websocket close frame, after flushing what was sent.
     Drop(oneshot::Sender<()>),
+    /// Skips sequence numbers, as if messages were lost on the way.
+    SkipSeq(u64, oneshot::Sender<()>),
+    /// Keeps the socket open but sends nothing more, not even heartbeats.
+    Silence(oneshot::Sender<()>),
 }
 
 struct Subscription {
@@ -163,17 +167,12 @@ impl FakeBitfinex {
 
     /// Sends one ticker update to the client subscribed to `symbol`; `None` when nobody is.
     pub async fn emit(&self, symbol: &str) -> Option<Sent> {
-        let conn = {
-            let ex = self.inner.exchange.lock().unwrap();
-            if ex.paused {
-                return None;
-            }
-            let sub = ex.subs.get(symbol)?;
-            ex.conns.get(&sub.conn)?.clone()
-        };
-        let (done, rx) = oneshot::channel();
-        conn.send(Command::Update { symbol: symbol.into(), done }).await.ok()?;
-        rx.await.ok().flatten()
+        self.handle().emit(symbol).await
+    }
+
+    /// A cheap handle for emitting from other tasks.
+    pub fn handle(&self) -> ExchangeHandle {
+        ExchangeHandle(self.inner.clone())
     }
 
     /// Everything sent so far, in order.
@@ -215,12 +214,43 @@ impl FakeBitfinex {
         self.broadcast(Command::Drop).await;
     }
 
+    /// The next frames on every connection skip `n` sequence numbers.
+    pub async fn skip_sequence(&self, n: u64) {
+        self.broadcast(|tx| Command::SkipSeq(n, tx)).await;
+    }
+
+    /// Every connection goes quiet without closing: only the client's watchdog can notice.
+    pub async fn go_silent(&self) {
+        self.inner.exchange.lock().unwrap().subs.clear();
+        self.broadcast(Command::Silence).await;
+    }
+
     /// Sends a raw text frame on every connection.
     pub async fn send_raw(&self, text: &str) {
         let conns: Vec<_> = self.inner.exchange.lock().unwrap().conns.values().cloned().collect();
         for conn in conns {
             let _ = conn.send(Command::Raw(text.to_string())).await;
         }
+    }
+}
+
+#[derive(Clone)]
+pub struct ExchangeHandle(Arc<Inner>);
+
+impl ExchangeHandle {
+    /// See [`FakeBitfinex::emit`].
+    pub async fn emit(&self, symbol: &str) -> Option<Sent> {
+        let conn = {
+            let ex = self.0.exchange.lock().unwrap();
+            if ex.paused {
+                return None;
+            }
+            let sub = ex.subs.get(symbol)?;
+            ex.conns.get(&sub.conn)?.clone()
+        };
+        let (done, rx) = oneshot::channel();
+        conn.send(Command::Update { symbol: symbol.into(), done }).await.ok()?;
+        rx.await.ok().flatten()
     }
 }
 
@@ -279,7 +309,7 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
     let conn = inner.next_conn.fetch_add(1, Ordering::SeqCst);
     let (tx, mut rx) = mpsc::channel(64);
     inner.exchange.lock().unwrap().conns.insert(conn, tx);
-    let mut c = Conn { inner: inner.clone(), conn, seq: 0, flags: 0, chans: HashMap::new() };
+    let mut c = Conn { inner: inner.clone(), conn, seq: 0, flags: 0, chans: HashMap::new(), silent: false };
     let hello = json!({"event":"info","version":2,"serverId":"fake-0001","platform":{"status":1}});
     let _ = ws.send(Message::text(hello.to_string())).await;
     let mut hb = tokio::time::interval(inner.heartbeat);
@@ -303,6 +333,14 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
                     let _ = ws.send(Message::text(json!({"event":"info","code":code,"msg":"fake"}).to_string())).await;
                     let _ = done.send(());
                 }
+                Some(Command::SkipSeq(n, done)) => {
+                    c.seq += n;
+                    let _ = done.send(());
+                }
+                Some(Command::Silence(done)) => {
+                    c.silent = true;
+                    let _ = done.send(());
+                }
                 Some(Command::Drop(done)) => {
                     let _ = ws.flush().await;
                     let _ = ws.get_mut().shutdown().await;
@@ -311,7 +349,7 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
                 }
                 None => break,
             },
-            _ = hb.tick() => {
+            _ = hb.tick(), if !c.silent => {
                 let chans: Vec<u64> = c.chans.keys().copied().collect();
                 for chan in chans {
                     let frame = c.with_trailer(json!([chan, "hb"]));
@@ -332,6 +370,7 @@ struct Conn {
     flags: u64,
     /// chan id → symbol
     chans: HashMap<u64, String>,
+    silent: bool,
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -352,6 +391,9 @@ impl Conn {
     }
 
     async fn update(&mut self, symbol: &str, ws: &mut Ws) -> Option<Sent> {
+        if self.silent {
+            return None;
+        }
         let chan = *self.chans.iter().find(|(_, s)| *s == symbol)?.0;
         let n = {
             let mut ex = self.inner.exchange.lock().unwrap();

@@ -192,3 +192,34 @@ pub fn assert_one_partition_per_symbol(records: &[Record], partitions_in_topic: 
     }
 }
 
+
+/// Emits rounds of updates in the background until stopped; the fake records what it sent.
+pub struct Emitter {
+    stop: CancellationToken,
+    task: JoinHandle<usize>,
+}
+
+impl Emitter {
+    pub fn start(exchange: &FakeBitfinex, pause: Duration) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let exchange = exchange.handle();
+        let task = tokio::spawn(async move {
+            let mut n = 0;
+            while !token.is_cancelled() {
+                for s in SYMBOLS {
+                    n += exchange.emit(s).await.map_or(0, |_| 1);
+                }
+                tokio::time::sleep(pause).await;
+            }
+            n
+        });
+        Self { stop, task }
+    }
+
+    /// Stops emitting; returns how many updates reached a subscribed client.
+    pub async fn stop(self) -> usize {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
+}

@@ -127,8 +127,9 @@ pub async fn run(cfg: BitfinexConfig, tx: mpsc::Sender<Tick>, data: Arc<Liveness
 /// Sleeps for `d` unless cancelled first; returns false when cancelled.
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep(d) => true,
+        biased;
         _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
     }
 }
 

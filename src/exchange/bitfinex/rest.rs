@@ -69,8 +69,9 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
                 polling = false;
             }
             tokio::select! {
-                _ = coverage.wait_for(|covered| !all.is_subset(covered)) => {}
+                biased;
                 _ = ctx.cancel.cancelled() => return,
+                _ = coverage.wait_for(|covered| !all.is_subset(covered)) => {}
             }
             wait = std::time::Duration::ZERO;
             continue;

@@ -21,6 +21,9 @@ use crate::telemetry::metric;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// How long shutdown waits for the server to confirm unsubscribes.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Ticker frames are a few hundred bytes; anything near this is not a frame we want to buffer.
 const MAX_FRAME_BYTES: usize = 1 << 20;
 
@@ -100,10 +103,7 @@ impl<'a> Session<'a> {
         self.subscribe_all(&mut ws).await?;
         loop {
             let next = tokio::select! {
-                _ = self.ctx.cancel.cancelled() => {
-                    let _ = ws.close(None).await;
-                    return Ok(End::Cancelled);
-                }
+                _ = self.ctx.cancel.cancelled() => return Ok(self.drain(&mut ws).await),
                 next = tokio::time::timeout(cfg.heartbeat_timeout, ws.next()) => next,
             };
             let msg = match next {
@@ -126,6 +126,34 @@ impl<'a> Session<'a> {
                 _ => {}
             }
         }
+    }
+
+    /// Unsubscribes every channel and keeps reading until the server confirms, so that every
+    /// update it sent before it stopped still reaches Kafka. Bounded by [`DRAIN_TIMEOUT`].
+    async fn drain(&mut self, ws: &mut Socket) -> End {
+        let channels: Vec<u64> = self.channels.keys().copied().collect();
+        for chan_id in channels {
+            if send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await.is_err() {
+                break;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while !self.channels.is_empty() {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    if self.on_text(text.as_str(), ws).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        if !self.channels.is_empty() {
+            tracing::warn!(shard = self.shard, left = self.channels.len(), "closing before every unsubscribe was confirmed");
+        }
+        let _ = ws.close(None).await;
+        End::Cancelled
     }
 
     async fn subscribe_all(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {

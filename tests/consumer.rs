@@ -197,86 +197,23 @@ async fn sigkill_mid_stream_then_restart_still_gives_exactly_n() {
     let t = Setup::new().await;
     let ticks = make_ticks(&SYMBOLS, 300, START_MS, 1000);
     t.produce(&ticks).await;
+    let mut s = t.settings.clone();
+    // A killed member's session must expire quickly for the group to hand its partitions on.
+    s.kafka.consumer.insert("session.timeout.ms".into(), "6000".into());
+    s.kafka.consumer.insert("heartbeat.interval.ms".into(), "500".into());
+    s.influx.batch_size = 20;
+    s.influx.flush_interval = Duration::from_millis(100);
     let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(config.path(), consumer_toml(&t.settings)).unwrap();
-    let mut child = ConsumerProcess::spawn(config.path());
+    std::fs::write(config.path(), support::settings_toml(&s)).unwrap();
+    let mut child = support::Process::spawn("consumer", config.path());
     eventually_async("some points written", WAIT, || async { t.influx.count(&t.db, "ticker").await >= 100 }).await;
     child.kill();
     let mid = t.influx.count(&t.db, "ticker").await;
     assert!(mid < ticks.len(), "killed mid-stream ({mid} of {})", ticks.len());
-    let mut child = ConsumerProcess::spawn(config.path());
+    let mut child = support::Process::spawn("consumer", config.path());
     t.wait_for_points(ticks.len()).await;
     assert!(child.terminate().success(), "SIGTERM exits 0");
     t.assert_points_are(&ticks).await;
-}
-
-/// The consumer binary as its own process, killed if the test fails.
-struct ConsumerProcess(std::process::Child);
-
-impl ConsumerProcess {
-    fn spawn(config: &std::path::Path) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_candlestream"))
-            .arg("consumer")
-            .arg("--config")
-            .arg(config)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Self(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.0.id().to_string();
-        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.0.wait().unwrap()
-    }
-}
-
-impl Drop for ConsumerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The test's settings as a config file; a killed member's session must expire quickly for the
-/// group to hand its partitions on.
-fn consumer_toml(s: &Settings) -> String {
-    format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-topic = "{topic}"
-dlq_topic = "{dlq}"
-group_id = "{group}"
-[kafka.consumer]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
-[schema_registry]
-url = "{registry}"
-[influx]
-api = "v1"
-url = "{influx}"
-database = "{db}"
-batch_size = 20
-flush_interval = "100ms"
-[http]
-listen = "127.0.0.1:0"
-[log]
-level = "warn"
-"#,
-        brokers = s.kafka.brokers,
-        topic = s.kafka.topic,
-        dlq = s.kafka.dlq_topic,
-        group = s.kafka.group_id,
-        registry = s.schema_registry.url,
-        influx = s.influx.url,
-        db = s.influx.database,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,6 +71,8 @@ struct Inner {
     next_conn: AtomicU64,
     next_chan: AtomicU64,
     ws_connections: AtomicU64,
+    /// When set, updates carry fields the documentation does not list yet.
+    extra_fields: AtomicBool,
     rest_requests: AtomicU64,
     /// Last exchange time handed out.
     clock: AtomicU64,
@@ -106,6 +108,7 @@ impl FakeBitfinex {
             next_conn: AtomicU64::new(1),
             next_chan: AtomicU64::new(100_000),
             ws_connections: AtomicU64::new(0),
+            extra_fields: AtomicBool::new(false),
             rest_requests: AtomicU64::new(0),
             clock: AtomicU64::new(synthetic.map_or(0, |(start, step)| start - step)),
             time_step_ms: synthetic.map(|(_, step)| step),
@@ -136,6 +139,11 @@ impl FakeBitfinex {
     /// When false, websocket handshakes are answered with HTTP 503.
     pub fn set_accepting(&self, accepting: bool) {
         self.inner.accepting.store(accepting, Ordering::SeqCst);
+    }
+
+    /// Appends undocumented fields to every update array and frame from now on.
+    pub fn set_extra_fields(&self, on: bool) {
+        self.inner.extra_fields.store(on, Ordering::SeqCst);
     }
 
     pub fn ws_connections(&self) -> u64 {
@@ -402,7 +410,15 @@ impl Conn {
             *n
         };
         let v = values(symbol, n);
-        let frame = self.with_trailer(json!([chan, v]));
+        let mut payload: Vec<Value> = v.iter().map(|x| json!(x)).collect();
+        let extra = self.inner.extra_fields.load(Ordering::SeqCst);
+        if extra {
+            payload.extend([json!(null), json!("NEW_FIELD"), json!([1, 2])]);
+        }
+        let mut frame = self.with_trailer(json!([chan, payload]));
+        if extra {
+            frame.as_array_mut().unwrap().extend([json!({"added": true}), json!(42)]);
+        }
         let arr = frame.as_array().unwrap();
         ws.send(Message::text(frame.to_string())).await.ok()?;
         let sent = Sent {

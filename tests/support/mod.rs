@@ -72,18 +72,29 @@ fn reader(brokers: &str, client_overrides: &BTreeMap<String, String>) -> BaseCon
     cfg.create().expect("reader")
 }
 
-/// Number of records in `topic` (sum of high watermarks; nothing is deleted in tests).
+/// Number of records in `topic` (sum of high watermarks; nothing is deleted in tests). Retries
+/// while a partition has no leader, as after a broker was killed.
 pub fn topic_size(brokers: &str, topic: &str, client_overrides: &BTreeMap<String, String>) -> usize {
     let consumer = reader(brokers, client_overrides);
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-    metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
-            (high - low) as usize
-        })
-        .sum()
+    let mut attempts = 0;
+    loop {
+        let size = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).and_then(|metadata| {
+            metadata.topics()[0]
+                .partitions()
+                .iter()
+                .map(|p| consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).map(|(low, high)| (high - low) as usize))
+                .sum::<Result<usize, _>>()
+        });
+        match size {
+            Ok(n) => return n,
+            Err(e) if attempts < 10 => {
+                attempts += 1;
+                eprintln!("topic_size({topic}): {e}; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("cannot size {topic}: {e}"),
+        }
+    }
 }
 
 /// Every record of a topic.
@@ -177,5 +188,78 @@ where
     while !cond().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The keys tests set, as a config file for running the `candlestream` binary.
+pub fn settings_toml(s: &Settings) -> String {
+    let table = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("\"{k}\" = \"{v}\"\n")).collect::<String>();
+    let symbols = s.bitfinex.symbols.iter().map(|x| format!("\"{x}\"")).collect::<Vec<_>>().join(", ");
+    let d = |d: Duration| format!("\"{}ms\"", d.as_millis());
+    format!(
+        "[bitfinex]\nws_url = \"{}\"\nrest_url = \"{}\"\nsymbols = [{symbols}]\nrest_poll_interval = {}\n\
+         heartbeat_timeout = {}\nreconnect_backoff_min = {}\nreconnect_backoff_max = {}\n\
+         [kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\ndlq_topic = \"{}\"\ngroup_id = \"{}\"\n\
+         [kafka.producer]\n{}[kafka.consumer]\n{}\
+         [schema_registry]\nurl = \"{}\"\n\
+         [producer]\nshutdown_timeout = {}\n\
+         [consumer]\nshutdown_timeout = {}\nretry_backoff_max = {}\n\
+         [influx]\napi = \"v1\"\nurl = \"{}\"\ndatabase = \"{}\"\nbatch_size = {}\nflush_interval = {}\n\
+         [http]\nlisten = \"{}\"\n[log]\nlevel = \"warn\"\n",
+        s.bitfinex.ws_url,
+        s.bitfinex.rest_url,
+        d(s.bitfinex.rest_poll_interval),
+        d(s.bitfinex.heartbeat_timeout),
+        d(s.bitfinex.reconnect_backoff_min),
+        d(s.bitfinex.reconnect_backoff_max),
+        s.kafka.brokers,
+        s.kafka.topic,
+        s.kafka.dlq_topic,
+        s.kafka.group_id,
+        table(&s.kafka.producer),
+        table(&s.kafka.consumer),
+        s.schema_registry.url,
+        d(s.producer.shutdown_timeout),
+        d(s.consumer.shutdown_timeout),
+        d(s.consumer.retry_backoff_max),
+        s.influx.url,
+        s.influx.database,
+        s.influx.batch_size,
+        d(s.influx.flush_interval),
+        s.http.listen,
+    )
+}
+
+/// The `candlestream` binary as a child process, killed if the test fails.
+pub struct Process(pub std::process::Child);
+
+impl Process {
+    pub fn spawn(subcommand: &str, config: &std::path::Path) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_candlestream"))
+            .arg(subcommand)
+            .arg("--config")
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

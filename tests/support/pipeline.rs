@@ -118,6 +118,13 @@ pub async fn emit_rounds(exchange: &FakeBitfinex, rounds: usize) -> usize {
     n
 }
 
+/// Waits until Kafka holds everything the exchange sent so far: a quiet point at which cutting
+/// the connection cannot lose frames still on the wire, which no client could save.
+pub async fn caught_up(exchange: &FakeBitfinex, brokers: &str, topic: &str, overrides: &BTreeMap<String, String>) {
+    let sent = exchange.sent().len();
+    eventually("the client caught up with the exchange", WAIT, || topic_size(brokers, topic, overrides) >= sent).await;
+}
+
 /// Stops the producer once what was sent so far is in Kafka (frames still unread in the socket at
 /// shutdown are given up by design), then returns the whole topic.
 pub async fn stop_when_delivered(
@@ -127,8 +134,7 @@ pub async fn stop_when_delivered(
     topic: &str,
     overrides: &BTreeMap<String, String>,
 ) -> Vec<Record> {
-    let sent = exchange.sent().len();
-    eventually("sent updates reach Kafka", WAIT, || topic_size(brokers, topic, overrides) >= sent).await;
+    caught_up(exchange, brokers, topic, overrides).await;
     running.stop().await;
     read_all(brokers, topic, overrides)
 }

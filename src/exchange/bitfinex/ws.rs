@@ -1,6 +1,6 @@
 //! One websocket connection ("shard") for up to 25 ticker channels, and its reconnect loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
@@ -78,6 +78,10 @@ struct Session<'a> {
     shard: usize,
     symbols: &'a [String],
     channels: HashMap<u64, String>,
+    /// Symbols asked for and not yet answered with `subscribed` or an error.
+    pending: HashSet<String>,
+    /// Shutting down: whatever gets subscribed now is unsubscribed at once.
+    draining: bool,
     last_seq: Option<u64>,
     /// True once any channel was subscribed: the connection worked, so backoff starts over.
     subscribed: bool,
@@ -85,7 +89,16 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn new(ctx: &'a Ctx, shard: usize, symbols: &'a [String]) -> Self {
-        Self { ctx, shard, symbols, channels: HashMap::new(), last_seq: None, subscribed: false }
+        Self {
+            ctx,
+            shard,
+            symbols,
+            channels: HashMap::new(),
+            pending: HashSet::new(),
+            draining: false,
+            last_seq: None,
+            subscribed: false,
+        }
     }
 
     async fn run(&mut self) -> Result<End, ExchangeError> {
@@ -131,6 +144,7 @@ impl<'a> Session<'a> {
     /// Unsubscribes every channel and keeps reading until the server confirms, so that every
     /// update it sent before it stopped still reaches Kafka. Bounded by [`DRAIN_TIMEOUT`].
     async fn drain(&mut self, ws: &mut Socket) -> End {
+        self.draining = true;
         let channels: Vec<u64> = self.channels.keys().copied().collect();
         for chan_id in channels {
             if send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await.is_err() {
@@ -138,7 +152,7 @@ impl<'a> Session<'a> {
             }
         }
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-        while !self.channels.is_empty() {
+        while !self.channels.is_empty() || !self.pending.is_empty() {
             match tokio::time::timeout_at(deadline, ws.next()).await {
                 Ok(Some(Ok(Message::Text(text)))) => {
                     if self.on_text(text.as_str(), ws).await.is_err() {
@@ -149,8 +163,13 @@ impl<'a> Session<'a> {
                 _ => break,
             }
         }
-        if !self.channels.is_empty() {
-            tracing::warn!(shard = self.shard, left = self.channels.len(), "closing before every unsubscribe was confirmed");
+        if !self.channels.is_empty() || !self.pending.is_empty() {
+            tracing::warn!(
+                shard = self.shard,
+                channels = self.channels.len(),
+                pending = self.pending.len(),
+                "closing before the exchange confirmed every unsubscribe"
+            );
         }
         let _ = ws.close(None).await;
         End::Cancelled
@@ -159,6 +178,7 @@ impl<'a> Session<'a> {
     async fn subscribe_all(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
         for symbol in self.symbols {
             send(ws, json!({"event": "subscribe", "channel": "ticker", "symbol": symbol})).await?;
+            self.pending.insert(symbol.clone());
         }
         Ok(())
     }
@@ -225,14 +245,21 @@ impl<'a> Session<'a> {
                     return Ok(None);
                 };
                 tracing::info!(shard, %symbol, chan_id, "subscribed");
+                self.pending.remove(&symbol);
                 self.ctx.coverage.cover(&symbol);
                 self.channels.insert(chan_id, symbol);
                 self.subscribed = true;
+                if self.draining {
+                    send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
+                }
             }
             Event::Unsubscribed { chan_id, .. } => {
                 self.channels.remove(&chan_id);
             }
             Event::Error { code, msg, symbol } => {
+                if let Some(s) = &symbol {
+                    self.pending.remove(s);
+                }
                 let code_label = code.map_or("none".to_string(), |c| c.to_string());
                 metrics::counter!(metric::EXCHANGE_ERRORS, "code" => code_label).increment(1);
                 tracing::warn!(shard, ?code, ?msg, ?symbol, "exchange error event");

@@ -119,14 +119,23 @@ impl KafkaCluster {
 
     /// A broker is ready when it registered itself in ZooKeeper.
     fn wait_for_broker(&self, i: usize) {
+        if let Err(log) = self.broker_started(i) {
+            panic!("broker {i} did not start:\n{}", tail(&log));
+        }
+    }
+
+    /// Ok once the broker logs that it started; Err(log) when it gave up or took too long.
+    fn broker_started(&self, i: usize) -> Result<(), String> {
         let log = self.dir.path().join(format!("broker-{i}.log"));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.contains("started (kafka.server.KafkaServer)") {
-                return;
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "broker {i} did not start:\n{}", tail(&text));
+            if text.contains("FATAL") || Instant::now() >= deadline {
+                return Err(text);
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -175,13 +184,25 @@ impl KafkaCluster {
         }
     }
 
+    /// Starts a killed broker again. Its old ZooKeeper session lives until it times out, and
+    /// until then the broker refuses to register; it is started again until it gets through.
     pub fn restart_broker(&mut self, i: usize) {
         self.kill_broker(i);
         let log = self.dir.path().join(format!("broker-{i}.log"));
-        let _ = std::fs::remove_file(&log);
-        let child = self.spawn_broker(i);
-        self.brokers[i] = Some(child);
-        self.wait_for_broker(i);
+        for _ in 0..30 {
+            let _ = std::fs::remove_file(&log);
+            let child = self.spawn_broker(i);
+            self.brokers[i] = Some(child);
+            match self.broker_started(i) {
+                Ok(()) => return,
+                Err(text) if text.contains("already registered") => {
+                    self.kill_broker(i);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(text) => panic!("broker {i} did not restart:\n{}", tail(&text)),
+            }
+        }
+        panic!("broker {i} could not re-register in ZooKeeper");
     }
 }
 

@@ -44,16 +44,24 @@ impl Setup {
         settings.kafka.dlq_topic = format!("{topic}-dlq");
         settings.kafka.group_id = format!("{topic}-group");
         settings.schema_registry.url = registry.url();
-        settings.influx.api = InfluxApi::V1;
-        settings.influx.url = influx.url();
-        settings.influx.database = db.clone();
-        settings.influx.batch_size = 50;
-        settings.influx.flush_interval = Duration::from_millis(200);
+        influx.configure(&mut settings, &db);
         settings.influx.timeout = Duration::from_secs(2);
         settings.consumer.retry_backoff_max = Duration::from_millis(500);
         settings.consumer.shutdown_timeout = Duration::from_secs(10);
         settings.http.listen = ([127, 0, 0, 1], 0).into();
         Self { topic, cluster, registry, influx, db, settings }
+    }
+
+    /// Switches the consumer to the v2 API of a fake that accepts org "acme", bucket "ticks"
+    /// and `token`.
+    async fn use_v2_fake(&mut self, token: &str) -> support::fake_influx2::FakeInflux2 {
+        let fake = support::fake_influx2::FakeInflux2::start("acme", "ticks", token).await;
+        self.settings.influx.api = InfluxApi::V2;
+        self.settings.influx.url = fake.url();
+        self.settings.influx.org = "acme".into();
+        self.settings.influx.bucket = "ticks".into();
+        self.settings.influx.token = Some(token.into());
+        fake
     }
 
     fn brokers(&self) -> String {
@@ -219,12 +227,7 @@ async fn sigkill_mid_stream_then_restart_still_gives_exactly_n() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_api_writes_the_same_line_protocol_with_token_org_bucket_and_gzip() {
     let mut t = Setup::new().await;
-    let influx2 = support::fake_influx2::FakeInflux2::start("acme", "ticks", "s3cret").await;
-    t.settings.influx.api = InfluxApi::V2;
-    t.settings.influx.url = influx2.url();
-    t.settings.influx.org = "acme".into();
-    t.settings.influx.bucket = "ticks".into();
-    t.settings.influx.token = Some("s3cret".into());
+    let influx2 = t.use_v2_fake("s3cret").await;
     let ticks = make_ticks(&SYMBOLS, 50, START_MS, 1000);
     t.produce(&ticks).await;
     let running = start_consumer(t.settings.clone(), 1);
@@ -247,11 +250,7 @@ async fn v2_api_writes_the_same_line_protocol_with_token_org_bucket_and_gzip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_batch_is_dead_lettered_not_retried_forever() {
     let mut t = Setup::new().await;
-    let influx2 = support::fake_influx2::FakeInflux2::start("acme", "ticks", "right-token").await;
-    t.settings.influx.api = InfluxApi::V2;
-    t.settings.influx.url = influx2.url();
-    t.settings.influx.org = "acme".into();
-    t.settings.influx.bucket = "ticks".into();
+    let influx2 = t.use_v2_fake("right-token").await;
     t.settings.influx.token = Some("wrong-token".into());
     let ticks = make_ticks(&SYMBOLS, 10, START_MS, 1000);
     t.produce(&ticks).await;

@@ -61,11 +61,7 @@ async fn end_to_end_candles_match_what_the_exchange_sent() {
     s.kafka.producer = producer_overrides();
     s.kafka.consumer = client_overrides();
     s.kafka.consumer.insert("session.timeout.ms".into(), "6000".into());
-    s.influx.api = candlestream::config::InfluxApi::V1;
-    s.influx.url = influx.url();
-    s.influx.database = "candles".into();
-    s.influx.batch_size = 25;
-    s.influx.flush_interval = std::time::Duration::from_millis(200);
+    influx.configure(&mut s, "candles");
     let consumers = [start_consumer(s.clone(), 1), start_consumer(s.clone(), 1)];
     let producer = start(s);
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candlestream::config::{InfluxApi, Settings};
+use candlestream::config::Settings;
 
 use support::fake_bitfinex::FakeBitfinex;
 use support::fake_registry::FakeRegistry;
@@ -59,11 +59,7 @@ impl Rig {
         s.kafka.consumer.insert("session.timeout.ms".into(), "6000".into());
         s.kafka.consumer.insert("heartbeat.interval.ms".into(), "500".into());
         s.health.max_ack_silence = Duration::from_secs(3);
-        s.influx.api = InfluxApi::V1;
-        s.influx.url = influx.url();
-        s.influx.database = db.clone();
-        s.influx.batch_size = 50;
-        s.influx.flush_interval = Duration::from_millis(200);
+        influx.configure(&mut s, &db);
         s.consumer.retry_backoff_max = Duration::from_secs(1);
         Self { cluster, topic, influx, db, exchange, _registry: registry, settings: s, producer_port: free_port() }
     }

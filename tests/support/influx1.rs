@@ -85,6 +85,15 @@ impl Influx1 {
         body
     }
 
+    /// Points `settings` at this server's `db` through the v1 API, with small, quick batches.
+    pub fn configure(&self, settings: &mut candlestream::config::Settings, db: &str) {
+        settings.influx.api = candlestream::config::InfluxApi::V1;
+        settings.influx.url = self.url();
+        settings.influx.database = db.to_string();
+        settings.influx.batch_size = 50;
+        settings.influx.flush_interval = Duration::from_millis(200);
+    }
+
     pub async fn create_database(&self, db: &str) {
         self.query(db, &format!("CREATE DATABASE \"{db}\"")).await;
     }

@@ -94,7 +94,8 @@ impl Liveness {
         }
         let now = self.origin.elapsed().as_millis() as u64;
         let silent = Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)));
-        (silent > self.max_silence).then(|| format!("{}: nothing for {:.0?}", self.name, silent))
+        let waiting = self.pending.as_ref().map_or(String::new(), |_| format!(" while {} wait", self.pending()));
+        (silent > self.max_silence).then(|| format!("{}: nothing for {:.0?}{waiting}", self.name, silent))
     }
 }
 
@@ -142,11 +143,12 @@ pub async fn serve_http(
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let metrics = prometheus();
+    let checks = health.clone();
     let app = Router::new()
         .route(
             "/healthz",
             get(move || {
-                let health = health.clone();
+                let health = checks.clone();
                 async move {
                     match health.status() {
                         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
@@ -158,6 +160,7 @@ pub async fn serve_http(
         .route("/metrics", get(move || async move { metrics.render() }));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    tokio::spawn(log_transitions(health.clone(), cancel.clone()));
     tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
         if let Err(e) = server.await {
@@ -166,6 +169,29 @@ pub async fn serve_http(
     });
     tracing::info!(%addr, "serving /healthz and /metrics");
     Ok(addr)
+}
+
+/// Logs every change of health, so that an operator reading logs sees what /healthz says.
+async fn log_transitions(health: Health, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut healthy = true;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match (healthy, health.status()) {
+            (true, Err(problems)) => {
+                tracing::error!(?problems, "unhealthy");
+                healthy = false;
+            }
+            (false, Ok(())) => {
+                tracing::info!("healthy again");
+                healthy = true;
+            }
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]

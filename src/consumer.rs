@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
@@ -109,13 +109,16 @@ fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
 async fn member(shared: Arc<Shared>, id: usize, (consumer, flush_rx): Member) {
     let (tx, rx) = mpsc::channel(shared.settings.influx.batch_size * 2);
     let poller = tokio::spawn(poll(consumer.clone(), tx, shared.cancel.clone()));
+    let timeout = shared.settings.consumer.shutdown_timeout;
     Writer::new(shared, id, consumer.clone()).run(rx, flush_rx).await;
     let _ = poller.await;
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!(worker = id, "final offsets committed"),
-        Err(e) => tracing::debug!(worker = id, error = %e, "nothing left to commit"),
+    // Closing commits the stored offsets (auto-commit) and leaves the group. librdkafka blocks
+    // while it does, so it runs off the async workers, and shutdown does not wait past its limit.
+    let close = tokio::task::spawn_blocking(move || drop(consumer));
+    match tokio::time::timeout(timeout, close).await {
+        Ok(_) => tracing::info!(worker = id, "offsets committed, left the group"),
+        Err(_) => tracing::error!(worker = id, ?timeout, "Kafka did not confirm the final commit in time"),
     }
-    consumer.unsubscribe();
 }
 
 async fn poll(consumer: Arc<StreamConsumer<GroupContext>>, tx: mpsc::Sender<OwnedMessage>, cancel: CancellationToken) {

@@ -289,12 +289,14 @@ impl rdkafka::consumer::ConsumerContext for GroupContext {
         let flushed = multi_thread
             && self.flush.try_send(ack).is_ok()
             && tokio::task::block_in_place(|| done.recv_timeout(self.flush_timeout)).is_ok();
-        let committed = consumer.commit_consumer_state(CommitMode::Sync);
+        // librdkafka also commits on revoke with auto-commit on; asking now puts the offsets
+        // just stored first in line. A synchronous commit could wait out the rebalance itself.
+        let committed = consumer.commit_consumer_state(CommitMode::Async);
         tracing::info!(
             worker = self.worker,
             revoked = partitions.count(),
             flushed,
-            committed = ?committed.err().map(|e| e.to_string()),
+            commit = ?committed.err().map(|e| e.to_string()),
             "partitions revoked"
         );
     }

@@ -113,9 +113,14 @@ async fn member(shared: Arc<Shared>, id: usize, (consumer, flush_rx): Member) {
     Writer::new(shared, id, consumer.clone()).run(rx, flush_rx).await;
     let _ = poller.await;
     // Closing commits the stored offsets (auto-commit) and leaves the group. librdkafka blocks
-    // while it does, so it runs off the async workers, and shutdown does not wait past its limit.
-    let close = tokio::task::spawn_blocking(move || drop(consumer));
-    match tokio::time::timeout(timeout, close).await {
+    // while it does and can wait on the group for long, so it runs on a thread of its own that
+    // neither the async workers nor the runtime's shutdown wait for beyond the limit.
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        drop(consumer);
+        let _ = closed_tx.send(());
+    });
+    match tokio::time::timeout(timeout, closed).await {
         Ok(_) => tracing::info!(worker = id, "offsets committed, left the group"),
         Err(_) => tracing::error!(worker = id, ?timeout, "Kafka did not confirm the final commit in time"),
     }

@@ -117,10 +117,6 @@ impl DeliveryTracker {
         (tracker, task)
     }
 
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
-    }
-
     /// Enqueues one record, waiting while librdkafka's queue is full. Gives up only when
     /// `deadline` passes (shutdown), returning false.
     pub async fn send(&self, msg: &Outgoing, deadline: Option<Instant>) -> bool {
@@ -180,15 +176,12 @@ impl DeliveryTracker {
                         Ok(Err((e, msg))) if is_retriable(&e) => {
                             metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "retried").increment(1);
                             tracing::warn!(error = %e, %key, "delivery failed; sending again");
-                            let delivery = resend(&producer, &topic, &msg).await;
-                            inflight.push(settled(delivery, key));
+                            match resend(&producer, &topic, &msg).await {
+                                Ok(delivery) => inflight.push(settled(delivery, key)),
+                                Err(e) => given_up(&acks, &e, &key),
+                            }
                         }
-                        Ok(Err((e, _))) => {
-                            acks.add_pending(-1);
-                            metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
-                            metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
-                            tracing::error!(error = %e, %key, "delivery failed permanently; record not stored");
-                        }
+                        Ok(Err((e, _))) => given_up(&acks, &e, &key),
                         Err(_) => tracing::error!(%key, "producer dropped before delivery was reported"),
                     }
                 }
@@ -216,7 +209,7 @@ async fn settled(
 }
 
 /// Enqueues a failed record again, waiting while the queue is full.
-async fn resend(producer: &FutureProducer, topic: &str, msg: &OwnedMessage) -> DeliveryFuture {
+async fn resend(producer: &FutureProducer, topic: &str, msg: &OwnedMessage) -> Result<DeliveryFuture, KafkaError> {
     loop {
         let mut record = FutureRecord::to(topic)
             .key(msg.key().unwrap_or_default())
@@ -225,10 +218,19 @@ async fn resend(producer: &FutureProducer, topic: &str, msg: &OwnedMessage) -> D
             record = record.headers(h.clone());
         }
         match producer.send_result(record) {
-            Ok(delivery) => return delivery,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(delivery) => return Ok(delivery),
+            Err((e, _)) if is_retriable(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// A record Kafka will never take: reported, counted, and no longer waited for.
+fn given_up(acks: &Liveness, error: &KafkaError, key: &str) {
+    acks.add_pending(-1);
+    metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
+    metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
+    tracing::error!(%error, key, "delivery failed permanently; record not stored");
 }
 
 /// Consumer defaults: offsets are stored by the application only after InfluxDB acknowledged the

@@ -1,6 +1,10 @@
 //! The producer against a real replicated Kafka cluster: ZooKeeper + 3 brokers of Kafka 0.9.0.1,
 //! topic with replication 3 and min.insync.replicas=2, acks=all.
 
+// The cluster lock is held across awaits on purpose: it keeps whole tests, each on its own
+// runtime, from running two clusters at once.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::sync::Mutex;

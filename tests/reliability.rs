@@ -3,6 +3,10 @@
 //! scenario ends with an exact count: each update the exchange sent to a subscribed client is
 //! in InfluxDB exactly once. Each prints a `RELIABILITY |` line with what it measured.
 
+// The cluster lock is held across awaits on purpose: it keeps whole tests, each on its own
+// runtime, from running two clusters at once.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::collections::BTreeMap;

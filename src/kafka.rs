@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
@@ -89,7 +89,6 @@ fn is_retriable(e: &KafkaError) -> bool {
 pub struct Outgoing {
     pub key: String,
     pub payload: Vec<u8>,
-    pub headers: Option<OwnedHeaders>,
 }
 
 /// Produces records and tracks every delivery: acks are counted, retriable failures are sent
@@ -122,10 +121,7 @@ impl DeliveryTracker {
     pub async fn send(&self, msg: &Outgoing, deadline: Option<Instant>) -> bool {
         let mut warned = false;
         loop {
-            let mut record = FutureRecord::to(&self.topic).key(msg.key.as_str()).payload(&msg.payload);
-            if let Some(h) = &msg.headers {
-                record = record.headers(h.clone());
-            }
+            let record = FutureRecord::to(&self.topic).key(msg.key.as_str()).payload(&msg.payload);
             match self.producer.send_result(record) {
                 Ok(delivery) => {
                     self.acks.add_pending(1);
@@ -211,12 +207,9 @@ async fn settled(
 /// Enqueues a failed record again, waiting while the queue is full.
 async fn resend(producer: &FutureProducer, topic: &str, msg: &OwnedMessage) -> Result<DeliveryFuture, KafkaError> {
     loop {
-        let mut record = FutureRecord::to(topic)
+        let record = FutureRecord::to(topic)
             .key(msg.key().unwrap_or_default())
             .payload(msg.payload().unwrap_or_default());
-        if let Some(h) = msg.headers() {
-            record = record.headers(h.clone());
-        }
         match producer.send_result(record) {
             Ok(delivery) => return Ok(delivery),
             Err((e, _)) if is_retriable(&e) => tokio::time::sleep(Duration::from_millis(50)).await,

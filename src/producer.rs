@@ -79,7 +79,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
                 continue;
             }
         };
-        let out = Outgoing { key: tick.symbol, payload, headers: None };
+        let out = Outgoing { key: tick.symbol, payload };
         if !tracker.send(&out, deadline).await {
             abandoned += 1 + rx.len();
             break;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
@@ -119,32 +119,19 @@ impl DeliveryTracker {
     /// Enqueues one record, waiting while librdkafka's queue is full. Gives up only when
     /// `deadline` passes (shutdown), returning false.
     pub async fn send(&self, msg: &Outgoing, deadline: Option<Instant>) -> bool {
-        let mut warned = false;
-        loop {
-            let record = FutureRecord::to(&self.topic).key(msg.key.as_str()).payload(&msg.payload);
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    self.acks.add_pending(1);
-                    metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
-                    // The settle task holds at most this many futures; beyond that we wait.
-                    let _ = self.pending_tx.send((delivery, msg.key.as_str().into())).await;
-                    return true;
-                }
-                Err((e, _)) if is_retriable(&e) => {
-                    if !warned {
-                        tracing::warn!(error = %e, "Kafka producer queue is full; holding exchange data (backpressure)");
-                        warned = true;
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err((e, _)) => {
-                    metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
-                    tracing::error!(error = %e, key = %msg.key, "Kafka refused a record; it is not retried");
-                    return true;
-                }
+        match enqueue(&self.producer, &self.topic, msg.key.as_bytes(), &msg.payload, deadline).await {
+            Ok(Some(delivery)) => {
+                self.acks.add_pending(1);
+                metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
+                // The settle task holds at most this many futures; beyond that we wait.
+                let _ = self.pending_tx.send((delivery, msg.key.as_str().into())).await;
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
+                tracing::error!(error = %e, key = %msg.key, "Kafka refused a record; it is not retried");
+                true
             }
         }
     }
@@ -172,8 +159,11 @@ impl DeliveryTracker {
                         Ok(Err((e, msg))) if is_retriable(&e) => {
                             metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "retried").increment(1);
                             tracing::warn!(error = %e, %key, "delivery failed; sending again");
-                            match resend(&producer, &topic, &msg).await {
-                                Ok(delivery) => inflight.push(settled(delivery, key)),
+                            let (k, p) = (msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
+                            match enqueue(&producer, &topic, k, p, None).await {
+                                Ok(Some(delivery)) => inflight.push(settled(delivery, key)),
+                                // Without a deadline, enqueue ends only with a delivery or an error.
+                                Ok(None) => {}
                                 Err(e) => given_up(&acks, &e, &key),
                             }
                         }
@@ -204,15 +194,29 @@ async fn settled(
     (delivery.await, key)
 }
 
-/// Enqueues a failed record again, waiting while the queue is full.
-async fn resend(producer: &FutureProducer, topic: &str, msg: &OwnedMessage) -> Result<DeliveryFuture, KafkaError> {
+/// Enqueues one record, waiting while librdkafka refuses it for a passing reason (queue full).
+/// `Ok(None)` when `deadline` passed first; `Err` when Kafka will never take it.
+async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    deadline: Option<Instant>,
+) -> Result<Option<DeliveryFuture>, KafkaError> {
+    let mut warned = false;
     loop {
-        let record = FutureRecord::to(topic)
-            .key(msg.key().unwrap_or_default())
-            .payload(msg.payload().unwrap_or_default());
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((e, _)) if is_retriable(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
+        match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
+            Ok(delivery) => return Ok(Some(delivery)),
+            Err((e, _)) if is_retriable(&e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "Kafka producer queue is full; holding data (backpressure)");
+                    warned = true;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(None);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             Err((e, _)) => return Err(e),
         }
     }

@@ -66,6 +66,15 @@ pub struct BitfinexConfig {
     pub connections_per_minute: usize,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Also stream every trade (the source of the candles), not only the ticker.
+    pub trades: bool,
+    /// History of trades fetched over REST at start; zero turns the backfill off.
+    #[serde(with = "humantime_serde")]
+    pub backfill: Duration,
+    /// Bitfinex's per-minute REST limits, one limiter each, shared by every REST caller.
+    pub rest_tickers_per_minute: u32,
+    pub rest_trades_per_minute: u32,
+    pub rest_candles_per_minute: u32,
 }
 
 impl Default for BitfinexConfig {
@@ -84,6 +93,11 @@ impl Default for BitfinexConfig {
             channels_per_connection: 25,
             connections_per_minute: 20,
             request_timeout: Duration::from_secs(10),
+            trades: true,
+            backfill: Duration::from_secs(6 * 3600),
+            rest_tickers_per_minute: 90,
+            rest_trades_per_minute: 15,
+            rest_candles_per_minute: 30,
         }
     }
 }
@@ -93,6 +107,8 @@ impl Default for BitfinexConfig {
 pub struct KafkaConfig {
     pub brokers: String,
     pub topic: String,
+    /// Topic of the trades; its Avro value schema lives under "<trades_topic>-value".
+    pub trades_topic: String,
     pub dlq_topic: String,
     pub group_id: String,
     pub assignment_strategy: AssignmentStrategy,
@@ -108,6 +124,7 @@ impl Default for KafkaConfig {
         Self {
             brokers: "localhost:19091,localhost:19092,localhost:19093".into(),
             topic: "crypto-ticker".into(),
+            trades_topic: "crypto-trades".into(),
             dlq_topic: "crypto-ticker-dlq".into(),
             group_id: "candlestream-influx".into(),
             assignment_strategy: AssignmentStrategy::CooperativeSticky,
@@ -239,6 +256,8 @@ pub struct InfluxConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub measurement: String,
+    /// Measurement of the trades (tags symbol and side; fields id, price, amount).
+    pub trades_measurement: String,
     /// A batch is written when it holds this many points…
     pub batch_size: usize,
     /// …or when its oldest point waited this long.
@@ -260,6 +279,7 @@ impl Default for InfluxConfig {
             username: None,
             password: None,
             measurement: "ticker".into(),
+            trades_measurement: "trades".into(),
             batch_size: 500,
             flush_interval: Duration::from_secs(1),
             timeout: Duration::from_secs(10),
@@ -280,6 +300,7 @@ impl std::fmt::Debug for InfluxConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("measurement", &self.measurement)
+            .field("trades_measurement", &self.trades_measurement)
             .field("batch_size", &self.batch_size)
             .field("flush_interval", &self.flush_interval)
             .field("timeout", &self.timeout)
@@ -388,8 +409,14 @@ impl Settings {
         if b.connections_per_minute == 0 || b.rest_poll_interval.is_zero() {
             return invalid("bitfinex.connections_per_minute and rest_poll_interval must be positive");
         }
-        if self.kafka.topic.is_empty() || self.kafka.brokers.is_empty() {
-            return invalid("kafka.brokers and kafka.topic must be set");
+        if [b.rest_tickers_per_minute, b.rest_trades_per_minute, b.rest_candles_per_minute].contains(&0) {
+            return invalid("bitfinex.rest_*_per_minute limits must be positive");
+        }
+        if self.kafka.topic.is_empty() || self.kafka.trades_topic.is_empty() || self.kafka.brokers.is_empty() {
+            return invalid("kafka.brokers, kafka.topic and kafka.trades_topic must be set");
+        }
+        if self.kafka.topic == self.kafka.trades_topic {
+            return invalid("kafka.topic and kafka.trades_topic must differ: each holds one record type");
         }
         if self.producer.buffer == 0 {
             return invalid("producer.buffer must be positive");
@@ -397,8 +424,8 @@ impl Settings {
         if self.consumer.workers == 0 || self.influx.batch_size == 0 {
             return invalid("consumer.workers and influx.batch_size must be positive");
         }
-        if self.influx.measurement.is_empty() {
-            return invalid("influx.measurement is empty");
+        if self.influx.measurement.is_empty() || self.influx.trades_measurement.is_empty() {
+            return invalid("influx.measurement and influx.trades_measurement must be set");
         }
         Ok(())
     }

@@ -6,8 +6,8 @@ mod fake_registry;
 
 use std::hint::black_box;
 
-use candlestream::candles::{Tick, TickSource};
-use candlestream::codec::{TickDecoder, TickEncoder};
+use candlestream::candles::{Record, Source, Tick};
+use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::SchemaRegistryConfig;
 use candlestream::exchange::bitfinex::message::TickerValues;
 use candlestream::sink::influx::write_line;
@@ -27,12 +27,13 @@ fn bench(c: &mut Criterion) {
         high: 99000.0,
         low: 96100.0,
     };
-    let tick = Tick::new("tBTCUSD".into(), v, 1_763_787_600_123, Some(1), TickSource::Websocket, 1_763_787_600_200);
+    let tick = Record::Tick(Tick::new("tBTCUSD".into(), v, 1_763_787_600_123, Some(1), Source::Websocket, 1_763_787_600_200));
     let (_registry, decoder, payload) = rt.block_on(async {
         let registry = fake_registry::FakeRegistry::start().await;
         let cfg = SchemaRegistryConfig { url: registry.url(), ..Default::default() };
-        let payload = TickEncoder::new(&cfg, "bench").unwrap().encode(&tick).await.unwrap();
-        let decoder = TickDecoder::new(&cfg).unwrap();
+        let kafka = candlestream::config::KafkaConfig { topic: "bench".into(), ..Default::default() };
+        let payload = Encoder::new(&cfg, &kafka).unwrap().encode(&tick).await.unwrap();
+        let decoder = Decoder::new(&cfg).unwrap();
         decoder.decode(&payload).await.unwrap();
         (registry, decoder, payload)
     });

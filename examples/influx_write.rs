@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use candlestream::candles::{Tick, TickSource};
+use candlestream::candles::{Record, Source, Tick};
 use candlestream::config::{InfluxApi, InfluxConfig};
 use candlestream::exchange::bitfinex::message::TickerValues;
 use candlestream::sink::influx::{write_line, InfluxSink};
@@ -42,7 +42,7 @@ fn tick(i: usize) -> Tick {
         low: price - 5.0,
     };
     let t = 1_763_787_600_000 + (i / symbols.len()) as i64;
-    Tick::new(symbols[i % symbols.len()].into(), v, t, None, TickSource::Websocket, t)
+    Tick::new(symbols[i % symbols.len()].into(), v, t, None, Source::Websocket, t)
 }
 
 #[tokio::main]
@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|c| {
             let mut lines = String::new();
             for i in c {
-                write_line(&mut lines, "ticker", &tick(*i));
+                write_line(&mut lines, "ticker", &Record::Tick(tick(*i)));
             }
             lines
         })

@@ -1,5 +1,5 @@
-//! The domain record that flows through the pipeline, and the 2-minute OHLC candles that
-//! Grafana draws from it.
+//! The records that flow through the pipeline (ticker updates and trades), and the OHLCV candles
+//! that trades make.
 
 use std::collections::BTreeMap;
 
@@ -7,12 +7,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::exchange::bitfinex::message::TickerValues;
 
-/// Where a tick came from.
+/// Where a record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TickSource {
+pub enum Source {
     Websocket,
     Rest,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Websocket => "websocket",
+            Source::Rest => "rest",
+        }
+    }
 }
 
 /// One ticker update, as stored in Kafka (`schemas/ticker.avsc`; field names must match).
@@ -31,7 +40,7 @@ pub struct Tick {
     pub low: f64,
     pub exchange_time: i64,
     pub sequence: Option<i64>,
-    pub source: TickSource,
+    pub source: Source,
     pub received_at: i64,
 }
 
@@ -41,7 +50,7 @@ impl Tick {
         v: TickerValues,
         exchange_time: i64,
         sequence: Option<i64>,
-        source: TickSource,
+        source: Source,
         received_at: i64,
     ) -> Self {
         Self {
@@ -82,7 +91,120 @@ impl MonotonicClock {
     }
 }
 
-/// An OHLC candle of `last_price`.
+/// One executed trade, as stored in Kafka (`schemas/trade.avsc`; field names must match).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trade {
+    pub symbol: String,
+    /// Bitfinex's trade id: unique, increasing in execution order.
+    pub id: i64,
+    /// MTS, when the exchange executed the trade.
+    pub exchange_time: i64,
+    /// Signed as the exchange sends it: positive buys, negative sells.
+    pub amount: f64,
+    pub price: f64,
+    pub source: Source,
+    pub sequence: Option<i64>,
+    pub received_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Buy,
+    Sell,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Buy => "buy",
+            Side::Sell => "sell",
+        }
+    }
+}
+
+impl Trade {
+    /// The taker's side: Bitfinex signs the amount, negative for a sell.
+    pub fn side(&self) -> Side {
+        if self.amount.is_sign_negative() { Side::Sell } else { Side::Buy }
+    }
+
+    /// Execution order: time, then id for trades that share a millisecond.
+    pub fn order_key(&self) -> (i64, i64) {
+        (self.exchange_time, self.id)
+    }
+}
+
+/// The record types of the pipeline. Each has its own topic, schema and measurement and shares
+/// everything else: codec, producer, consumer and sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordKind {
+    Tick,
+    Trade,
+}
+
+impl RecordKind {
+    pub const ALL: [RecordKind; 2] = [RecordKind::Tick, RecordKind::Trade];
+
+    /// Label in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            RecordKind::Tick => "ticker",
+            RecordKind::Trade => "trade",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Tick(Tick),
+    Trade(Trade),
+}
+
+impl Record {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Record::Tick(_) => RecordKind::Tick,
+            Record::Trade(_) => RecordKind::Trade,
+        }
+    }
+
+    /// The Kafka key: a coin stays on one partition.
+    pub fn symbol(&self) -> &str {
+        match self {
+            Record::Tick(t) => &t.symbol,
+            Record::Trade(t) => &t.symbol,
+        }
+    }
+
+    pub fn exchange_time(&self) -> i64 {
+        match self {
+            Record::Tick(t) => t.exchange_time,
+            Record::Trade(t) => t.exchange_time,
+        }
+    }
+
+    pub fn received_at(&self) -> i64 {
+        match self {
+            Record::Tick(t) => t.received_at,
+            Record::Trade(t) => t.received_at,
+        }
+    }
+}
+
+impl From<Tick> for Record {
+    fn from(t: Tick) -> Self {
+        Record::Tick(t)
+    }
+}
+
+impl From<Trade> for Record {
+    fn from(t: Trade) -> Self {
+        Record::Trade(t)
+    }
+}
+
+/// An OHLCV candle of trades, as Bitfinex's `trade:1m` candles define it: open and close are the
+/// first and last trade in execution order, volume the sum of absolute amounts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candle {
     pub start_ms: i64,
@@ -90,26 +212,26 @@ pub struct Candle {
     pub high: f64,
     pub low: f64,
     pub close: f64,
+    pub volume: f64,
 }
 
-pub const CANDLE_WIDTH_MS: i64 = 120_000;
-
-/// Folds ticks of one symbol into candles of `width_ms`, aligned to the epoch like InfluxQL's
-/// `GROUP BY time(…)`, ordered by exchange time.
-pub fn candles<'a>(ticks: impl IntoIterator<Item = &'a Tick>, width_ms: i64) -> Vec<Candle> {
-    let mut ordered: Vec<&Tick> = ticks.into_iter().collect();
-    ordered.sort_by_key(|t| t.exchange_time);
+/// Folds the trades of one symbol into candles of `width_ms`, aligned to the epoch like
+/// InfluxQL's `GROUP BY time(…)` and Bitfinex's candles. Windows without trades have no candle.
+pub fn candles<'a>(trades: impl IntoIterator<Item = &'a Trade>, width_ms: i64) -> Vec<Candle> {
+    let mut ordered: Vec<&Trade> = trades.into_iter().collect();
+    ordered.sort_by_key(|t| t.order_key());
     let mut out: BTreeMap<i64, Candle> = BTreeMap::new();
     for t in ordered {
         let start_ms = t.exchange_time.div_euclid(width_ms) * width_ms;
-        let p = t.last_price;
+        let (p, v) = (t.price, t.amount.abs());
         out.entry(start_ms)
             .and_modify(|c| {
                 c.high = c.high.max(p);
                 c.low = c.low.min(p);
                 c.close = p;
+                c.volume += v;
             })
-            .or_insert(Candle { start_ms, open: p, high: p, low: p, close: p });
+            .or_insert(Candle { start_ms, open: p, high: p, low: p, close: p, volume: v });
     }
     out.into_values().collect()
 }
@@ -131,20 +253,37 @@ mod tests {
             high: price,
             low: price,
         };
-        Tick::new(symbol.into(), v, t, None, TickSource::Websocket, t)
+        Tick::new(symbol.into(), v, t, None, Source::Websocket, t)
+    }
+
+    fn trade(id: i64, t: i64, amount: f64, price: f64) -> Trade {
+        Trade { symbol: "t".into(), id, exchange_time: t, amount, price, source: Source::Rest, sequence: None, received_at: t }
     }
 
     #[test]
-    fn candles_follow_exchange_time_not_arrival_order() {
-        let ticks = [tick("t", 121_000, 5.0), tick("t", 1_000, 2.0), tick("t", 119_999, 1.0), tick("t", 60_000, 9.0)];
-        let c = candles(&ticks, CANDLE_WIDTH_MS);
+    fn candles_follow_execution_order_not_arrival_order() {
+        // Three trades share one millisecond; their ids, not their arrival, say which is last.
+        let trades = [
+            trade(7, 121_000, 1.0, 5.0),
+            trade(3, 59_999, -0.5, 3.0),
+            trade(2, 59_999, 0.25, 9.0),
+            trade(1, 1_000, 2.0, 2.0),
+            trade(4, 59_999, -1.0, 1.0),
+        ];
+        let c = candles(&trades, 60_000);
         assert_eq!(
             c,
             vec![
-                Candle { start_ms: 0, open: 2.0, high: 9.0, low: 1.0, close: 1.0 },
-                Candle { start_ms: 120_000, open: 5.0, high: 5.0, low: 5.0, close: 5.0 },
+                Candle { start_ms: 0, open: 2.0, high: 9.0, low: 1.0, close: 1.0, volume: 3.75 },
+                Candle { start_ms: 120_000, open: 5.0, high: 5.0, low: 5.0, close: 5.0, volume: 1.0 },
             ]
         );
+    }
+
+    #[test]
+    fn side_follows_the_sign_of_the_amount() {
+        assert_eq!(trade(1, 0, 0.1, 1.0).side(), Side::Buy);
+        assert_eq!(trade(1, 0, -0.1, 1.0).side(), Side::Sell);
     }
 
     #[test]

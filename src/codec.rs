@@ -6,13 +6,25 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
-use crate::candles::Tick;
-use crate::config::SchemaRegistryConfig;
+use serde::de::DeserializeOwned;
+
+use crate::candles::{Record, RecordKind, Tick, Trade};
+use crate::config::{KafkaConfig, SchemaRegistryConfig};
 
 /// The ticker schema, as shipped in schemas/ and registered by avro_schema.sh.
 pub const TICKER_SCHEMA: &str = include_str!("../schemas/ticker.avsc");
 pub const TICKER_RECORD: &str = "io.candlestream.Ticker";
+/// The trade schema, as shipped in schemas/ and registered by avro_schema.sh.
+pub const TRADE_SCHEMA: &str = include_str!("../schemas/trade.avsc");
+pub const TRADE_RECORD: &str = "io.candlestream.Trade";
 
+/// The writer schema of each record type, and the full name that tells them apart on decode.
+fn schema_of(kind: RecordKind) -> (&'static str, &'static str) {
+    match kind {
+        RecordKind::Tick => (TICKER_RECORD, TICKER_SCHEMA),
+        RecordKind::Trade => (TRADE_RECORD, TRADE_SCHEMA),
+    }
+}
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
     #[error("schema registry unavailable: {0}")]
@@ -25,9 +37,11 @@ pub enum CodecError {
     UnknownSchema { id: u32, reason: String },
     #[error("Avro body does not decode with schema {id}: {reason}")]
     CorruptAvro { id: u32, reason: String },
-    #[error("record does not match the ticker record: {0}")]
-    NotATicker(String),
-    #[error("cannot encode tick: {0}")]
+    #[error("record does not match its {record} schema: {reason}")]
+    Mismatch { record: String, reason: String },
+    #[error("schema {id} is {name:?}, which is no record type of ours")]
+    UnknownRecord { id: u32, name: Option<String> },
+    #[error("cannot encode record: {0}")]
     Encode(String),
 }
 
@@ -46,7 +60,8 @@ impl CodecError {
             CodecError::BadMagicByte { .. } => "bad-magic-byte",
             CodecError::UnknownSchema { .. } => "unknown-schema-id",
             CodecError::CorruptAvro { .. } => "corrupt-avro",
-            CodecError::NotATicker(_) => "not-a-ticker",
+            CodecError::Mismatch { .. } => "schema-mismatch",
+            CodecError::UnknownRecord { .. } => "unknown-record",
             CodecError::Encode(_) => "encode-failed",
         }
     }
@@ -73,25 +88,40 @@ pub fn value_subject(topic: &str) -> String {
     format!("{topic}-value")
 }
 
-/// Encodes ticks, registering the schema under `<topic>-value` on first use and caching the id.
-pub struct TickEncoder {
+/// Encodes every record type, registering each schema under `<its topic>-value` on first use
+/// and caching the ids.
+pub struct Encoder {
     encoder: AvroEncoder,
-    strategy: SubjectNameStrategy,
+    tick: SubjectNameStrategy,
+    trade: SubjectNameStrategy,
 }
 
-impl TickEncoder {
-    pub fn new(cfg: &SchemaRegistryConfig, topic: &str) -> Result<Self, CodecError> {
-        let schema = SuppliedSchema::new(Some(TICKER_RECORD.into()), SchemaType::Avro, TICKER_SCHEMA.into());
+impl Encoder {
+    pub fn new(cfg: &SchemaRegistryConfig, kafka: &KafkaConfig) -> Result<Self, CodecError> {
+        let strategy = |kind: RecordKind| {
+            let (name, schema) = schema_of(kind);
+            let schema = SuppliedSchema::new(Some(name.into()), SchemaType::Avro, schema.into());
+            SubjectNameStrategy::TopicNameStrategyWithSchema(kafka.topic_of(kind).into(), false, schema)
+        };
         Ok(Self {
             encoder: AvroEncoder::new(sr_settings(cfg)?),
-            strategy: SubjectNameStrategy::TopicNameStrategyWithSchema(topic.into(), false, schema),
+            tick: strategy(RecordKind::Tick),
+            trade: strategy(RecordKind::Trade),
         })
     }
 
-    /// Registers the schema (idempotent on the registry) and returns its id.
-    pub async fn register(&self) -> Result<u32, CodecError> {
-        let subject = self.strategy.get_subject().map_err(registry_error)?;
-        let result = self.encoder.get_schema_and_id(&subject, self.strategy.clone()).await;
+    fn strategy(&self, kind: RecordKind) -> &SubjectNameStrategy {
+        match kind {
+            RecordKind::Tick => &self.tick,
+            RecordKind::Trade => &self.trade,
+        }
+    }
+
+    /// Registers the schema of `kind` (idempotent on the registry) and returns its id.
+    pub async fn register(&self, kind: RecordKind) -> Result<u32, CodecError> {
+        let strategy = self.strategy(kind);
+        let subject = strategy.get_subject().map_err(registry_error)?;
+        let result = self.encoder.get_schema_and_id(&subject, strategy.clone()).await;
         if result.is_err() {
             // Rejections are cached by the converter; a later attempt must ask the registry again.
             self.encoder.remove_errors_from_cache();
@@ -99,24 +129,30 @@ impl TickEncoder {
         Ok(result.map_err(registry_error)?.id)
     }
 
-    pub async fn encode(&self, tick: &Tick) -> Result<Vec<u8>, CodecError> {
-        self.encoder.encode_struct(tick, &self.strategy).await.map_err(|e| {
+    pub async fn encode(&self, record: &Record) -> Result<Vec<u8>, CodecError> {
+        let strategy = self.strategy(record.kind());
+        let encoded = match record {
+            Record::Tick(t) => self.encoder.encode_struct(t, strategy).await,
+            Record::Trade(t) => self.encoder.encode_struct(t, strategy).await,
+        };
+        encoded.map_err(|e| {
             if e.retriable { CodecError::RegistryUnavailable(e.to_string()) } else { CodecError::Encode(e.to_string()) }
         })
     }
 }
 
-/// Decodes wire-format ticks, fetching writer schemas by id and caching them.
-pub struct TickDecoder {
+/// Decodes wire-format records of every type, fetching writer schemas by id and caching them.
+/// The writer schema's full name says which record type the bytes hold.
+pub struct Decoder {
     decoder: AvroDecoder,
 }
 
-impl TickDecoder {
+impl Decoder {
     pub fn new(cfg: &SchemaRegistryConfig) -> Result<Self, CodecError> {
         Ok(Self { decoder: AvroDecoder::new(sr_settings(cfg)?) })
     }
 
-    pub async fn decode(&self, payload: &[u8]) -> Result<Tick, CodecError> {
+    pub async fn decode(&self, payload: &[u8]) -> Result<Record, CodecError> {
         let id = match payload {
             [0, a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
             _ => return Err(CodecError::BadMagicByte { len: payload.len(), first: payload.first().copied() }),
@@ -129,12 +165,20 @@ impl TickDecoder {
                 CodecError::UnknownSchema { id, reason: e.to_string() }
             });
         }
-        let value = self
+        let decoded = self
             .decoder
             .decode(Some(payload))
             .await
-            .map_err(|e| CodecError::CorruptAvro { id, reason: e.to_string() })?
-            .value;
-        apache_avro::from_value::<Tick>(&value).map_err(|e| CodecError::NotATicker(e.to_string()))
+            .map_err(|e| CodecError::CorruptAvro { id, reason: e.to_string() })?;
+        let name = decoded.name.map(|n| n.fullname(None));
+        match name.as_deref() {
+            Some(TICKER_RECORD) => from_value::<Tick>(&decoded.value, TICKER_RECORD).map(Record::Tick),
+            Some(TRADE_RECORD) => from_value::<Trade>(&decoded.value, TRADE_RECORD).map(Record::Trade),
+            _ => Err(CodecError::UnknownRecord { id, name }),
+        }
     }
+}
+
+fn from_value<T: DeserializeOwned>(value: &apache_avro::types::Value, record: &str) -> Result<T, CodecError> {
+    apache_avro::from_value::<T>(value).map_err(|e| CodecError::Mismatch { record: record.into(), reason: e.to_string() })
 }

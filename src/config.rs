@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::candles::RecordKind;
+
 pub const ENV_PREFIX: &str = "CANDLESTREAM";
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,16 @@ impl Default for KafkaConfig {
             auto_offset_reset: OffsetReset::Earliest,
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The topic that holds records of `kind`.
+    pub fn topic_of(&self, kind: RecordKind) -> &str {
+        match kind {
+            RecordKind::Tick => &self.topic,
+            RecordKind::Trade => &self.trades_topic,
         }
     }
 }
@@ -283,6 +295,16 @@ impl Default for InfluxConfig {
             batch_size: 500,
             flush_interval: Duration::from_secs(1),
             timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl InfluxConfig {
+    /// The measurement that holds records of `kind`.
+    pub fn measurement_of(&self, kind: RecordKind) -> &str {
+        match kind {
+            RecordKind::Tick => &self.measurement,
+            RecordKind::Trade => &self.trades_measurement,
         }
     }
 }

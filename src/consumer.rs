@@ -16,7 +16,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{CodecError, TickDecoder};
+use crate::candles::RecordKind;
+use crate::codec::{CodecError, Decoder};
 use crate::config::Settings;
 use crate::kafka::{consumer_config, producer_config, FlushRequest, GroupContext};
 use crate::retry::backoff;
@@ -57,7 +58,7 @@ pub mod dlq_header {
 /// What the workers of one process share.
 struct Shared {
     settings: Settings,
-    decoder: TickDecoder,
+    decoder: Decoder,
     sink: InfluxSink,
     dlq: FutureProducer,
     writes: Arc<Liveness>,
@@ -73,7 +74,7 @@ pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) 
     serve_http(settings.http.listen, health, http_stop).await?;
 
     let shared = Arc::new(Shared {
-        decoder: TickDecoder::new(&settings.schema_registry)?,
+        decoder: Decoder::new(&settings.schema_registry)?,
         sink: InfluxSink::new(&settings.influx)?,
         dlq: producer_config(&settings.kafka).create()?,
         writes,
@@ -85,7 +86,8 @@ pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) 
         let consumer = subscribe(&shared, id)?;
         members.spawn(member(shared.clone(), id, consumer));
     }
-    tracing::info!(workers, topic = %shared.settings.kafka.topic, group = %shared.settings.kafka.group_id, "consumer running");
+    let topics = topics(&shared.settings);
+    tracing::info!(workers, ?topics, group = %shared.settings.kafka.group_id, "consumer running");
     while let Some(r) = members.join_next().await {
         if let Err(e) = r {
             tracing::error!(error = %e, "consumer worker panicked");
@@ -95,6 +97,11 @@ pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) 
     Ok(())
 }
 
+/// One group reads every record type; each goes to its own measurement.
+fn topics(settings: &Settings) -> Vec<&str> {
+    RecordKind::ALL.iter().map(|k| settings.kafka.topic_of(*k)).collect()
+}
+
 type Member = (Arc<StreamConsumer<GroupContext>>, mpsc::Receiver<FlushRequest>);
 
 fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
@@ -102,7 +109,7 @@ fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
     let context = GroupContext { worker: id, flush, flush_timeout: shared.settings.consumer.shutdown_timeout };
     let consumer: StreamConsumer<GroupContext> =
         consumer_config(&shared.settings.kafka).create_with_context(context)?;
-    consumer.subscribe(&[&shared.settings.kafka.topic])?;
+    consumer.subscribe(&topics(&shared.settings))?;
     Ok((Arc::new(consumer), flush_rx))
 }
 
@@ -149,20 +156,27 @@ async fn poll(consumer: Arc<StreamConsumer<GroupContext>>, tx: mpsc::Sender<Owne
     }
 }
 
+/// A partition of one of the topics read.
+type Partition = (String, i32);
+
+fn partition_of(record: &OwnedMessage) -> Partition {
+    (record.topic().to_string(), record.partition())
+}
+
 #[derive(Default)]
 struct Batch {
     lines: String,
     records: Vec<OwnedMessage>,
     /// Highest offset per partition that is safe to store once the batch is written.
-    offsets: BTreeMap<i32, i64>,
+    offsets: BTreeMap<Partition, i64>,
     /// Partitions where a record could be neither written nor dead-lettered (shutdown); no
     /// offset of theirs may be stored past it.
-    blocked: BTreeSet<i32>,
+    blocked: BTreeSet<Partition>,
     oldest: Option<Instant>,
 }
 
 impl Batch {
-    fn mark_done(&mut self, partition: i32, offset: i64) {
+    fn mark_done(&mut self, partition: Partition, offset: i64) {
         if !self.blocked.contains(&partition) {
             self.offsets.insert(partition, offset);
         }
@@ -228,12 +242,13 @@ impl Writer {
     }
 
     async fn add(&mut self, record: OwnedMessage) {
-        let (partition, offset) = (record.partition(), record.offset());
+        let (partition, offset) = (partition_of(&record), record.offset());
         let mut delays = backoff(Duration::from_millis(200), self.shared.settings.consumer.retry_backoff_max);
         loop {
             match self.shared.decoder.decode(record.payload().unwrap_or_default()).await {
-                Ok(tick) => {
-                    write_line(&mut self.batch.lines, &self.shared.settings.influx.measurement, &tick);
+                Ok(decoded) => {
+                    let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
+                    write_line(&mut self.batch.lines, measurement, &decoded);
                     self.shared.writes.add_pending(1);
                     self.batch.records.push(record);
                     self.batch.mark_done(partition, offset);
@@ -311,11 +326,10 @@ impl Writer {
         }
         let batch = std::mem::take(&mut self.batch);
         self.shared.writes.add_pending(-(points as i64));
-        let topic = &self.shared.settings.kafka.topic;
-        for (partition, offset) in batch.offsets {
-            if let Err(e) = self.consumer.store_offset(topic, partition, offset) {
+        for ((topic, partition), offset) in batch.offsets {
+            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
                 // The partition moved to another member; it re-reads from the last commit.
-                tracing::debug!(worker = self.id, partition, error = %e, "offset not stored");
+                tracing::debug!(worker = self.id, %topic, partition, error = %e, "offset not stored");
             }
         }
     }
@@ -349,8 +363,9 @@ impl Writer {
                     let records = std::mem::take(&mut self.batch.records);
                     for record in &records {
                         if !self.dead_letter(record, "influx-rejected", &e.to_string()).await {
-                            self.batch.blocked.insert(record.partition());
-                            self.batch.offsets.remove(&record.partition());
+                            let partition = partition_of(record);
+                            self.batch.offsets.remove(&partition);
+                            self.batch.blocked.insert(partition);
                         }
                     }
                     return true;

@@ -86,8 +86,9 @@ fn is_retriable(e: &KafkaError) -> bool {
 }
 
 /// One record to produce.
-pub struct Outgoing {
-    pub key: String,
+pub struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub key: &'a str,
     pub payload: Vec<u8>,
 }
 
@@ -97,7 +98,6 @@ pub struct Outgoing {
 #[derive(Clone)]
 pub struct DeliveryTracker {
     producer: FutureProducer,
-    topic: Arc<str>,
     acks: Arc<Liveness>,
     pending_tx: mpsc::Sender<(DeliveryFuture, Arc<str>)>,
 }
@@ -105,39 +105,35 @@ pub struct DeliveryTracker {
 impl DeliveryTracker {
     /// Returns the tracker and the task that awaits deliveries; the task ends once every clone
     /// of the tracker is dropped and all deliveries are settled.
-    pub fn new(
-        producer: FutureProducer,
-        topic: &str,
-        acks: Arc<Liveness>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn new(producer: FutureProducer, acks: Arc<Liveness>) -> (Self, tokio::task::JoinHandle<()>) {
         let (pending_tx, pending_rx) = mpsc::channel(4096);
-        let tracker = Self { producer, topic: topic.into(), acks, pending_tx };
+        let tracker = Self { producer, acks, pending_tx };
         let task = tokio::spawn(tracker.clone().settle(pending_rx));
         (tracker, task)
     }
 
     /// Enqueues one record, waiting while librdkafka's queue is full. Gives up only when
     /// `deadline` passes (shutdown), returning false.
-    pub async fn send(&self, msg: &Outgoing, deadline: Option<Instant>) -> bool {
-        match enqueue(&self.producer, &self.topic, msg.key.as_bytes(), &msg.payload, deadline).await {
+    pub async fn send(&self, msg: &Outgoing<'_>, deadline: Option<Instant>) -> bool {
+        match enqueue(&self.producer, msg.topic, msg.key.as_bytes(), &msg.payload, deadline).await {
             Ok(Some(delivery)) => {
                 self.acks.add_pending(1);
                 metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
                 // The settle task holds at most this many futures; beyond that we wait.
-                let _ = self.pending_tx.send((delivery, msg.key.as_str().into())).await;
+                let _ = self.pending_tx.send((delivery, msg.key.into())).await;
                 true
             }
             Ok(None) => false,
             Err(e) => {
                 metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
-                tracing::error!(error = %e, key = %msg.key, "Kafka refused a record; it is not retried");
+                tracing::error!(error = %e, topic = msg.topic, key = msg.key, "Kafka refused a record; it is not retried");
                 true
             }
         }
     }
 
     async fn settle(self, mut incoming: mpsc::Receiver<(DeliveryFuture, Arc<str>)>) {
-        let Self { producer, topic, acks, pending_tx } = self;
+        let Self { producer, acks, pending_tx } = self;
         // Our own sender must go, or the channel could never close.
         drop(pending_tx);
         let mut inflight = FuturesUnordered::new();
@@ -160,7 +156,7 @@ impl DeliveryTracker {
                             metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "retried").increment(1);
                             tracing::warn!(error = %e, %key, "delivery failed; sending again");
                             let (k, p) = (msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
-                            match enqueue(&producer, &topic, k, p, None).await {
+                            match enqueue(&producer, msg.topic(), k, p, None).await {
                                 Ok(Some(delivery)) => inflight.push(settled(delivery, key)),
                                 // Without a deadline, enqueue ends only with a delivery or an error.
                                 Ok(None) => {}

@@ -7,8 +7,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::candles::MonotonicClock;
-use crate::codec::{CodecError, TickEncoder};
+use crate::candles::{MonotonicClock, Record, RecordKind};
+use crate::codec::{CodecError, Encoder};
 use crate::config::Settings;
 use crate::exchange::bitfinex;
 use crate::kafka::{producer_config, DeliveryTracker, KafkaStageError, Outgoing};
@@ -21,6 +21,8 @@ pub enum ProducerError {
     Codec(#[from] CodecError),
     #[error(transparent)]
     Kafka(#[from] KafkaStageError),
+    #[error(transparent)]
+    Exchange(#[from] bitfinex::ExchangeError),
     #[error("cannot serve /healthz and /metrics: {0}")]
     Http(#[from] std::io::Error),
 }
@@ -30,6 +32,7 @@ impl ProducerError {
         match self {
             ProducerError::Codec(e) => e.is_retryable(),
             ProducerError::Kafka(e) => e.is_retryable(),
+            ProducerError::Exchange(e) => e.is_retryable(),
             ProducerError::Http(_) => false,
         }
     }
@@ -45,23 +48,34 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let _http_guard = http_stop.clone().drop_guard();
     serve_http(settings.http.listen, health, http_stop).await?;
 
-    let encoder = TickEncoder::new(&settings.schema_registry, &settings.kafka.topic)?;
-    let Some(schema_id) = register_schema(&encoder, &settings, &cancel).await? else {
-        return Ok(());
-    };
-    tracing::info!(schema_id, subject = %crate::codec::value_subject(&settings.kafka.topic), "schema registered");
+    let encoder = Encoder::new(&settings.schema_registry, &settings.kafka)?;
+    for kind in RecordKind::ALL {
+        let Some(schema_id) = register_schema(&encoder, kind, &settings, &cancel).await? else {
+            return Ok(());
+        };
+        let subject = crate::codec::value_subject(settings.kafka.topic_of(kind));
+        tracing::info!(schema_id, %subject, "schema registered");
+    }
 
     let producer: FutureProducer = producer_config(&settings.kafka).create().map_err(KafkaStageError::Client)?;
-    let (tracker, settle) = DeliveryTracker::new(producer, &settings.kafka.topic, acks);
+    let (tracker, settle) = DeliveryTracker::new(producer, acks);
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
-    let exchange = tokio::spawn(bitfinex::run(settings.bitfinex.clone(), tx, data, cancel.clone()));
-    tracing::info!(topic = %settings.kafka.topic, symbols = ?settings.bitfinex.symbols, mode = ?settings.bitfinex.mode, "producer running");
+    let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
+    let exchange = tokio::spawn(bitfinex::run(settings.bitfinex.clone(), rest, tx, data, cancel.clone()));
+    tracing::info!(
+        topic = %settings.kafka.topic,
+        trades_topic = %settings.kafka.trades_topic,
+        symbols = ?settings.bitfinex.symbols,
+        mode = ?settings.bitfinex.mode,
+        trades = settings.bitfinex.trades,
+        "producer running"
+    );
 
     let mut clock = MonotonicClock::default();
     let mut deadline: Option<Instant> = None;
     let mut abandoned = 0usize;
     loop {
-        let mut tick = tokio::select! {
+        let mut record = tokio::select! {
             next = rx.recv() => match next { Some(t) => t, None => break },
             _ = cancel.cancelled(), if deadline.is_none() => {
                 tracing::info!("shutting down: no new exchange reads; delivering what was read");
@@ -69,17 +83,19 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
                 continue;
             }
         };
-        if clock.stamp(&mut tick) > 0 {
+        if let Record::Tick(tick) = &mut record
+            && clock.stamp(tick) > 0
+        {
             metrics::counter!(metric::TIME_ADJUSTED).increment(1);
         }
-        let payload = match encode(&encoder, &tick, &settings, deadline).await {
+        let payload = match encode(&encoder, &record, &settings, deadline).await {
             Some(p) => p,
             None => {
                 abandoned += 1;
                 continue;
             }
         };
-        let out = Outgoing { key: tick.symbol, payload };
+        let out = Outgoing { topic: settings.kafka.topic_of(record.kind()), key: record.symbol(), payload };
         if !tracker.send(&out, deadline).await {
             abandoned += 1 + rx.len();
             break;
@@ -95,7 +111,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
         tracing::error!("delivery reports still outstanding at shutdown");
     }
     match (flushed, abandoned) {
-        (Ok(()), 0) => tracing::info!("producer stopped; every tick read was acknowledged by Kafka"),
+        (Ok(()), 0) => tracing::info!("producer stopped; every record read was acknowledged by Kafka"),
         (flushed, _) => tracing::error!(
             abandoned,
             unacknowledged = ?flushed.err(),
@@ -105,15 +121,17 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     Ok(())
 }
 
-/// Registers the schema, retrying while the registry is unreachable. `None` when cancelled.
+/// Registers the schema of `kind`, retrying while the registry is unreachable. `None` when
+/// cancelled.
 async fn register_schema(
-    encoder: &TickEncoder,
+    encoder: &Encoder,
+    kind: RecordKind,
     settings: &Settings,
     cancel: &CancellationToken,
 ) -> Result<Option<u32>, CodecError> {
     let mut delays = backoff(Duration::from_millis(500), settings.producer.retry_backoff_max);
     loop {
-        match encoder.register().await {
+        match encoder.register(kind).await {
             Ok(id) => return Ok(Some(id)),
             Err(e) if e.is_retryable() => {
                 let wait = delays.next().unwrap_or(settings.producer.retry_backoff_max);
@@ -128,17 +146,17 @@ async fn register_schema(
     }
 }
 
-/// Encodes one tick, retrying while the registry is unreachable; `None` means the tick is
+/// Encodes one record, retrying while the registry is unreachable; `None` means the record is
 /// given up (it cannot be encoded, or shutdown's deadline passed).
 async fn encode(
-    encoder: &TickEncoder,
-    tick: &crate::candles::Tick,
+    encoder: &Encoder,
+    record: &Record,
     settings: &Settings,
     deadline: Option<Instant>,
 ) -> Option<Vec<u8>> {
     let mut delays = backoff(Duration::from_millis(200), settings.producer.retry_backoff_max);
     loop {
-        match encoder.encode(tick).await {
+        match encoder.encode(record).await {
             Ok(p) => return Some(p),
             Err(e) if e.is_retryable() && deadline.is_none_or(|d| Instant::now() < d) => {
                 let wait = delays.next().unwrap_or(settings.producer.retry_backoff_max);
@@ -147,7 +165,7 @@ async fn encode(
             }
             Err(e) => {
                 metrics::counter!(metric::ENCODE_ERRORS).increment(1);
-                tracing::error!(error = %e, symbol = %tick.symbol, "tick cannot be encoded; dropped");
+                tracing::error!(error = %e, kind = record.kind().label(), symbol = record.symbol(), "record cannot be encoded; dropped");
                 return None;
             }
         }

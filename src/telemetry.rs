@@ -25,7 +25,12 @@ pub mod metric {
     pub const RECONNECTS: &str = "candlestream_exchange_reconnects_total";
     pub const SEQUENCE_GAPS: &str = "candlestream_exchange_sequence_gaps_total";
     pub const MISSED_MESSAGES: &str = "candlestream_exchange_missed_messages_total";
-    pub const REST_POLLS: &str = "candlestream_rest_polls_total";
+    pub const TRADES_RECEIVED: &str = "candlestream_trades_received_total";
+    pub const TRADES_DUPLICATE: &str = "candlestream_trades_duplicates_suppressed_total";
+    pub const TRADES_REPAIRED: &str = "candlestream_trades_repaired_total";
+    pub const TRADES_REJECTED: &str = "candlestream_trades_rejected_total";
+    pub const REST_REQUESTS: &str = "candlestream_rest_requests_total";
+    pub const RATE_LIMIT_WAITS: &str = "candlestream_rest_rate_limit_waits_total";
     pub const TIME_ADJUSTED: &str = "candlestream_ticks_time_adjusted_total";
     pub const PRODUCED: &str = "candlestream_kafka_produced_total";
     pub const DELIVERY_ERRORS: &str = "candlestream_kafka_delivery_errors_total";

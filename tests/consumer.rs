@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use candlestream::candles::Tick;
+use candlestream::candles::{Record, Tick};
 use candlestream::config::{InfluxApi, Settings};
 use candlestream::consumer::dlq_header;
 use rdkafka::mocking::MockCluster;
@@ -134,8 +134,8 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_written() {
     let schema_id = t.registry.latest(&format!("{}-value", t.topic)).unwrap().0.to_be_bytes();
     let valid = {
         let mut p = Vec::new();
-        let encoder = candlestream::codec::TickEncoder::new(&t.settings.schema_registry, &t.topic).unwrap();
-        p.extend(encoder.encode(&good[0]).await.unwrap());
+        let encoder = candlestream::codec::Encoder::new(&t.settings.schema_registry, &t.settings.kafka).unwrap();
+        p.extend(encoder.encode(&Record::Tick(good[0].clone())).await.unwrap());
         p
     };
     let truncated = valid[..valid.len() - 20].to_vec();
@@ -237,7 +237,7 @@ async fn v2_api_writes_the_same_line_protocol_with_token_org_bucket_and_gzip() {
         .iter()
         .map(|tick| {
             let mut line = String::new();
-            candlestream::sink::influx::write_line(&mut line, "ticker", tick);
+            candlestream::sink::influx::write_line(&mut line, "ticker", &Record::Tick(tick.clone()));
             line.trim_end().to_string()
         })
         .collect();

@@ -4,8 +4,8 @@
 
 mod support;
 
-use candlestream::candles::{Tick, TickSource};
-use candlestream::codec::{TickDecoder, TickEncoder};
+use candlestream::candles::{Record, Source, Tick};
+use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::SchemaRegistryConfig;
 use candlestream::exchange::bitfinex::message::{parse_frame, Frame, Payload, TickerValues};
 use proptest::prelude::*;
@@ -70,8 +70,8 @@ proptest! {
     }
 }
 
-fn decode_fixture() -> &'static (tokio::runtime::Runtime, support::fake_registry::FakeRegistry, TickDecoder, Vec<u8>) {
-    static FIXTURE: std::sync::OnceLock<(tokio::runtime::Runtime, support::fake_registry::FakeRegistry, TickDecoder, Vec<u8>)> =
+fn decode_fixture() -> &'static (tokio::runtime::Runtime, support::fake_registry::FakeRegistry, Decoder, Vec<u8>) {
+    static FIXTURE: std::sync::OnceLock<(tokio::runtime::Runtime, support::fake_registry::FakeRegistry, Decoder, Vec<u8>)> =
         std::sync::OnceLock::new();
     FIXTURE.get_or_init(|| {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -90,9 +90,10 @@ fn decode_fixture() -> &'static (tokio::runtime::Runtime, support::fake_registry
                 high: 9.0,
                 low: 10.0,
             };
-            let tick = Tick::new("tBTCUSD".into(), v, 1, Some(2), TickSource::Websocket, 3);
-            let valid = TickEncoder::new(&cfg, "fuzz").unwrap().encode(&tick).await.unwrap();
-            (registry, TickDecoder::new(&cfg).unwrap(), valid)
+            let tick = Tick::new("tBTCUSD".into(), v, 1, Some(2), Source::Websocket, 3);
+            let kafka = candlestream::config::KafkaConfig { topic: "fuzz".into(), ..Default::default() };
+            let valid = Encoder::new(&cfg, &kafka).unwrap().encode(&Record::Tick(tick)).await.unwrap();
+            (registry, Decoder::new(&cfg).unwrap(), valid)
         });
         (rt, registry, decoder, valid)
     })

@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use candlestream::candles::TickSource;
+use candlestream::candles::Source;
 use candlestream::codec::value_subject;
 use candlestream::config::ExchangeMode;
 use rdkafka::mocking::MockCluster;
@@ -89,7 +89,7 @@ async fn rest_fills_in_while_websocket_is_down_and_stops_when_it_is_back() {
     let sent = ex.sent();
     assert!(sent.iter().any(|s| s.rest) && sent.iter().any(|s| !s.rest));
     let records = t.finish(running).await;
-    for tick in decode_all(&t.registry, &records).await.iter().filter(|t| t.source == TickSource::Rest) {
+    for tick in decode_all(&t.registry, &records).await.iter().filter(|t| t.source == Source::Rest) {
         assert_eq!(tick.exchange_time, tick.received_at, "REST ticks carry their receive time");
         assert_eq!(tick.sequence, None);
     }

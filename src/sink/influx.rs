@@ -1,7 +1,12 @@
 //! InfluxDB: one line-protocol encoder, two write APIs.
 //!
-//! Point identity is measurement + `symbol` tag + exchange time in milliseconds, so writing the
-//! same tick again (a Kafka replay) overwrites its point instead of adding one.
+//! A point's identity comes from the exchange, so writing a record again (a Kafka replay, a trade
+//! fetched twice) overwrites its point instead of adding one:
+//! - ticker: measurement + `symbol` + exchange time;
+//! - trade: measurement + `symbol` + `side` + exchange time plus (trade id mod 10^6) ns. Trades
+//!   that share a millisecond stay distinct points, ordered by id (execution order) inside it,
+//!   and the time stays within 1 ms of the exchange's. The id is in the record itself, so the
+//!   identity survives restarts without any state.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -11,7 +16,7 @@ use flate2::Compression;
 use influxdb2::api::write::TimestampPrecision;
 use influxdb2::models::WriteDataPoint;
 
-use crate::candles::Tick;
+use crate::candles::{Record, Tick, Trade};
 use crate::config::{InfluxApi, InfluxConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +36,21 @@ impl SinkError {
     }
 }
 
-/// Appends one point in line protocol, terminated by a newline.
-pub fn write_line(out: &mut String, measurement: &str, tick: &Tick) {
+const NS_PER_MS: i64 = 1_000_000;
+
+/// Appends one point in line protocol with a nanosecond timestamp, terminated by a newline.
+pub fn write_line(out: &mut String, measurement: &str, record: &Record) {
     escape(out, measurement, &[',', ' ']);
     out.push_str(",symbol=");
-    escape(out, &tick.symbol, &[',', '=', ' ']);
+    escape(out, record.symbol(), &[',', '=', ' ']);
+    let time = match record {
+        Record::Tick(t) => tick_fields(out, t),
+        Record::Trade(t) => trade_fields(out, t),
+    };
+    let _ = writeln!(out, " {time}");
+}
+
+fn tick_fields(out: &mut String, tick: &Tick) -> i64 {
     let fields = [
         ("bid", tick.bid),
         ("bid_size", tick.bid_size),
@@ -48,13 +63,25 @@ pub fn write_line(out: &mut String, measurement: &str, tick: &Tick) {
         ("high", tick.high),
         ("low", tick.low),
     ];
+    float_fields(out, ' ', &fields);
+    tick.exchange_time * NS_PER_MS
+}
+
+fn trade_fields(out: &mut String, trade: &Trade) -> i64 {
+    let _ = write!(out, ",side={} id={}i", trade.side().as_str(), trade.id);
+    float_fields(out, ',', &[("price", trade.price), ("amount", trade.amount.abs())]);
+    trade.exchange_time * NS_PER_MS + trade.id.rem_euclid(NS_PER_MS)
+}
+
+/// `first` separates the first of these fields from what precedes it: ' ' after the tags, ','
+/// after another field.
+fn float_fields(out: &mut String, first: char, fields: &[(&str, f64)]) {
     for (i, (name, value)) in fields.iter().enumerate() {
-        out.push(if i == 0 { ' ' } else { ',' });
+        out.push(if i == 0 { first } else { ',' });
         // Display prints the shortest text that parses back to the same f64, never in
         // exponent form, and without an `i` suffix InfluxDB stores it as a float.
         let _ = write!(out, "{name}={value}");
     }
-    let _ = writeln!(out, " {}", tick.exchange_time);
 }
 
 fn escape(out: &mut String, text: &str, special: &[char]) {
@@ -114,7 +141,7 @@ impl InfluxSink {
         })
     }
 
-    /// Writes newline-terminated line protocol with millisecond timestamps, gzip-compressed.
+    /// Writes newline-terminated line protocol with nanosecond timestamps, gzip-compressed.
     pub async fn write(&self, lines: &str) -> Result<(), SinkError> {
         match self {
             InfluxSink::V1 { http, write_url, database, auth } => {
@@ -123,7 +150,7 @@ impl InfluxSink {
                 let body = gz.finish().map_err(|e| SinkError::Config(e.to_string()))?;
                 let mut req = http
                     .post(write_url)
-                    .query(&[("db", database.as_str()), ("precision", "ms")])
+                    .query(&[("db", database.as_str()), ("precision", "ns")])
                     .header(reqwest::header::CONTENT_ENCODING, "gzip")
                     .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
                     .body(body);
@@ -140,7 +167,7 @@ impl InfluxSink {
             }
             InfluxSink::V2 { client, bucket, timeout } => {
                 let points = futures::stream::iter([Lines(lines.to_string())]);
-                let write = client.write_with_precision(bucket, points, TimestampPrecision::Milliseconds);
+                let write = client.write_with_precision(bucket, points, TimestampPrecision::Nanoseconds);
                 match tokio::time::timeout(*timeout, write).await {
                     Err(_) => Err(SinkError::Unavailable(format!("write timed out after {timeout:?}"))),
                     Ok(Ok(())) => Ok(()),
@@ -163,7 +190,7 @@ fn classify(status: u16, body: String) -> SinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::candles::TickSource;
+    use crate::candles::Source;
 
     fn tick(symbol: &str) -> Tick {
         Tick {
@@ -180,9 +207,36 @@ mod tests {
             low: 1e-7,
             exchange_time: 1_763_787_600_123,
             sequence: Some(1),
-            source: TickSource::Websocket,
+            source: Source::Websocket,
             received_at: 1_763_787_600_200,
         }
+    }
+
+    fn trade(id: i64, amount: f64) -> Trade {
+        Trade {
+            symbol: "tBTCUSD".into(),
+            id,
+            exchange_time: 1_763_787_601_200,
+            amount,
+            price: 97321.5,
+            source: Source::Websocket,
+            sequence: Some(4),
+            received_at: 1_763_787_601_250,
+        }
+    }
+
+    #[test]
+    fn trades_sharing_a_millisecond_are_distinct_points_in_id_order() {
+        let mut out = String::new();
+        for (id, amount) in [(1_781_554_001, 0.0125), (1_781_554_002, -0.3), (1_781_554_003, 1e-8)] {
+            write_line(&mut out, "trades", &Record::Trade(trade(id, amount)));
+        }
+        assert_eq!(
+            out,
+            "trades,symbol=tBTCUSD,side=buy id=1781554001i,price=97321.5,amount=0.0125 1763787601200554001\n\
+             trades,symbol=tBTCUSD,side=sell id=1781554002i,price=97321.5,amount=0.3 1763787601200554002\n\
+             trades,symbol=tBTCUSD,side=buy id=1781554003i,price=97321.5,amount=0.00000001 1763787601200554003\n"
+        );
     }
 
     #[test]
@@ -191,17 +245,17 @@ mod tests {
             (
                 "ticker",
                 "tBTCUSD",
-                "ticker,symbol=tBTCUSD bid=97321,bid_size=5.22112483,ask=97322.5,ask_size=0.1,daily_change=-1200,daily_change_relative=-0.0122,last_price=97321,volume=1210.55304011,high=99000,low=0.0000001 1763787600123\n",
+                "ticker,symbol=tBTCUSD bid=97321,bid_size=5.22112483,ask=97322.5,ask_size=0.1,daily_change=-1200,daily_change_relative=-0.0122,last_price=97321,volume=1210.55304011,high=99000,low=0.0000001 1763787600123000000\n",
             ),
             (
                 "my ticks,v2",
                 "t A,B=C\\D",
-                "my\\ ticks\\,v2,symbol=t\\ A\\,B\\=C\\\\D bid=97321,bid_size=5.22112483,ask=97322.5,ask_size=0.1,daily_change=-1200,daily_change_relative=-0.0122,last_price=97321,volume=1210.55304011,high=99000,low=0.0000001 1763787600123\n",
+                "my\\ ticks\\,v2,symbol=t\\ A\\,B\\=C\\\\D bid=97321,bid_size=5.22112483,ask=97322.5,ask_size=0.1,daily_change=-1200,daily_change_relative=-0.0122,last_price=97321,volume=1210.55304011,high=99000,low=0.0000001 1763787600123000000\n",
             ),
         ];
         for (measurement, symbol, want) in cases {
             let mut out = String::new();
-            write_line(&mut out, measurement, &tick(symbol));
+            write_line(&mut out, measurement, &Record::Tick(tick(symbol)));
             assert_eq!(out, want);
         }
     }
@@ -212,7 +266,7 @@ mod tests {
             let mut t = tick("x");
             t.bid = v;
             let mut out = String::new();
-            write_line(&mut out, "m", &t);
+            write_line(&mut out, "m", &Record::Tick(t));
             let text = out.split(' ').nth(1).unwrap().split(',').next().unwrap().trim_start_matches("bid=");
             assert!(!text.contains('e'), "{text}");
             assert_eq!(text.parse::<f64>().unwrap().to_bits(), v.to_bits(), "{text}");

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use candlestream::candles::{Tick, TickSource};
-use candlestream::codec::TickDecoder;
+use candlestream::candles::{self, Source, Tick};
+use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::Settings;
 use candlestream::producer::{self, ProducerError};
 use tokio::task::JoinHandle;
@@ -67,7 +67,7 @@ pub fn make_ticks(symbols: &[&str], n: usize, start_ms: i64, step_ms: i64) -> Ve
                 low: price - 10.0,
             };
             let t = start_ms + i as i64 * step_ms + j as i64;
-            out.push(Tick::new(s.to_string(), v, t, Some(i as i64), TickSource::Websocket, t + 5));
+            out.push(Tick::new(s.to_string(), v, t, Some(i as i64), Source::Websocket, t + 5));
         }
     }
     out
@@ -81,16 +81,19 @@ pub async fn produce_ticks(
     overrides: &BTreeMap<String, String>,
     ticks: &[Tick],
 ) {
-    let encoder = candlestream::codec::TickEncoder::new(
-        &candlestream::config::SchemaRegistryConfig { url: registry.url(), ..Default::default() },
-        topic,
-    )
-    .unwrap();
+    let encoder = encoder(registry, topic);
     let producer = raw_producer(brokers, overrides);
     for t in ticks {
-        let payload = encoder.encode(t).await.unwrap();
+        let payload = encoder.encode(&candles::Record::Tick(t.clone())).await.unwrap();
         produce_raw(&producer, topic, Some(t.symbol.as_bytes()), &payload).await;
     }
+}
+
+/// An encoder that registers the ticker schema under `<topic>-value`.
+pub fn encoder(registry: &FakeRegistry, topic: &str) -> Encoder {
+    let sr = candlestream::config::SchemaRegistryConfig { url: registry.url(), ..Default::default() };
+    let kafka = candlestream::config::KafkaConfig { topic: topic.into(), ..Default::default() };
+    Encoder::new(&sr, &kafka).unwrap()
 }
 
 pub fn raw_producer(brokers: &str, overrides: &BTreeMap<String, String>) -> rdkafka::producer::FutureProducer {
@@ -140,14 +143,16 @@ pub async fn stop_when_delivered(
 }
 
 pub async fn decode_all(registry: &FakeRegistry, records: &[Record]) -> Vec<Tick> {
-    let decoder = TickDecoder::new(&candlestream::config::SchemaRegistryConfig {
+    let decoder = Decoder::new(&candlestream::config::SchemaRegistryConfig {
         url: registry.url(),
         ..Default::default()
     })
     .unwrap();
     let mut ticks = Vec::new();
     for r in records {
-        let tick = decoder.decode(&r.payload).await.expect("every record decodes through the registry");
+        let candles::Record::Tick(tick) = decoder.decode(&r.payload).await.expect("every record decodes through the registry") else {
+            panic!("a trade in the ticker topic");
+        };
         assert_eq!(r.key.as_deref(), Some(tick.symbol.as_str()), "key is the symbol");
         ticks.push(tick);
     }
@@ -162,7 +167,7 @@ pub fn sent_identity(s: &Sent) -> Identity {
 }
 
 pub fn tick_identity(t: &Tick) -> Identity {
-    (t.symbol.clone(), t.volume.to_bits(), t.source == TickSource::Rest)
+    (t.symbol.clone(), t.volume.to_bits(), t.source == Source::Rest)
 }
 
 /// Every sent update is in the topic exactly once, with the values and times that were sent.

@@ -109,8 +109,62 @@ pub enum Payload {
     /// Raw ticker values; validated by [`TickerValues::from_raw`] so that one bad update is
     /// rejected on its own instead of failing the whole frame.
     Ticker(Vec<Option<f64>>),
-    /// A string payload we do not handle (for example trade-channel "te"/"tu").
+    /// Trades snapshot sent on subscribe: the most recent trades, newest first. Each entry is
+    /// validated on its own.
+    Trades(Vec<TradeEntry>),
+    /// `te`: a trade, sent the moment it executed.
+    TradeExecuted(TradeEntry),
+    /// `tu`: the same trade again, 1–2 s later.
+    TradeUpdated(TradeEntry),
+    /// A string payload we do not handle.
     Other(String),
+}
+
+/// One `[ID, MTS, AMOUNT, PRICE, …]` array, or why it is not a usable trade.
+pub type TradeEntry = Result<TradeValues, TradeError>;
+
+/// The four documented trade values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TradeValues {
+    pub id: i64,
+    pub mts: i64,
+    /// Positive for a buy, negative for a sell.
+    pub amount: f64,
+    pub price: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TradeError {
+    #[error("trade is not an array")]
+    NotAnArray,
+    #[error("trade has {0} values, expected at least 4 (ID, MTS, AMOUNT, PRICE)")]
+    TooShort(usize),
+    #[error("trade value #{0} is null, not a number, or not an integer where one is due")]
+    Invalid(usize),
+}
+
+/// Largest integer an f64 holds exactly; ids and times beyond it would be silently rounded.
+const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
+
+impl TradeValues {
+    /// Validates the leading four values of a websocket trade or a `/v2/trades/…/hist` row;
+    /// extra trailing values are ignored.
+    pub fn from_raw(raw: &[Option<f64>]) -> TradeEntry {
+        if raw.len() < 4 {
+            return Err(TradeError::TooShort(raw.len()));
+        }
+        let number = |i: usize| raw[i].filter(|x| x.is_finite()).ok_or(TradeError::Invalid(i));
+        let integer = |i: usize| {
+            number(i).and_then(|x| {
+                if x.fract() == 0.0 && x > 0.0 && x < MAX_EXACT_INT { Ok(x as i64) } else { Err(TradeError::Invalid(i)) }
+            })
+        };
+        let price = number(3)?;
+        if price <= 0.0 {
+            return Err(TradeError::Invalid(3));
+        }
+        Ok(Self { id: integer(0)?, mts: integer(1)?, amount: number(2)?, price })
+    }
 }
 
 impl<'de> Deserialize<'de> for ChannelMessage {
@@ -135,15 +189,41 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
         let payload: RawPayload = seq
             .next_element()?
             .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+        let payload = match payload {
+            RawPayload::Text(s) if s == "hb" => Payload::Heartbeat,
+            // `[CHAN, "te", [ID, MTS, AMOUNT, PRICE], SEQ?, TS?]`: the trade comes before the trailer.
+            RawPayload::Text(s) if s == "te" || s == "tu" => {
+                let trade = match seq.next_element::<Elem>()? {
+                    Some(Elem::Array(values)) => TradeValues::from_raw(&values),
+                    Some(Elem::Number(_)) => Err(TradeError::NotAnArray),
+                    None => return Err(de::Error::invalid_length(2, &self)),
+                };
+                if s == "te" { Payload::TradeExecuted(trade) } else { Payload::TradeUpdated(trade) }
+            }
+            RawPayload::Text(s) => Payload::Other(s),
+            // A snapshot is an array of arrays, a ticker an array of numbers that may grow
+            // nested fields at its end.
+            RawPayload::Values(v) if v.is_empty() || matches!(v[0], Elem::Array(_)) => Payload::Trades(
+                v.into_iter()
+                    .map(|e| match e {
+                        Elem::Array(values) => TradeValues::from_raw(&values),
+                        Elem::Number(_) => Err(TradeError::NotAnArray),
+                    })
+                    .collect(),
+            ),
+            RawPayload::Values(v) => Payload::Ticker(
+                v.into_iter()
+                    .map(|e| match e {
+                        Elem::Number(n) => n,
+                        Elem::Array(_) => None,
+                    })
+                    .collect(),
+            ),
+        };
         // Other channels put more arrays here, so read loosely and keep only numbers.
         let seq_no = seq.next_element::<serde_json::Value>()?.and_then(|v| v.as_u64());
         let timestamp_ms = seq.next_element::<serde_json::Value>()?.and_then(|v| v.as_i64());
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        let payload = match payload {
-            RawPayload::Text(s) if s == "hb" => Payload::Heartbeat,
-            RawPayload::Text(s) => Payload::Other(s),
-            RawPayload::Values(v) => Payload::Ticker(v.into_iter().map(|l| l.0).collect()),
-        };
         Ok(ChannelMessage { chan_id, payload, seq: seq_no, timestamp_ms })
     }
 }
@@ -152,7 +232,59 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
 #[serde(untagged)]
 enum RawPayload {
     Text(String),
-    Values(Vec<Loose>),
+    Values(Vec<Elem>),
+}
+
+/// One element of a payload array: a number (ticker value) or an array of numbers (a trade).
+/// Arrays nested deeper are never ours and read as `None`.
+enum Elem {
+    Number(Option<f64>),
+    Array(Vec<Option<f64>>),
+}
+
+impl<'de> Deserialize<'de> for Elem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Elem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elem, A::Error> {
+                let mut values = Vec::with_capacity(4);
+                while let Some(Loose(v)) = seq.next_element()? {
+                    values.push(v);
+                }
+                Ok(Elem::Array(values))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Elem, E> {
+                Ok(Elem::Number(Some(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Elem, E> {
+                Ok(Elem::Number(Some(v as f64)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Elem, E> {
+                Ok(Elem::Number(Some(v as f64)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Elem, E> {
+                Ok(Elem::Number(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Elem, E> {
+                Ok(Elem::Number(None))
+            }
+            fn visit_unit<E>(self) -> Result<Elem, E> {
+                Ok(Elem::Number(None))
+            }
+            fn visit_none<E>(self) -> Result<Elem, E> {
+                Ok(Elem::Number(None))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Elem, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Elem::Number(None))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// One array element read as a number if it is one. Anything else (null, text, nested arrays a
@@ -279,6 +411,57 @@ impl<'de> Deserialize<'de> for RestTicker {
     }
 }
 
+/// The answer of a REST history endpoint: rows of numbers, or Bitfinex's
+/// `["error", CODE, MESSAGE]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RestAnswer {
+    Rows(Vec<Vec<Option<f64>>>),
+    Error { code: Option<i64>, msg: String },
+}
+
+/// Bitfinex's error code for "rate limit reached".
+pub const ERROR_RATE_LIMIT: i64 = 11010;
+
+/// Parses the body of a REST history endpoint. Rows that are not arrays come back empty, so
+/// that they are rejected one by one like any other malformed row.
+pub fn parse_rest(body: &str) -> Result<RestAnswer, serde_json::Error> {
+    use serde_json::Value;
+    let items: Vec<Value> = serde_json::from_str(body)?;
+    if items.first().is_some_and(|v| v == "error") {
+        let code = items.get(1).and_then(Value::as_i64);
+        let msg = items.get(2).map_or(String::new(), |v| v.as_str().map_or(v.to_string(), str::to_string));
+        return Ok(RestAnswer::Error { code, msg });
+    }
+    let row = |v: Value| v.as_array().map_or(Vec::new(), |a| a.iter().map(Value::as_f64).collect());
+    Ok(RestAnswer::Rows(items.into_iter().map(row).collect()))
+}
+
+/// One row of `/v2/candles/trade:1m:{symbol}/hist`: `[MTS, OPEN, CLOSE, HIGH, LOW, VOLUME]`
+/// (Bitfinex puts close before high and low).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CandleValues {
+    pub mts: i64,
+    pub open: f64,
+    pub close: f64,
+    pub high: f64,
+    pub low: f64,
+    pub volume: f64,
+}
+
+impl CandleValues {
+    pub fn from_row(row: &[Option<f64>]) -> Option<Self> {
+        let v: Vec<f64> = row.iter().take(6).map(|x| x.filter(|x| x.is_finite())).collect::<Option<_>>()?;
+        (v.len() == 6 && v[0].fract() == 0.0).then(|| Self {
+            mts: v[0] as i64,
+            open: v[1],
+            close: v[2],
+            high: v[3],
+            low: v[4],
+            volume: v[5],
+        })
+    }
+}
+
 /// Parses one text frame. Never panics; any error is returned for the caller to log and count.
 pub fn parse_frame(text: &str) -> Result<Frame, serde_json::Error> {
     serde_json::from_str(text)
@@ -306,6 +489,12 @@ mod tests {
         Ticker(u64, f64, Option<u64>, Option<i64>),
         /// An update whose values must be rejected while the connection lives on.
         RejectedTicker(u64),
+        /// A trades snapshot: chan, ids of the valid trades in frame order, rejected entries.
+        Snapshot(u64, Vec<i64>, usize),
+        /// `te`/`tu`: chan, trade, seq, ts.
+        Te(u64, TradeValues, Option<u64>, Option<i64>),
+        Tu(u64, TradeValues, Option<u64>, Option<i64>),
+        RejectedTrade(u64),
         Heartbeat(u64, Option<u64>),
         Unparseable,
     }
@@ -330,8 +519,20 @@ mod tests {
                     Err(_) => RejectedTicker(m.chan_id),
                 },
                 Payload::Other(_) => UnknownEvent,
+                Payload::Trades(entries) => Snapshot(
+                    m.chan_id,
+                    entries.iter().filter_map(|e| e.as_ref().ok().map(|t| t.id)).collect(),
+                    entries.iter().filter(|e| e.is_err()).count(),
+                ),
+                Payload::TradeExecuted(Ok(t)) => Te(m.chan_id, t, m.seq, m.timestamp_ms),
+                Payload::TradeUpdated(Ok(t)) => Tu(m.chan_id, t, m.seq, m.timestamp_ms),
+                Payload::TradeExecuted(Err(_)) | Payload::TradeUpdated(Err(_)) => RejectedTrade(m.chan_id),
             },
         }
+    }
+
+    fn trade(id: i64, mts: i64, amount: f64, price: f64) -> TradeValues {
+        TradeValues { id, mts, amount, price }
     }
 
     /// The `frame` (or `raw`) text of every line whose `dir` is not "out".
@@ -409,12 +610,100 @@ mod tests {
             ("{\"event\":\"info\",\"code\":20051,\"msg\":\"x\",\"newField\":[1]}", Info(INFO_RECONNECT)),
             ("{\"event\":\"subscribed\",\"channel\":\"ticker\",\"chanId\":5,\"symbol\":\"tBTCUSD\",\"pair\":\"BTCUSD\",\"extra\":true}", Subscribed(5, "tBTCUSD")),
             ("{\"event\":\"error\",\"msg\":\"no code\"}", ErrorEvent(0)),
-            // Trade-channel payloads carry arrays where seq would be: not a crash.
-            ("[2, \"te\", [1, 1700000000000, 0.1, 97000], 9, 1700000000001]", UnknownEvent),
+            // A ticker that grew a nested field is still a ticker, not a snapshot.
+            ("[1, [1,2,3,4,5,6,7,8,9,10,[11,12]]]", Ticker(1, 7.0, None, None)),
         ];
         for (frame, want) in cases {
             assert_eq!(&outcome(frame), want, "frame {frame}");
         }
+    }
+
+    const TRADES: &str = include_str!("../../../tests/fixtures/bitfinex/ws-trades-session.jsonl");
+    const TRADES_HIST: &str = include_str!("../../../tests/fixtures/bitfinex/rest-trades-hist.json");
+    const CANDLES_HIST: &str = include_str!("../../../tests/fixtures/bitfinex/rest-candles-hist.json");
+
+    #[test]
+    fn fixture_trades_session_frames() {
+        let c = 553311;
+        let expected = [
+            Hello { status: 1 },
+            ConfOk,
+            Subscribed(c, "tBTCUSD"),
+            // Newest first, as Bitfinex sends it; three trades share 1763787601200.
+            Snapshot(c, vec![1781554010, 1781554003, 1781554002, 1781554001], 0),
+            Te(c, trade(1781554024, 1763787641002, -0.00062, 97305.0), Some(2), Some(1763787641003)),
+            Tu(c, trade(1781554024, 1763787641002, -0.00062, 97305.0), Some(3), Some(1763787642302)),
+            Te(c, trade(1781554031, 1763787659999, 1.5, 97330.0), Some(4), Some(1763787660000)),
+            Heartbeat(c, Some(5)),
+            Tu(c, trade(1781554031, 1763787659999, 1.5, 97330.0), Some(6), Some(1763787661299)),
+            Te(c, trade(1781554039, 1763787660000, -0.01, 97329.0), Some(7), Some(1763787660001)),
+            Tu(c, trade(1781554039, 1763787660000, -0.01, 97329.0), Some(8), Some(1763787661300)),
+            Te(c, trade(1781554040, 1763787672411, -2.05031, 97290.0), Some(9), Some(1763787672412)),
+            Tu(c, trade(1781554040, 1763787672411, -2.05031, 97290.0), Some(10), Some(1763787673711)),
+            Te(c, trade(1781554051, 1763787698000, 0.104, 97301.0), Some(11), Some(1763787698001)),
+            Tu(c, trade(1781554051, 1763787698000, 0.104, 97301.0), Some(12), Some(1763787699300)),
+            Te(c, trade(1781554058, 1763787719500, 1e-05, 97299.0), Some(13), Some(1763787719501)),
+            Tu(c, trade(1781554058, 1763787719500, 1e-05, 97299.0), Some(14), Some(1763787720800)),
+        ];
+        let got: Vec<Outcome> = server_frames(TRADES).iter().map(|f| outcome(f)).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn own_trade_frames() {
+        let t = trade(5, 1700000000000, -0.5, 97000.5);
+        let cases: &[(&str, Outcome)] = &[
+            // Without conf flags: no seq, no timestamp.
+            ("[2, \"te\", [5, 1700000000000, -0.5, 97000.5]]", Te(2, t, None, None)),
+            ("[2, \"tu\", [5, 1700000000000, -0.5, 97000.5]]", Tu(2, t, None, None)),
+            // Trailing fields anywhere: in the trade, after the trailer.
+            ("[2, \"te\", [5, 1700000000000, -0.5, 97000.5, null, \"x\", [1]], 9, 1700000000001, {\"n\":1}]", Te(2, t, Some(9), Some(1700000000001))),
+            ("[2, [[5, 1700000000000, -0.5, 97000.5, 7], [4, 1700000000000, 1, 2, [3]]], 3, 1700000000002, \"new\"]", Snapshot(2, vec![5, 4], 0)),
+            // An empty snapshot: no recent trades.
+            ("[2, []]", Snapshot(2, vec![], 0)),
+            // Bad entries are rejected one by one; the rest of the snapshot stands.
+            ("[2, [[5, 1700000000000, -0.5, 97000.5], [6, null, 1, 2], [7, 1700000000000, 1], [1.5, 1700000000000, 1, 2], [8, 1700000000000, 1, -2]]]", Snapshot(2, vec![5], 4)),
+            ("[2, [[5, 1700000000000, -0.5, 97000.5], 17]]", Snapshot(2, vec![5], 1)),
+            ("[2, \"te\", [5, 1700000000000, \"0.5\", 97000.5]]", RejectedTrade(2)),
+            ("[2, \"te\", [5, 1700000000000]]", RejectedTrade(2)),
+            ("[2, \"te\", 5]", RejectedTrade(2)),
+            ("[2, \"te\", [1e20, 1700000000000, 1, 2]]", RejectedTrade(2)),
+            ("[2, \"te\"]", Unparseable),
+            ("[2, \"te\", [5, 1700000000000, 1, 2]", Unparseable),
+        ];
+        for (frame, want) in cases {
+            assert_eq!(&outcome(frame), want, "frame {frame}");
+        }
+    }
+
+    #[test]
+    fn rest_history_fixtures() {
+        let RestAnswer::Rows(rows) = parse_rest(TRADES_HIST).unwrap() else { panic!("rows") };
+        let trades: Vec<TradeValues> = rows.iter().map(|r| TradeValues::from_raw(r).unwrap()).collect();
+        assert_eq!(trades.len(), 10);
+        assert_eq!(trades[0], trade(1781554001, 1763787601200, 0.0125, 97321.0));
+        assert_eq!(trades[9], trade(1781554058, 1763787719500, 1e-05, 97299.0));
+        assert!(trades.windows(2).all(|w| (w[0].mts, w[0].id) < (w[1].mts, w[1].id)), "sort=1: oldest first");
+
+        let RestAnswer::Rows(rows) = parse_rest(CANDLES_HIST).unwrap() else { panic!("rows") };
+        let candles: Vec<CandleValues> = rows.iter().map(|r| CandleValues::from_row(r).unwrap()).collect();
+        assert_eq!(
+            candles[0],
+            CandleValues { mts: 1763787600000, open: 97321.0, close: 97330.0, high: 97330.0, low: 97305.0, volume: 2.06122 }
+        );
+        assert_eq!(candles.len(), 2);
+
+        let cases: &[(&str, RestAnswer)] = &[
+            ("[\"error\", 11010, \"ratelimit: error\"]", RestAnswer::Error { code: Some(11010), msg: "ratelimit: error".into() }),
+            ("[\"error\", 10020, \"limit: invalid\", \"more\"]", RestAnswer::Error { code: Some(10020), msg: "limit: invalid".into() }),
+            ("[]", RestAnswer::Rows(vec![])),
+            ("[[1, 2], {}]", RestAnswer::Rows(vec![vec![Some(1.0), Some(2.0)], vec![]])),
+        ];
+        for (body, want) in cases {
+            assert_eq!(&parse_rest(body).unwrap(), want, "{body}");
+        }
+        assert!(parse_rest("<html>").is_err());
+        assert!(CandleValues::from_row(&[Some(1.0), Some(2.0)]).is_none());
     }
 
     #[test]

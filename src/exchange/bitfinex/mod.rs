@@ -1,8 +1,10 @@
-//! Bitfinex public tickers: websocket shards with REST polling for whatever the websocket does
-//! not cover at the moment.
+//! Bitfinex public market data: the ticker and trades channels of every symbol over websocket
+//! shards, REST polling for whatever the websocket does not cover at the moment, and REST trade
+//! history to backfill at start and to close the gaps disconnects leave.
 
 pub mod message;
 pub mod rest;
+mod trades;
 mod ws;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -13,10 +15,13 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::candles::Tick;
+use crate::candles::Record;
 use crate::config::{BitfinexConfig, ExchangeMode};
 use crate::telemetry::Liveness;
+
+pub use rest::RestClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
@@ -34,6 +39,10 @@ pub enum ExchangeError {
     Rest(#[source] reqwest::Error),
     #[error("REST answer not understood: {0}")]
     RestBody(String),
+    #[error("REST {endpoint} answered HTTP {status}: {body}")]
+    RestStatus { endpoint: &'static str, status: u16, body: String },
+    #[error("cancelled while waiting for the REST rate limit")]
+    Cancelled,
     #[error("the pipeline behind the exchange stopped")]
     Downstream,
 }
@@ -41,27 +50,61 @@ pub enum ExchangeError {
 impl ExchangeError {
     /// Everything but a stopped pipeline is worth another try after a backoff.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, ExchangeError::Downstream)
+        !matches!(self, ExchangeError::Downstream | ExchangeError::Cancelled)
     }
 }
 
-/// Symbols the websocket currently handles (subscribed, or paused for maintenance); REST covers
-/// the rest.
+/// The public channels we read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    Ticker,
+    Trades,
+}
+
+impl Channel {
+    /// The channel's name in Bitfinex's subscribe and subscribed events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Ticker => "ticker",
+            Channel::Trades => "trades",
+        }
+    }
+}
+
+/// One channel of one symbol: what a websocket subscription or a REST poll covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sub {
+    pub channel: Channel,
+    pub symbol: String,
+}
+
+/// Every subscription the configuration asks for: the ticker of each symbol, and its trades
+/// unless `trades = false`. Each is one of Bitfinex's 25 channels per connection.
+pub fn subscriptions(cfg: &BitfinexConfig) -> Vec<Sub> {
+    let channels: &[Channel] = if cfg.trades { &[Channel::Ticker, Channel::Trades] } else { &[Channel::Ticker] };
+    cfg.symbols
+        .iter()
+        .flat_map(|symbol| channels.iter().map(|&channel| Sub { channel, symbol: symbol.clone() }))
+        .collect()
+}
+
+/// Subscriptions the websocket currently handles (subscribed, or paused for maintenance); REST
+/// covers the rest.
 #[derive(Clone)]
-pub struct Coverage(watch::Sender<BTreeSet<String>>);
+pub struct Coverage(watch::Sender<BTreeSet<Sub>>);
 
 impl Coverage {
     fn new() -> Self {
         Self(watch::Sender::new(BTreeSet::new()))
     }
-    fn cover(&self, symbol: &str) {
-        self.0.send_if_modified(|s| s.insert(symbol.to_string()));
+    fn cover(&self, sub: &Sub) {
+        self.0.send_if_modified(|s| s.insert(sub.clone()));
     }
-    fn uncover<'a>(&self, symbols: impl IntoIterator<Item = &'a String>) {
-        let symbols: Vec<&String> = symbols.into_iter().collect();
-        self.0.send_if_modified(|s| symbols.iter().fold(false, |changed, sym| s.remove(*sym) | changed));
+    fn uncover<'a>(&self, subs: impl IntoIterator<Item = &'a Sub>) {
+        let subs: Vec<&Sub> = subs.into_iter().collect();
+        self.0.send_if_modified(|s| subs.iter().fold(false, |changed, sub| s.remove(*sub) | changed));
     }
-    fn subscribe(&self) -> watch::Receiver<BTreeSet<String>> {
+    fn subscribe(&self) -> watch::Receiver<BTreeSet<Sub>> {
         self.0.subscribe()
     }
 }
@@ -92,19 +135,41 @@ impl ConnectLimiter {
 /// Shared by the tasks of one exchange source.
 struct Ctx {
     cfg: BitfinexConfig,
-    tx: mpsc::Sender<Tick>,
+    tx: mpsc::Sender<Record>,
     data: Arc<Liveness>,
     coverage: Coverage,
     limiter: ConnectLimiter,
+    rest: RestClient,
+    book: trades::TradeBook,
+    /// Gap repairs run beside the sockets; shutdown waits for them.
+    repairs: TaskTracker,
     cancel: CancellationToken,
 }
 
-/// Streams ticks for every configured symbol into `tx` until `cancel`. Returns once every task
-/// has stopped, so that dropping `tx` afterwards tells the next stage no more ticks will come.
-pub async fn run(cfg: BitfinexConfig, tx: mpsc::Sender<Tick>, data: Arc<Liveness>, cancel: CancellationToken) {
+impl Ctx {
+    async fn send(&self, record: Record) -> Result<(), ExchangeError> {
+        self.data.beat();
+        self.tx.send(record).await.map_err(|_| ExchangeError::Downstream)
+    }
+}
+
+/// Streams ticker updates and trades for every configured symbol into `tx` until `cancel`.
+/// Returns once every task has stopped, so that dropping `tx` afterwards tells the next stage no
+/// more records will come.
+pub async fn run(
+    cfg: BitfinexConfig,
+    rest: RestClient,
+    tx: mpsc::Sender<Record>,
+    data: Arc<Liveness>,
+    cancel: CancellationToken,
+) {
+    let backfill_from = (!cfg.backfill.is_zero()).then(|| now_ms() - cfg.backfill.as_millis() as i64);
     let ctx = Arc::new(Ctx {
         limiter: ConnectLimiter { per_minute: cfg.connections_per_minute, opened: Mutex::new(VecDeque::new()) },
         coverage: Coverage::new(),
+        book: trades::TradeBook::new(backfill_from),
+        repairs: TaskTracker::new(),
+        rest,
         cfg,
         tx,
         data,
@@ -112,8 +177,8 @@ pub async fn run(cfg: BitfinexConfig, tx: mpsc::Sender<Tick>, data: Arc<Liveness
     });
     let mut tasks = JoinSet::new();
     if ctx.cfg.mode == ExchangeMode::Websocket {
-        for (shard, symbols) in ctx.cfg.symbols.chunks(ctx.cfg.channels_per_connection).enumerate() {
-            tasks.spawn(ws::supervise(ctx.clone(), shard, symbols.to_vec()));
+        for (shard, subs) in subscriptions(&ctx.cfg).chunks(ctx.cfg.channels_per_connection).enumerate() {
+            tasks.spawn(ws::supervise(ctx.clone(), shard, subs.to_vec()));
         }
     }
     tasks.spawn(rest::poll_uncovered(ctx.clone()));
@@ -122,6 +187,8 @@ pub async fn run(cfg: BitfinexConfig, tx: mpsc::Sender<Tick>, data: Arc<Liveness
             tracing::error!(error = %e, "exchange task panicked");
         }
     }
+    ctx.repairs.close();
+    ctx.repairs.wait().await;
 }
 
 /// Sleeps for `d` unless cancelled first; returns false when cancelled.

@@ -1,4 +1,5 @@
-//! One websocket connection ("shard") for up to 25 ticker channels, and its reconnect loop.
+//! One websocket connection ("shard") for up to 25 channels (ticker and trades), and its
+//! reconnect loop.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,8 +15,8 @@ use super::message::{
     parse_frame, ChannelMessage, Event, Frame, Payload, TickerValues, FLAG_SEQ_ALL, FLAG_TIMESTAMP,
     INFO_MAINTENANCE_END, INFO_MAINTENANCE_START, INFO_RECONNECT,
 };
-use super::{now_ms, sleep_or_cancel, Ctx, ExchangeError};
-use crate::candles::{Tick, TickSource};
+use super::{now_ms, sleep_or_cancel, trades, Channel, Ctx, ExchangeError, Sub};
+use crate::candles::{Record, Source, Tick};
 use crate::retry::backoff;
 use crate::telemetry::metric;
 
@@ -24,7 +25,8 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// How long shutdown waits for the server to confirm unsubscribes.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Ticker frames are a few hundred bytes; anything near this is not a frame we want to buffer.
+/// Ticker and trade frames are a few hundred bytes, a trades snapshot a few kilobytes; anything
+/// near this is not a frame we want to buffer.
 const MAX_FRAME_BYTES: usize = 1 << 20;
 
 /// How a session ended when it was not an error.
@@ -35,7 +37,7 @@ enum End {
 }
 
 /// Keeps one shard connected until cancelled.
-pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, symbols: Vec<String>) {
+pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, subs: Vec<Sub>) {
     let new_backoff = || backoff(ctx.cfg.reconnect_backoff_min, ctx.cfg.reconnect_backoff_max);
     let mut delays = new_backoff();
     loop {
@@ -43,9 +45,9 @@ pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, symbols: Vec<String>)
             _ = ctx.limiter.acquire() => {}
             _ = ctx.cancel.cancelled() => return,
         }
-        let mut session = Session::new(&ctx, shard, &symbols);
+        let mut session = Session::new(&ctx, shard, &subs);
         let outcome = session.run().await;
-        ctx.coverage.uncover(&symbols);
+        ctx.coverage.uncover(&subs);
         if session.subscribed {
             delays = new_backoff();
         }
@@ -74,12 +76,12 @@ pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, symbols: Vec<String>)
 }
 
 struct Session<'a> {
-    ctx: &'a Ctx,
+    ctx: &'a Arc<Ctx>,
     shard: usize,
-    symbols: &'a [String],
-    channels: HashMap<u64, String>,
-    /// Symbols asked for and not yet answered with `subscribed` or an error.
-    pending: HashSet<String>,
+    subs: &'a [Sub],
+    channels: HashMap<u64, Sub>,
+    /// Subscriptions asked for and not yet answered with `subscribed` or an error.
+    pending: HashSet<Sub>,
     /// Shutting down: whatever gets subscribed now is unsubscribed at once.
     draining: bool,
     last_seq: Option<u64>,
@@ -88,11 +90,11 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(ctx: &'a Ctx, shard: usize, symbols: &'a [String]) -> Self {
+    fn new(ctx: &'a Arc<Ctx>, shard: usize, subs: &'a [Sub]) -> Self {
         Self {
             ctx,
             shard,
-            symbols,
+            subs,
             channels: HashMap::new(),
             pending: HashSet::new(),
             draining: false,
@@ -111,7 +113,7 @@ impl<'a> Session<'a> {
             .await
             .map_err(|_| ExchangeError::ConnectTimeout(cfg.request_timeout))?
             .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
-        tracing::info!(shard = self.shard, url = %cfg.ws_url, symbols = ?self.symbols, "websocket connected");
+        tracing::info!(shard = self.shard, url = %cfg.ws_url, channels = self.subs.len(), "websocket connected");
         send(&mut ws, json!({"event": "conf", "flags": FLAG_TIMESTAMP | FLAG_SEQ_ALL})).await?;
         self.subscribe_all(&mut ws).await?;
         loop {
@@ -176,9 +178,9 @@ impl<'a> Session<'a> {
     }
 
     async fn subscribe_all(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
-        for symbol in self.symbols {
-            send(ws, json!({"event": "subscribe", "channel": "ticker", "symbol": symbol})).await?;
-            self.pending.insert(symbol.clone());
+        for sub in self.subs {
+            send(ws, json!({"event": "subscribe", "channel": sub.channel.name(), "symbol": sub.symbol})).await?;
+            self.pending.insert(sub.clone());
         }
         Ok(())
     }
@@ -240,14 +242,15 @@ impl<'a> Session<'a> {
                 }
             }
             Event::Subscribed { channel, chan_id, symbol } => {
-                let Some(symbol) = symbol.filter(|s| channel == "ticker" && self.symbols.contains(s)) else {
+                let asked = symbol.and_then(|symbol| self.subs.iter().find(|s| s.channel.name() == channel && s.symbol == symbol));
+                let Some(sub) = asked.cloned() else {
                     tracing::warn!(shard, %channel, chan_id, "subscribed to a channel we did not ask for");
                     return Ok(None);
                 };
-                tracing::info!(shard, %symbol, chan_id, "subscribed");
-                self.pending.remove(&symbol);
-                self.ctx.coverage.cover(&symbol);
-                self.channels.insert(chan_id, symbol);
+                tracing::info!(shard, channel = sub.channel.name(), symbol = %sub.symbol, chan_id, "subscribed");
+                self.pending.remove(&sub);
+                self.ctx.coverage.cover(&sub);
+                self.channels.insert(chan_id, sub);
                 self.subscribed = true;
                 if self.draining {
                     send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
@@ -257,8 +260,10 @@ impl<'a> Session<'a> {
                 self.channels.remove(&chan_id);
             }
             Event::Error { code, msg, symbol } => {
+                // Errors name the symbol but not always the channel: the symbol's pending
+                // subscriptions are answered.
                 if let Some(s) = &symbol {
-                    self.pending.remove(s);
+                    self.pending.retain(|p| &p.symbol != s);
                 }
                 let code_label = code.map_or("none".to_string(), |c| c.to_string());
                 metrics::counter!(metric::EXCHANGE_ERRORS, "code" => code_label).increment(1);
@@ -274,30 +279,59 @@ impl<'a> Session<'a> {
     }
 
     async fn on_channel(&mut self, msg: ChannelMessage) -> Result<(), ExchangeError> {
-        let received_at = now_ms();
         if let Some(seq) = msg.seq {
             self.check_sequence(seq);
         }
-        let Some(symbol) = self.channels.get(&msg.chan_id) else {
+        let Some(sub) = self.channels.get(&msg.chan_id) else {
             count_frame("unknown_channel");
             metrics::counter!(metric::UNKNOWN_CHANNEL).increment(1);
             tracing::debug!(shard = self.shard, chan_id = msg.chan_id, "update for an unknown channel ignored");
             return Ok(());
         };
-        let raw = match msg.payload {
-            Payload::Heartbeat => {
-                count_frame("heartbeat");
-                return Ok(());
-            }
-            Payload::Other(kind) => {
+        let symbol = sub.symbol.as_str();
+        match (sub.channel, msg.payload) {
+            (_, Payload::Heartbeat) => count_frame("heartbeat"),
+            (_, Payload::Other(kind)) => {
                 count_frame("unknown");
                 tracing::debug!(shard = self.shard, %kind, "unhandled channel payload");
-                return Ok(());
             }
-            Payload::Ticker(raw) => raw,
-        };
-        count_frame("ticker");
-        let values = match TickerValues::from_raw(&raw) {
+            (Channel::Ticker, Payload::Ticker(raw)) => {
+                count_frame("ticker");
+                self.on_ticker(symbol, &raw, msg.seq, msg.timestamp_ms).await?;
+            }
+            (Channel::Trades, Payload::Trades(entries)) => {
+                count_frame("trades_snapshot");
+                trades::on_snapshot(self.ctx, symbol, entries, msg.seq).await?;
+            }
+            (Channel::Trades, Payload::TradeExecuted(entry)) => {
+                count_frame("te");
+                trades::on_update(self.ctx, symbol, entry, msg.seq).await?;
+            }
+            // Normally a repeat of the `te` already sent, which the trade book drops; should
+            // the `te` have been lost, this is the trade's only copy.
+            (Channel::Trades, Payload::TradeUpdated(entry)) => {
+                count_frame("tu");
+                trades::on_update(self.ctx, symbol, entry, msg.seq).await?;
+            }
+            (channel, _) => {
+                count_frame("invalid");
+                let rejected = if channel == Channel::Ticker { metric::TICKS_REJECTED } else { metric::TRADES_REJECTED };
+                metrics::counter!(rejected).increment(1);
+                tracing::warn!(shard = self.shard, channel = channel.name(), %symbol, "payload does not fit its channel; rejected");
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_ticker(
+        &self,
+        symbol: &str,
+        raw: &[Option<f64>],
+        seq: Option<u64>,
+        timestamp_ms: Option<i64>,
+    ) -> Result<(), ExchangeError> {
+        let received_at = now_ms();
+        let values = match TickerValues::from_raw(raw) {
             Ok(v) => v,
             Err(e) => {
                 metrics::counter!(metric::TICKS_REJECTED).increment(1);
@@ -306,16 +340,15 @@ impl<'a> Session<'a> {
             }
         };
         let tick = Tick::new(
-            symbol.clone(),
+            symbol.to_string(),
             values,
-            msg.timestamp_ms.unwrap_or(received_at),
-            msg.seq.map(|s| s as i64),
-            TickSource::Websocket,
+            timestamp_ms.unwrap_or(received_at),
+            seq.map(|s| s as i64),
+            Source::Websocket,
             received_at,
         );
         metrics::counter!(metric::TICKS_RECEIVED, "source" => "websocket").increment(1);
-        self.ctx.data.beat();
-        self.ctx.tx.send(tick).await.map_err(|_| ExchangeError::Downstream)
+        self.ctx.send(Record::Tick(tick)).await
     }
 
     fn check_sequence(&mut self, seq: u64) {

@@ -257,10 +257,10 @@ fn make_ledger(now_ms: i64) -> Vec<LedgerTrade> {
     for (s, _) in SYMBOLS.iter().enumerate() {
         let (mut price, decimals, size) = [(97_000.0, 1, 0.5), (3_400.0, 2, 5.0), (180.0, 3, 60.0)][s];
         let quiet = |mts: i64| {
-            let minute = mts.div_euclid(MINUTE);
-            // Empty minutes that differ per symbol, and for tSOLUSD one whole 5-minute window.
-            minute % 7 == (s as i64 * 2 + 3) % 7
-                || (s == 2 && (minute.div_euclid(5) % 4 == 1) && mts > start + 10 * MINUTE && mts < start + 25 * MINUTE)
+            // Empty minutes that differ per symbol, and for tSOLUSD the first whole 5-minute
+            // window after ten minutes of trading (so whole 2-minute windows are empty too).
+            let gap = ((start + 10 * MINUTE).div_euclid(5 * MINUTE) + 1) * 5 * MINUTE;
+            mts.div_euclid(MINUTE) % 7 == (s as i64 * 2 + 3) % 7 || (s == 2 && mts >= gap && mts < gap + 5 * MINUTE)
         };
         let mut t = start + rng.below(3_000) as i64;
         let mut seq = 0;

@@ -1,5 +1,6 @@
 //! candlestream: Bitfinex tickers → Avro in Kafka → InfluxDB → Grafana candles.
 
+pub mod audit;
 pub mod candles;
 pub mod codec;
 pub mod config;

@@ -40,6 +40,25 @@ enum Command {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// Compare the stored candles with Bitfinex's own, minute by minute.
+    ///
+    /// For each symbol, InfluxDB computes the 1-minute OHLCV candles from the stored trades (the
+    /// dashboard's query), and Bitfinex's `/v2/candles/trade:1m:{symbol}/hist` gives its own.
+    /// Only closed minutes are compared: the open candle and the minute before it, whose trades
+    /// may still be on their way, are skipped. Prices must be equal; volumes within a relative
+    /// 1e-9. Prints a table per symbol (compared, equal, different, missing here, missing at the
+    /// exchange) and the first differences. Uses the same REST rate limit as the producer.
+    ///
+    /// Exit status: 0 when every compared candle is equal, 1 when any differs or is missing on
+    /// one side, 2 when the audit could not run (InfluxDB or Bitfinex unreachable, bad config).
+    Audit {
+        /// How far back to look, e.g. "30m", "6h", "2d".
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// Symbols to audit, comma-separated (default: `bitfinex.symbols`).
+        #[arg(long, value_delimiter = ',')]
+        symbols: Vec<String>,
+    },
     /// Exit 0 when a running producer or consumer reports healthy on /healthz (for container
     /// healthchecks; the runtime image has no curl).
     Healthcheck {
@@ -49,11 +68,32 @@ enum Command {
     },
 }
 
+/// Exit status of `audit` when it could not run at all.
+const AUDIT_FAILED: i32 = 2;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
+    let settings = Settings::load(cli.config.as_deref());
+    if let (Command::Audit { .. }, Err(e)) = (&cli.command, &settings) {
+        eprintln!("error: loading configuration: {e:#}");
+        std::process::exit(AUDIT_FAILED);
+    }
+    let settings = settings.context("loading configuration")?;
     match cli.command {
+        Command::Audit { since, symbols } => {
+            let symbols = if symbols.is_empty() { settings.bitfinex.symbols.clone() } else { symbols };
+            match candlestream::audit::run(&settings, &symbols, since).await {
+                Ok(reports) => {
+                    print!("{}", candlestream::audit::render(&reports, since));
+                    std::process::exit(if reports.iter().all(|r| r.is_clean()) { 0 } else { 1 });
+                }
+                Err(e) => {
+                    eprintln!("error: the audit could not run: {e}");
+                    std::process::exit(AUDIT_FAILED);
+                }
+            }
+        }
         Command::Producer => {
             let cancel = start(&settings);
             candlestream::producer::run(settings, cancel).await.context("producer failed")

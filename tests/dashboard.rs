@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use candlestream::candles::{Tick, TickSource};
+use candlestream::candles::{Record, Source, Tick, Trade};
 use candlestream::config::Settings;
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -109,22 +109,34 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
     let providers = yaml("grafana/provisioning/dashboards/candlestream.yaml");
     assert_eq!(providers["providers"][0]["options"]["path"].as_str(), Some("/var/lib/grafana/dashboards"));
 
-    // What the consumer writes: the ticker read off its own line protocol, the trades from the
-    // contract above.
+    // What the consumer writes, read off its own line protocol.
     let tick = support::pipeline::make_ticks(&["tBTCUSD"], 1, 0, 0).remove(0);
-    let mut line = String::new();
+    let trade = Trade {
+        symbol: "tBTCUSD".into(),
+        id: 1,
+        exchange_time: 0,
+        amount: -0.5,
+        price: 1.0,
+        source: Source::Websocket,
+        sequence: None,
+        received_at: 0,
+    };
     let settings = Settings::default();
     let ticker = settings.influx.measurement.clone();
     let trades = settings.influx.trades_measurement.clone();
-    candlestream::sink::influx::write_line(&mut line, &ticker, &tick);
-    let (series, fields) = line.trim_end().split_once(' ').unwrap();
-    let fields = fields.rsplit_once(' ').unwrap().0;
     let mut schema: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let ticker_names = schema.entry(ticker.clone()).or_default();
-    ticker_names.extend(series.split(',').skip(1).map(|kv| kv.split('=').next().unwrap().to_string()));
-    ticker_names.extend(fields.split(',').map(|kv| kv.split('=').next().unwrap().to_string()));
-    assert!(ticker_names.contains("symbol") && ticker_names.contains("bid") && ticker_names.contains("last_price"));
-    schema.entry(trades.clone()).or_default().extend(TRADE_TAGS.iter().chain(&TRADE_FIELDS).map(|s| s.to_string()));
+    for (measurement, record) in [(&ticker, Record::Tick(tick)), (&trades, Record::Trade(trade))] {
+        let mut line = String::new();
+        candlestream::sink::influx::write_line(&mut line, measurement, &record);
+        let (series, fields) = line.trim_end().split_once(' ').unwrap();
+        let fields = fields.rsplit_once(' ').unwrap().0;
+        let names = schema.entry(measurement.clone()).or_default();
+        names.extend(series.split(',').skip(1).map(|kv| kv.split('=').next().unwrap().to_string()));
+        names.extend(fields.split(',').map(|kv| kv.split('=').next().unwrap().to_string()));
+    }
+    assert!(schema[&ticker].contains("symbol") && schema[&ticker].contains("bid") && schema[&ticker].contains("last_price"));
+    let trade_names: BTreeSet<String> = TRADE_TAGS.iter().chain(&TRADE_FIELDS).map(|s| s.to_string()).collect();
+    assert_eq!(schema[&trades], trade_names, "the consumer writes the trade contract");
 
     for (file, dashboard) in dashboards() {
         let mut queries = 0;
@@ -324,7 +336,7 @@ fn make_ticks(ledger: &[LedgerTrade], now_ms: i64) -> Vec<Tick> {
                 high: last.price * 1.02,
                 low: last.price * 0.97,
             };
-            ticks.push(Tick::new(symbol.to_string(), v, t, Some(n), TickSource::Websocket, t + 3));
+            ticks.push(Tick::new(symbol.to_string(), v, t, Some(n), Source::Websocket, t + 3));
             t += 5_000;
             n += 1;
         }
@@ -373,9 +385,9 @@ async fn fill(influx: &Influx1, db: &str, ledger: &[LedgerTrade], ticks: &[Tick]
     }
     let mut lines = String::new();
     for t in ticks {
-        candlestream::sink::influx::write_line(&mut lines, &settings.influx.measurement, t);
+        candlestream::sink::influx::write_line(&mut lines, &settings.influx.measurement, &Record::Tick(t.clone()));
     }
-    write(&influx.url(), db, "ms", lines).await;
+    write(&influx.url(), db, "ns", lines).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ use rdkafka::mocking::MockCluster;
 use support::fake_bitfinex::FakeBitfinex;
 use support::fake_registry::FakeRegistry;
 use support::pipeline::*;
+use support::fake_bitfinex::Trader;
 use support::{eventually, settings, unique, SYMBOLS};
 
 const PARTITIONS: i32 = 3;
@@ -32,6 +33,7 @@ impl Setup {
         let topic = unique("ticks");
         let cluster = MockCluster::new(3).unwrap();
         cluster.create_topic(&topic, PARTITIONS, 3).unwrap();
+        cluster.create_topic(&format!("{topic}-trades"), PARTITIONS, 3).unwrap();
         let exchange = FakeBitfinex::start().await;
         let registry = FakeRegistry::start().await;
         let settings = settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
@@ -197,7 +199,8 @@ async fn symbols_beyond_25_channels_get_their_own_connection() {
     let symbols: Vec<&str> = symbols.iter().map(String::as_str).collect();
     let running = start(t.settings.clone());
     t.exchange.wait_subscribed(&symbols, WAIT).await;
-    assert_eq!(t.exchange.ws_connections(), 2, "30 channels need two connections of at most 25");
+    t.exchange.wait_trades_subscribed(&symbols, WAIT).await;
+    assert_eq!(t.exchange.ws_connections(), 3, "60 channels (ticker and trades of 30 symbols) need three connections of at most 25");
     for sym in &symbols {
         assert!(t.exchange.emit(sym).await.is_some());
     }
@@ -218,4 +221,102 @@ async fn shutdown_under_load_delivers_everything_the_exchange_sent() {
     assert!(emitted > 50, "under load ({emitted} updates)");
     let records = support::read_all(&t.cluster.bootstrap_servers(), &t.topic, &BTreeMap::new());
     assert_exactly_sent(&t.exchange.sent(), &decode_all(&t.registry, &records).await);
+}
+
+/// Trades on the mock cluster: `te` then `tu`, snapshots after every reconnect, REST polling
+/// while the websocket is refused, and gap repair after it; within one producer's life each
+/// trade the exchange executed is in the trades topic exactly once, keyed by its symbol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_trade_once_across_te_tu_snapshots_and_reconnects() {
+    let mut t = Setup::new().await;
+    let ex = &t.exchange;
+    // History from before the start: the backfill must bring it.
+    let now = support::now_ms();
+    for s in SYMBOLS {
+        ex.preload_history(s, now - 20 * 60_000, now - 1_000, 200);
+    }
+    t.settings.bitfinex.backfill = Duration::from_secs(3600);
+    let running = start(t.settings.clone());
+    ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
+    let trader = Trader::start(ex, &SYMBOLS, 2, Duration::from_millis(10));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ex.restart().await;
+    ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ex.drop_connections().await;
+    ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
+    // Refused for a while: trading goes on far past what a snapshot holds.
+    ex.set_accepting(false);
+    ex.drop_connections().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ex.set_accepting(true);
+    ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let live = trader.stop().await;
+    let ledger = ex.ledger();
+    assert!(live > 300, "trading went on ({live} trades)");
+    let (te, tu) = ex.trade_frames_sent();
+    assert!(te > 0 && tu > 0, "te and tu were both sent ({te}, {tu})");
+
+    let brokers = t.cluster.bootstrap_servers();
+    let topic = t.settings.kafka.trades_topic.clone();
+    support::eventually_async("every trade in Kafka", WAIT, || async {
+        support::topic_size(&brokers, &topic, &BTreeMap::new()) >= ledger.len()
+    })
+    .await;
+    running.stop().await;
+    let records = support::read_all(&brokers, &topic, &BTreeMap::new());
+    let trades = decode_trades(&t.registry, &records).await;
+    let mut got: Vec<(String, i64, i64, u64, u64)> =
+        trades.iter().map(|x| (x.symbol.clone(), x.id, x.exchange_time, x.amount.to_bits(), x.price.to_bits())).collect();
+    let mut want: Vec<(String, i64, i64, u64, u64)> =
+        ledger.iter().map(|x| (x.symbol.clone(), x.id, x.mts, x.amount.to_bits(), x.price.to_bits())).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got.len(), want.len(), "trades in Kafka vs executed");
+    assert_eq!(got, want, "the trades topic holds exactly the ledger");
+    assert!(trades.iter().any(|x| x.source == Source::Rest) && trades.iter().any(|x| x.source == Source::Websocket));
+    assert_one_partition_per_symbol(&records, PARTITIONS);
+    assert!(t.registry.subjects().contains(&value_subject(&topic)), "trade schema under <trades_topic>-value");
+}
+
+/// Bitfinex answers 429 or error 11010 when a client asks too often: the producer waits and asks
+/// again, and no trade is lost for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_rest_backs_off_and_loses_nothing() {
+    let mut t = Setup::new().await;
+    let ex = &t.exchange;
+    let now = support::now_ms();
+    for s in SYMBOLS {
+        ex.preload_history(s, now - 10 * 60_000, now - 1_000, 100);
+    }
+    ex.set_rate_limit_every(Some(3));
+    t.settings.bitfinex.mode = ExchangeMode::Rest;
+    t.settings.bitfinex.rest_poll_interval = Duration::from_millis(200);
+    // Twice Bitfinex's limit for trade history: a burst of 30, then one request every 2 s.
+    t.settings.bitfinex.rest_trades_per_minute = 30;
+    let running = start(t.settings.clone());
+    let trader = Trader::start(ex, &SYMBOLS, 1, Duration::from_millis(100));
+    eventually("refusals", WAIT, || ex.rate_limited() >= 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    trader.stop().await;
+    let ledger = ex.ledger();
+    let brokers = t.cluster.bootstrap_servers();
+    let topic = t.settings.kafka.trades_topic.clone();
+    support::eventually_async("every trade in Kafka", WAIT, || async {
+        support::topic_size(&brokers, &topic, &BTreeMap::new()) >= ledger.len()
+    })
+    .await;
+    // Polling wants 15 requests/s (3 symbols every 200 ms); the burst is spent by now.
+    let requests_before = ex.rest_requests_by("trades");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let per_second = (ex.rest_requests_by("trades") - requests_before) as f64 / 4.0;
+    assert!(per_second <= 1.0, "the limiter keeps trade requests near 0.5/s, saw {per_second}/s");
+    running.stop().await;
+    let trades = decode_trades(&t.registry, &support::read_all(&brokers, &topic, &BTreeMap::new())).await;
+    let mut got: Vec<i64> = trades.iter().map(|x| x.id).collect();
+    got.sort();
+    let mut want: Vec<i64> = ledger.iter().map(|x| x.id).collect();
+    want.sort();
+    assert_eq!(got, want, "every trade once, despite {} refusals", ex.rate_limited());
 }

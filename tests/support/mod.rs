@@ -8,6 +8,7 @@ pub mod fake_registry;
 pub mod influx1;
 pub mod kafka09;
 pub mod pipeline;
+pub mod rig;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -41,8 +42,11 @@ pub fn settings(exchange: &FakeBitfinex, registry: &FakeRegistry, brokers: &str,
     s.bitfinex.reconnect_backoff_min = Duration::from_millis(50);
     s.bitfinex.reconnect_backoff_max = Duration::from_secs(1);
     s.bitfinex.request_timeout = Duration::from_secs(2);
+    // The fake exchange allows far more than Bitfinex; tests that check the limiter lower this.
+    s.bitfinex.rest_trades_per_minute = 6_000;
     s.kafka.brokers = brokers.to_string();
     s.kafka.topic = topic.to_string();
+    s.kafka.trades_topic = format!("{topic}-trades");
     s.kafka.dlq_topic = format!("{topic}-dlq");
     s.kafka.group_id = format!("{topic}-group");
     s.schema_registry.url = registry.url();
@@ -169,6 +173,10 @@ pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
     ((h as i32) & 0x7fff_ffff) % partitions
 }
 
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
 pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -199,7 +207,8 @@ pub fn settings_toml(s: &Settings) -> String {
     format!(
         "[bitfinex]\nws_url = \"{}\"\nrest_url = \"{}\"\nsymbols = [{symbols}]\nrest_poll_interval = {}\n\
          heartbeat_timeout = {}\nreconnect_backoff_min = {}\nreconnect_backoff_max = {}\n\
-         [kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\ndlq_topic = \"{}\"\ngroup_id = \"{}\"\n\
+         mode = \"{}\"\ntrades = {}\nbackfill = {}\nrest_trades_per_minute = {}\n\
+         [kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\ntrades_topic = \"{}\"\ndlq_topic = \"{}\"\ngroup_id = \"{}\"\n\
          [kafka.producer]\n{}[kafka.consumer]\n{}\
          [schema_registry]\nurl = \"{}\"\n\
          [producer]\nshutdown_timeout = {}\n\
@@ -212,8 +221,13 @@ pub fn settings_toml(s: &Settings) -> String {
         d(s.bitfinex.heartbeat_timeout),
         d(s.bitfinex.reconnect_backoff_min),
         d(s.bitfinex.reconnect_backoff_max),
+        if s.bitfinex.mode == candlestream::config::ExchangeMode::Rest { "rest" } else { "websocket" },
+        s.bitfinex.trades,
+        d(s.bitfinex.backfill),
+        s.bitfinex.rest_trades_per_minute,
         s.kafka.brokers,
         s.kafka.topic,
+        s.kafka.trades_topic,
         s.kafka.dlq_topic,
         s.kafka.group_id,
         table(&s.kafka.producer),

@@ -142,21 +142,30 @@ pub async fn stop_when_delivered(
     read_all(brokers, topic, overrides)
 }
 
-pub async fn decode_all(registry: &FakeRegistry, records: &[Record]) -> Vec<Tick> {
+/// Decodes every record through the registry and checks that its key is its symbol.
+pub async fn decode_records(registry: &FakeRegistry, records: &[Record]) -> Vec<candles::Record> {
     let decoder = Decoder::new(&candlestream::config::SchemaRegistryConfig {
         url: registry.url(),
         ..Default::default()
     })
     .unwrap();
-    let mut ticks = Vec::new();
+    let mut out = Vec::new();
     for r in records {
-        let candles::Record::Tick(tick) = decoder.decode(&r.payload).await.expect("every record decodes through the registry") else {
-            panic!("a trade in the ticker topic");
-        };
-        assert_eq!(r.key.as_deref(), Some(tick.symbol.as_str()), "key is the symbol");
-        ticks.push(tick);
+        let record = decoder.decode(&r.payload).await.expect("every record decodes through the registry");
+        assert_eq!(r.key.as_deref(), Some(record.symbol()), "key is the symbol");
+        out.push(record);
     }
-    ticks
+    out
+}
+
+pub async fn decode_all(registry: &FakeRegistry, records: &[Record]) -> Vec<Tick> {
+    let decoded = decode_records(registry, records).await;
+    decoded.into_iter().map(|r| if let candles::Record::Tick(t) = r { t } else { panic!("a trade among the ticks") }).collect()
+}
+
+pub async fn decode_trades(registry: &FakeRegistry, records: &[Record]) -> Vec<candles::Trade> {
+    let decoded = decode_records(registry, records).await;
+    decoded.into_iter().map(|r| if let candles::Record::Trade(t) = r { t } else { panic!("a tick among the trades") }).collect()
 }
 
 /// (symbol, volume bits, source): volume is unique per symbol and update in the fake.

@@ -14,7 +14,7 @@ use rdkafka::mocking::MockCluster;
 use support::fake_bitfinex::FakeBitfinex;
 use support::fake_registry::FakeRegistry;
 use support::pipeline::*;
-use support::fake_bitfinex::Trader;
+use support::fake_trades::Trader;
 use support::{eventually, settings, unique, SYMBOLS};
 
 const PARTITIONS: i32 = 3;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candlestream::config::ExchangeMode;
 
-use support::fake_bitfinex::Trader;
+use support::fake_trades::Trader;
 use support::pipeline::{start, start_consumer, WAIT};
 use support::rig::{until, Rig, CLUSTER};
 use support::{now_ms, settings_toml, Process, SYMBOLS};

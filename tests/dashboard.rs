@@ -13,14 +13,16 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use candlestream::candles::{Record, Source, Tick, Trade};
 use candlestream::config::Settings;
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use support::influx1::Influx1;
+use support::fake_trades::Trader;
+use support::pipeline::{Emitter, WAIT};
+use support::rig::MockPipeline;
 
 fn repo(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
@@ -221,15 +223,8 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
 // (a) fill: the trade ledger, and writing it into InfluxDB in the consumer's contract.
 // ---------------------------------------------------------------------------------------------
 
-/// One executed trade as the exchange reports it: `amount` > 0 is a buy, < 0 a sell.
-#[derive(Debug, Clone)]
-struct LedgerTrade {
-    symbol: String,
-    id: i64,
-    mts: i64,
-    amount: f64,
-    price: f64,
-}
+/// A trade as the fake exchange executed it.
+type LedgerTrade = support::fake_trades::Trade;
 
 const SYMBOLS: [&str; 3] = ["tBTCUSD", "tETHUSD", "tSOLUSD"];
 const MINUTE: i64 = 60_000;
@@ -314,80 +309,30 @@ fn make_ledger(now_ms: i64) -> Vec<LedgerTrade> {
         .collect()
 }
 
-/// Ticker updates every five seconds per symbol around the ledger's price at that time.
-fn make_ticks(ledger: &[LedgerTrade], now_ms: i64) -> Vec<Tick> {
-    let mut ticks = Vec::new();
-    for (s, symbol) in SYMBOLS.iter().enumerate() {
-        let trades: Vec<&LedgerTrade> = ledger.iter().filter(|t| t.symbol == *symbol).collect();
-        let mut t = trades[0].mts + 1;
-        let mut n = 0;
-        while t < now_ms - 1_000 {
-            let last = trades.iter().rev().find(|tr| tr.mts <= t).unwrap();
-            let half_spread = [0.5, 0.05, 0.005][s] * (1 + n % 3) as f64;
+/// The fake exchange's websocket ticker updates as the consumer stores them. REST answers (while
+/// the socket was down) carry no exchange time; the checks use the latest update per symbol,
+/// which is a websocket one.
+fn sent_ticks(sent: &[support::fake_bitfinex::Sent]) -> Vec<Tick> {
+    sent.iter()
+        .filter(|x| !x.rest)
+        .map(|x| {
+            let [bid, bid_size, ask, ask_size, daily_change, daily_change_relative, last_price, volume, high, low] = x.values;
             let v = candlestream::exchange::bitfinex::message::TickerValues {
-                bid: last.price - half_spread,
-                bid_size: 1.25 + n as f64 / 100.0,
-                ask: last.price + half_spread,
-                ask_size: 0.75,
-                daily_change: round_to(last.price * 0.0125, 4),
-                daily_change_relative: 0.0125 - s as f64 * 0.01,
-                last_price: last.price,
-                volume: 1_000.0 + n as f64,
-                high: last.price * 1.02,
-                low: last.price * 0.97,
+                bid,
+                bid_size,
+                ask,
+                ask_size,
+                daily_change,
+                daily_change_relative,
+                last_price,
+                volume,
+                high,
+                low,
             };
-            ticks.push(Tick::new(symbol.to_string(), v, t, Some(n), Source::Websocket, t + 3));
-            t += 5_000;
-            n += 1;
-        }
-    }
-    ticks
-}
-
-/// The contract's line for one trade: time = MTS in ns plus (id mod 1e6), amount absolute.
-fn trade_line(measurement: &str, t: &LedgerTrade) -> String {
-    let side = if t.amount >= 0.0 { "buy" } else { "sell" };
-    let ns = t.mts * 1_000_000 + t.id.rem_euclid(1_000_000);
-    format!(
-        "{measurement},side={side},symbol={} amount={},id={}i,price={} {ns}\n",
-        t.symbol,
-        t.amount.abs(),
-        t.id,
-        t.price
-    )
-}
-
-async fn write(url: &str, db: &str, precision: &str, body: String) {
-    let resp = reqwest::Client::new()
-        .post(format!("{url}/write"))
-        .query(&[("db", db), ("precision", precision)])
-        .body(body)
-        .send()
-        .await
-        .expect("influx write");
-    let status = resp.status();
-    assert_eq!(status.as_u16(), 204, "write: {}", resp.text().await.unwrap_or_default());
-}
-
-/// Puts the ledger's trades and the ticker updates into `db`, as the consumer would.
-async fn fill(influx: &Influx1, db: &str, ledger: &[LedgerTrade], ticks: &[Tick]) {
-    let settings = Settings::default();
-    // The contract keeps trades of one symbol in (MTS, id) order in time; check the ledger
-    // does not straddle an id wrap inside one millisecond.
-    for sym in SYMBOLS {
-        let ns: Vec<i64> =
-            ledger.iter().filter(|t| t.symbol == sym).map(|t| t.mts * 1_000_000 + t.id % 1_000_000).collect();
-        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{sym}: trade timestamps out of (MTS, id) order");
-    }
-    for chunk in ledger.chunks(1_000) {
-        let lines: String = chunk.iter().map(|t| trade_line(&settings.influx.trades_measurement, t)).collect();
-        write(&influx.url(), db, "ns", lines).await;
-    }
-    let mut lines = String::new();
-    for t in ticks {
-        candlestream::sink::influx::write_line(&mut lines, &settings.influx.measurement, &Record::Tick(t.clone()));
-    }
-    write(&influx.url(), db, "ns", lines).await;
+            let t = x.exchange_time.expect("websocket ticks carry the exchange's time");
+            Tick::new(x.symbol.clone(), v, t, x.seq.map(|s| s as i64), Source::Websocket, t)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -778,25 +723,45 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_queries_give_the_ledger_candles_on_influxdb_1_6() {
-    let influx = Influx1::start();
-    let db = "crypto";
-    influx.create_database(db).await;
-
-    // (a) fill, to be replaced by the pipeline fed by the fake exchange.
+    // (a) The pipeline fills InfluxDB from the fake exchange: the ledger's 36 minutes are history
+    // the producer backfills over REST, then live trades and ticker updates arrive over the
+    // websocket, across a dropped connection whose gap is repaired.
     let now = now_ms();
-    let ledger = make_ledger(now);
-    let ticks = make_ticks(&ledger, now);
-    fill(&influx, db, &ledger, &ticks).await;
+    let history = make_ledger(now);
+    let pipeline = MockPipeline::start(|ex| ex.load_ledger(history.clone())).await;
+    let ex = &pipeline.exchange;
+    ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
+    ex.wait_subscribed(&SYMBOLS, WAIT).await;
+    let trader = Trader::start(ex, &SYMBOLS, 2, Duration::from_millis(20));
+    let emitter = Emitter::start(ex, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ex.drop_connections().await;
+    ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let live = trader.stop().await;
+    emitter.stop().await;
+    pipeline.wait_stored().await;
+    let ledger = ex.ledger();
+    let ticks = sent_ticks(&ex.sent());
+    // The contract keeps trades of one symbol in (MTS, id) order in time, unless two trades of
+    // one millisecond straddle a multiple of 1e6 ids: make sure this ledger has no such pair.
+    for sym in SYMBOLS {
+        let ns: Vec<i64> =
+            ledger.iter().filter(|t| t.symbol == sym).map(|t| t.mts * 1_000_000 + t.id % 1_000_000).collect();
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{sym}: trade timestamps out of (MTS, id) order");
+    }
     let same_ms = ledger.windows(2).filter(|w| w[0].symbol == w[1].symbol && w[0].mts == w[1].mts).count();
     let buys = ledger.iter().filter(|t| t.amount > 0.0).count();
     println!(
-        "DASHBOARD | fill | {} trades ({buys} buys, {} sells, {same_ms} sharing a millisecond with the previous one), {} ticker updates",
+        "DASHBOARD | fill | {} trades through the pipeline ({} backfilled, {live} live; {buys} buys, {} sells, {same_ms} sharing a millisecond with the previous one), {} ticker updates",
         ledger.len(),
+        history.len(),
         ledger.len() - buys,
         ticks.len()
     );
     assert!(same_ms >= 5 && buys > 100 && ledger.len() - buys > 100);
 
     // (b) the dashboard against what is stored.
-    check_dashboard(&influx.url(), db, &ledger, &ticks).await;
+    check_dashboard(&pipeline.influx.url(), &pipeline.db, &ledger, &ticks).await;
+    pipeline.stop().await;
 }

@@ -187,3 +187,58 @@ impl Rig {
         ledger.len()
     }
 }
+
+/// The whole pipeline on librdkafka's mock cluster and a real InfluxDB 1.6.7, in this process:
+/// quick, for tests about what ends up in InfluxDB rather than about Kafka's faults.
+pub struct MockPipeline {
+    _cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    pub influx: Influx1,
+    pub db: String,
+    pub exchange: FakeBitfinex,
+    _registry: FakeRegistry,
+    pub settings: Settings,
+    producer: super::pipeline::Running,
+    consumer: super::pipeline::Running,
+}
+
+impl MockPipeline {
+    /// Starts the fakes, lets `history` put trades into the exchange's past, then starts the
+    /// producer (whose backfill fetches that past) and one consumer.
+    pub async fn start(history: impl FnOnce(&FakeBitfinex)) -> Self {
+        let topic = unique("pipe");
+        let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
+        for t in [topic.clone(), format!("{topic}-trades"), format!("{topic}-dlq")] {
+            cluster.create_topic(&t, 3, 3).unwrap();
+        }
+        let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
+        let db = topic.replace('-', "_");
+        influx.create_database(&db).await;
+        let exchange = FakeBitfinex::start().await;
+        history(&exchange);
+        let registry = FakeRegistry::start().await;
+        let mut s = settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
+        influx.configure(&mut s, &db);
+        let consumer = super::pipeline::start_consumer(s.clone(), 1);
+        let producer = super::pipeline::start(s.clone());
+        Self { _cluster: cluster, influx, db, exchange, _registry: registry, settings: s, producer, consumer }
+    }
+
+    pub async fn stored_trades(&self) -> usize {
+        let rows = self.influx.rows(&self.db, "SELECT count(price) FROM trades").await;
+        rows.first().and_then(|r| r["count"].as_u64()).unwrap_or(0) as usize
+    }
+
+    /// Waits until InfluxDB holds every trade executed and every ticker update sent so far.
+    pub async fn wait_stored(&self) {
+        let (trades, ticks) = (self.exchange.ledger().len(), self.exchange.sent().len());
+        eventually_async("every trade and ticker update stored", STORE_WAIT, || async {
+            self.stored_trades().await >= trades && self.influx.count(&self.db, "ticker").await >= ticks
+        })
+        .await;
+    }
+
+    pub async fn stop(self) {
+        self.producer.stop().await;
+        self.consumer.stop().await;
+    }
+}

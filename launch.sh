@@ -1,80 +1,232 @@
-#!/usr/bin/env bash
-# Brings candlestream up on top of `docker compose up -d`: waits for the brokers and the registry,
-# creates the topics, registers the schema, starts (or scales) the producer and the consumers, and
-# prints where to look. Safe to run again at any time.
-set -euo pipefail
+#!/bin/sh
+# Brings candlestream up on top of `docker compose up -d`: waits for the brokers, the registry and
+# InfluxDB, checks InfluxDB's token, org and bucket, creates the topics, registers the schemas,
+# starts (or scales) the producer and the consumers, and prints where to look. Safe to run again at
+# any time: a second run with the same settings changes nothing.
+#
+# POSIX sh (no arrays, no [[ ]], no $SECONDS), so it runs the same under macOS's /bin/bash 3.2,
+# dash and busybox; tests/run.sh checks it with `shellcheck -s sh` and tests/launch.rs runs it
+# under dash against a stub `docker`. Host tools: docker, sed, tr, sleep.
+#
+# Settings are resolved like Compose resolves ${NAME:-default}: the caller's environment first,
+# then .env, then the default, so `CONSUMER_REPLICAS=4 ./launch.sh` runs 4 consumers whatever
+# .env says. .env is read, never sourced (see dotenv below).
+set -eu
 cd "$(dirname "$0")"
 
 die() {
-  echo "launch.sh: $*" >&2
+  printf 'launch.sh: %s\n' "$*" >&2
   exit 1
 }
 
-command -v docker >/dev/null || die "Docker is not installed (https://docs.docker.com/get-docker/)."
-docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable; start Docker and try again."
-if docker compose version >/dev/null 2>&1; then
-  compose=(docker compose)
-elif command -v docker-compose >/dev/null; then
-  compose=(docker-compose)
-else
-  die "Docker Compose is missing (the 'docker compose' plugin or docker-compose)."
+# --- Docker and Compose v2 -------------------------------------------------------------------
+command -v docker >/dev/null 2>&1 || die "Docker is not installed (https://docs.docker.com/get-docker/)."
+if ! info=$(docker info 2>&1); then
+  case $info in
+    *"permission denied"*)
+      die "permission denied on the Docker socket: this user may not talk to the Docker daemon.
+  Add it to the docker group (sudo usermod -aG docker \"\$USER\", then log out and in again),
+  or run Docker rootless. The daemon said: $(printf '%s\n' "$info" | grep -i 'permission denied' | head -n 1)" ;;
+    *)
+      die "the Docker daemon is not reachable; start Docker (Docker Desktop, or sudo systemctl start docker) and try again." ;;
+  esac
 fi
-if [[ -f .env ]]; then
-  set -a
-  # shellcheck source=/dev/null
-  source .env
-  set +a
-else
-  echo "launch.sh: no .env, so the local development passwords and token are in use;" >&2
-  echo "           copy .env.example to .env and change them before exposing anything." >&2
-fi
-topic=${TOPIC:-crypto-ticker}
-dlq_topic=${DLQ_TOPIC:-crypto-ticker-dlq}
-partitions=${TOPIC_PARTITIONS:-6}
-retention_ms=${TOPIC_RETENTION_MS:-604800000}
-replicas=${CONSUMER_REPLICAS:-2}
 
+if version=$(docker compose version --short 2>/dev/null); then
+  compose_name="docker compose"
+elif command -v docker-compose >/dev/null 2>&1 && version=$(docker-compose version --short 2>/dev/null); then
+  compose_name=docker-compose
+else
+  die "Docker Compose v2 is missing: 'docker compose version' fails. Install the Compose plugin
+  (https://docs.docker.com/compose/install/); Docker Desktop includes it."
+fi
+major=${version#v}
+major=${major%%.*}
+case $major in
+  '' | *[!0-9]*) die "cannot read the Compose version from '$version'." ;;
+esac
+if [ "$major" -lt 2 ]; then
+  die "found $compose_name $version, but candlestream needs Docker Compose v2 ('docker compose').
+  Compose v1 fails to recreate containers on Docker Engine 25 and later (KeyError: 'ContainerConfig').
+  Install the Compose plugin: https://docs.docker.com/compose/install/"
+fi
+
+compose() {
+  if [ "$compose_name" = docker-compose ]; then
+    docker-compose "$@"
+  else
+    docker compose "$@"
+  fi
+}
+
+# --- Settings --------------------------------------------------------------------------------
+cr=$(printf '\r')
+
+# dotenv NAME: prints NAME's value in .env; fails when .env does not set it. The subset of
+# Compose's .env syntax that .env.example uses and people write: KEY=VALUE lines, an optional
+# `export `, blank and # comment lines, spaces around the value, 'single' or "double" quotes
+# (taken literally), and ` # comment` after an unquoted value. The last assignment wins, as in
+# Compose. Not supported: ${VAR} interpolation inside .env and values spanning several lines.
+dotenv() {
+  [ -f .env ] || return 1
+  found=
+  found_any=
+  while IFS= read -r line || [ -n "$line" ]; do
+    line=${line%"$cr"}
+    line=${line#"${line%%[![:space:]]*}"}
+    case $line in
+      export[[:space:]]*) line=${line#export}; line=${line#"${line%%[![:space:]]*}"} ;;
+    esac
+    case $line in
+      "$1"=* | "$1"[[:space:]]*=*) ;;
+      *) continue ;;
+    esac
+    value=${line#*=}
+    value=${value#"${value%%[![:space:]]*}"}
+    case $value in
+      \"*) value=${value#\"}; value=${value%%\"*} ;;
+      \'*) value=${value#\'}; value=${value%%\'*} ;;
+      *)
+        value=${value%%[[:space:]]#*}
+        value=${value%"${value##*[![:space:]]}"} ;;
+    esac
+    found=$value
+    found_any=1
+  done <.env
+  [ "$found_any" = 1 ] || return 1
+  printf '%s\n' "$found"
+}
+
+# setting NAME DEFAULT: what Compose substitutes for ${NAME:-DEFAULT}. A variable set in the
+# caller's environment wins over .env, even when empty; an empty value means DEFAULT.
+setting() {
+  if eval "[ -n \"\${$1+set}\" ]"; then
+    eval "value=\${$1}"
+  elif ! value=$(dotenv "$1"); then
+    value=
+  fi
+  printf '%s\n' "${value:-$2}"
+}
+
+positive() {
+  case $2 in
+    '' | *[!0-9]* | 0) die "$1 must be a positive whole number, not '$2'." ;;
+  esac
+}
+
+if [ ! -f .env ]; then
+  echo "launch.sh: no .env, so the local development passwords and token are in use;" >&2
+  echo "           create .env from .env.example before the first 'docker compose up -d' to change them." >&2
+fi
+topic=$(setting TOPIC crypto-ticker)
+trades_topic=$(setting TRADES_TOPIC crypto-trades)
+dlq_topic=$(setting DLQ_TOPIC crypto-ticker-dlq)
+partitions=$(setting TOPIC_PARTITIONS 6)
+retention_ms=$(setting TOPIC_RETENTION_MS 604800000)
+replicas=$(setting CONSUMER_REPLICAS 2)
+bind_address=$(setting BIND_ADDRESS 127.0.0.1)
+influx_org=$(setting INFLUXDB_ORG candlestream)
+influx_bucket=$(setting INFLUXDB_BUCKET crypto)
+influx_token=$(setting INFLUXDB_TOKEN candlestream-dev-token)
+health_timeout=$(setting HEALTH_TIMEOUT 180)
+positive TOPIC_PARTITIONS "$partitions"
+positive TOPIC_RETENTION_MS "$retention_ms"
+positive CONSUMER_REPLICAS "$replicas"
+positive HEALTH_TIMEOUT "$health_timeout"
+[ "$topic" != "$trades_topic" ] || die "TOPIC and TRADES_TOPIC must differ (both are '$topic')."
+
+# --- Platform --------------------------------------------------------------------------------
 wait_healthy() {
-  local service=$1 timeout=${2:-180} id status
-  local deadline=$((SECONDS + timeout))
-  echo -n "waiting for $service "
+  waited=0
+  printf 'waiting for %s ' "$1"
   while :; do
-    id=$("${compose[@]}" ps -q "$service" 2>/dev/null || true)
-    status=$([[ -n "$id" ]] && docker inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null || echo missing)
-    [[ "$status" == healthy ]] && { echo " healthy"; return; }
-    if ((SECONDS >= deadline)); then
-      echo
-      die "$service is '$status' after ${timeout}s; see: ${compose[*]} logs $service"
+    status=missing
+    id=$(compose ps -q "$1" 2>/dev/null) || id=
+    if [ -n "$id" ]; then
+      status=$(docker inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null) || status=missing
     fi
-    echo -n "."
-    sleep 3
+    if [ "$status" = healthy ]; then
+      echo "healthy"
+      return 0
+    fi
+    if [ "$waited" -ge "$health_timeout" ]; then
+      echo
+      die "$1 is '$status' after ${health_timeout}s; see: $compose_name logs $1"
+    fi
+    printf .
+    sleep 2
+    waited=$((waited + 2))
   done
 }
 
-"${compose[@]}" up -d
+compose up -d
 for service in zookeeper broker_1 broker_2 broker_3 schema-registry influxdb; do
   wait_healthy "$service"
 done
 
+# --- InfluxDB: does it know the token, org and bucket the consumers and Grafana will use? ------
+# The token goes in on stdin, so it shows on no command line.
+influx_setup_hint="InfluxDB applies INFLUXDB_TOKEN, INFLUXDB_ORG and INFLUXDB_BUCKET only on its first start and keeps
+  that setup in the influxdb_data volume; they were changed after that (in .env or the environment).
+  Either put back the values InfluxDB was set up with, or delete all data (Kafka, InfluxDB and
+  Grafana volumes) and set up again with the current ones:
+    $compose_name --profile app down -v && $compose_name up -d && ./launch.sh"
+# shellcheck disable=SC2016 # $1 and $2 expand in the container's shell
+if out=$(printf '%s\n' "$influx_token" | compose exec -T influxdb sh -c \
+  'read -r INFLUX_TOKEN && export INFLUX_TOKEN && exec influx bucket list --host http://localhost:8086 --org "$1" --name "$2" --json' \
+  check "$influx_org" "$influx_bucket" 2>&1); then
+  influx_ok=1
+else
+  influx_ok=0
+fi
+case $out in
+  *"\"name\": \"$influx_bucket\""*) [ "$influx_ok" = 1 ] || die "could not check InfluxDB: $out" ;;
+  *[Uu]nauthorized*) die "InfluxDB rejects the token in INFLUXDB_TOKEN (401 unauthorized).
+  $influx_setup_hint" ;;
+  *organization*) die "InfluxDB has no organization '$influx_org' (INFLUXDB_ORG).
+  $influx_setup_hint" ;;
+  *"not found"* | "[]" | "") die "InfluxDB has no bucket '$influx_bucket' in organization '$influx_org' (INFLUXDB_BUCKET).
+  $influx_setup_hint" ;;
+  *) die "could not check InfluxDB's token, org and bucket: $out" ;;
+esac
+echo "InfluxDB: token, org '$influx_org' and bucket '$influx_bucket' are valid"
+
+# --- Topics and schemas ----------------------------------------------------------------------
+# A broker's port opens a moment before it has registered, and a replication factor of 3 needs all
+# three registered: retry for up to a minute.
 create_topic() {
-  "${compose[@]}" exec -T broker_1 kafka-topics --bootstrap-server broker-1:29092 \
+  tries=1
+  until out=$(compose exec -T -e KAFKA_HEAP_OPTS=-Xmx256m broker_1 kafka-topics --bootstrap-server broker-1:29092 \
     --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 3 \
-    --config min.insync.replicas=2 --config retention.ms="$retention_ms"
+    --config min.insync.replicas=2 --config retention.ms="$retention_ms" 2>&1); do
+    [ "$tries" -lt 30 ] || die "creating topic $1 failed: $out"
+    tries=$((tries + 1))
+    sleep 2
+  done
+  [ -z "$out" ] || printf '%s\n' "$out"
 }
 create_topic "$topic" "$partitions"
+create_topic "$trades_topic" "$partitions"
 create_topic "$dlq_topic" 1
 
-SCHEMA_REGISTRY_URL=http://localhost:8081 TOPIC="$topic" ./avro_schema.sh
+# Through the registry's own container: no published port and no host curl needed.
+SCHEMA_REGISTRY_URL=http://localhost:8081 SCHEMA_REGISTRY_CURL="$compose_name exec -T schema-registry curl" \
+  TOPIC="$topic" TRADES_TOPIC="$trades_topic" sh ./avro_schema.sh || die "registering the schemas failed (see above)."
 
-"${compose[@]}" --profile app up -d --build --scale consumer="$replicas" producer consumer
+# --- The app ---------------------------------------------------------------------------------
+compose --profile app up -d --build --scale consumer="$replicas" producer consumer
 
+case $bind_address in
+  127.0.0.1 | 0.0.0.0 | '') host=localhost ;;
+  *) host=$bind_address ;;
+esac
 cat <<INFO
 
 candlestream is running ($replicas consumer(s)).
-  Grafana          http://localhost:3000   (dashboard "candlestream: 2-minute candles")
-  Kafka-UI         http://localhost:8080   (topics $topic, $dlq_topic)
-  Schema Registry  http://localhost:8081/subjects
-  InfluxDB         http://localhost:8086   (org ${INFLUXDB_ORG:-candlestream}, bucket ${INFLUXDB_BUCKET:-crypto})
-  Producer health  http://localhost:9101/healthz
+  Grafana          http://$host:3000   (dashboard "candlestream: 2-minute candles")
+  Kafka-UI         http://$host:8080   (topics $topic, $trades_topic, $dlq_topic)
+  Schema Registry  http://$host:8081/subjects
+  InfluxDB         http://$host:8086   (org $influx_org, bucket $influx_bucket)
+  Producer health  http://$host:9101/healthz
 Scale the consumers: CONSUMER_REPLICAS=4 ./launch.sh
 INFO

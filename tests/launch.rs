@@ -1,0 +1,332 @@
+//! launch.sh itself, run under dash against a stub `docker` (tests/stubs/docker) that records its
+//! calls and answers like Docker with Compose v2, and the fake Schema Registry behind the stub's
+//! `compose exec schema-registry curl`. Each test runs in a copy of the scripts, with a PATH that
+//! holds the stub and a few basic tools only: no real Docker, curl, jq or python on the host side.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use support::fake_registry::FakeRegistry;
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(tool)).find(|file| file.is_file())
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ok: {}\n--- stdout\n{}--- stderr\n{}", self.ok, self.stdout, self.stderr)
+    }
+}
+
+/// A copy of launch.sh, avro_schema.sh and schemas/ with its own stub state and PATH.
+struct Sandbox {
+    root: tempfile::TempDir,
+    registry_url: Option<String>,
+}
+
+impl Sandbox {
+    fn new(registry: Option<&FakeRegistry>) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let project = root.path().join("project");
+        std::fs::create_dir_all(project.join("schemas")).unwrap();
+        for file in ["launch.sh", "avro_schema.sh", "schemas/ticker.avsc", "schemas/trade.avsc"] {
+            std::fs::copy(repo(file), project.join(file)).unwrap();
+        }
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(root.path().join("state")).unwrap();
+        let dash = which("dash").expect("dash runs the shell tests (Debian: apt-get install dash)");
+        std::os::unix::fs::symlink(dash, bin.join("sh")).unwrap();
+        for tool in ["cat", "sed", "tr", "grep", "head", "sleep", "dirname"] {
+            let found = which(tool).unwrap_or_else(|| panic!("{tool} not found"));
+            std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+        }
+        let sandbox = Self { root, registry_url: registry.map(FakeRegistry::url) };
+        sandbox.install_stub("docker");
+        sandbox
+    }
+
+    fn install_stub(&self, name: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let target = self.root.path().join("bin").join(name);
+        std::fs::copy(repo("tests/stubs/docker"), &target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn remove_docker(&self) {
+        std::fs::remove_file(self.root.path().join("bin/docker")).unwrap();
+    }
+
+    fn write_env(&self, text: &str) {
+        std::fs::write(self.root.path().join("project/.env"), text).unwrap();
+    }
+
+    fn run(&self, env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(which("dash").unwrap());
+        cmd.arg(self.root.path().join("project/launch.sh"))
+            .env_clear()
+            .env("PATH", self.root.path().join("bin"))
+            .env("STUB_DIR", self.root.path().join("state"))
+            .env("WAIT_SECONDS", "5");
+        if let Some(url) = &self.registry_url {
+            cmd.env("STUB_REGISTRY_URL", url).env("STUB_CURL", which("curl").expect("curl"));
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        Run {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn lines(&self, file: &str) -> Vec<String> {
+        std::fs::read_to_string(self.root.path().join("state").join(file))
+            .map(|s| s.lines().map(String::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every call to the stub, one line each: "docker compose up -d", …
+    fn calls(&self) -> Vec<String> {
+        self.lines("calls")
+    }
+
+    /// What the calls changed in the pretend deployment: containers started, topics created, scale.
+    fn changes(&self) -> Vec<String> {
+        self.lines("changes")
+    }
+}
+
+async fn run_async(sandbox: &Arc<Sandbox>, env: &[(&str, &str)]) -> Run {
+    let sandbox = sandbox.clone();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        sandbox.run(&env)
+    })
+    .await
+    .unwrap()
+}
+
+fn topic_call<'a>(calls: &'a [String], topic: &str) -> Vec<&'a String> {
+    calls.iter().filter(|c| c.contains("kafka-topics") && c.contains(&format!("--topic {topic} "))).collect()
+}
+
+fn schema(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(repo(path)).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+
+    let first = run_async(&sandbox, &[]).await;
+    assert!(first.ok, "{first:?}");
+    assert!(first.stderr.contains("no .env"), "says the development defaults are in use: {first:?}");
+    assert_eq!(
+        sandbox.changes(),
+        [
+            "started the platform",
+            "created topic crypto-ticker",
+            "created topic crypto-trades",
+            "created topic crypto-ticker-dlq",
+            "started producer consumer",
+            "scaled consumer=2",
+        ]
+    );
+    let calls = sandbox.calls();
+    for topic in ["crypto-ticker", "crypto-trades"] {
+        let create = topic_call(&calls, topic);
+        assert_eq!(create.len(), 1, "{calls:#?}");
+        assert!(
+            create[0].contains(&format!(
+                "--create --if-not-exists --topic {topic} --partitions 6 --replication-factor 3 --config min.insync.replicas=2"
+            )),
+            "{}",
+            create[0]
+        );
+    }
+    // Both schemas, through the registry's container, with the compatibility set.
+    assert_eq!(registry.subjects(), ["crypto-ticker-value", "crypto-trades-value"]);
+    for (subject, file) in [("crypto-ticker-value", "schemas/ticker.avsc"), ("crypto-trades-value", "schemas/trade.avsc")] {
+        let (_, registered) = registry.latest(subject).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&registered).unwrap(), schema(file), "{subject}");
+        assert_eq!(registry.compatibility(Some(subject)).as_deref(), Some("BACKWARD"));
+    }
+    assert!(calls.iter().any(|c| c.starts_with("docker compose exec -T schema-registry curl")), "{calls:#?}");
+    // The InfluxDB token travels on stdin, never on a command line.
+    assert!(calls.iter().any(|c| c.starts_with("docker compose exec -T influxdb")), "{calls:#?}");
+    assert!(!calls.iter().any(|c| c.contains("candlestream-dev-token")), "{calls:#?}");
+    assert!(first.stdout.contains("http://localhost:3000"), "{first:?}");
+
+    let ids: Vec<u32> = registry.subjects().iter().map(|s| registry.latest(s).unwrap().0).collect();
+    let second = run_async(&sandbox, &[]).await;
+    assert!(second.ok, "{second:?}");
+    assert_eq!(sandbox.changes().len(), 6, "the second run changed something: {:#?}", sandbox.changes());
+    assert_eq!(registry.subjects().iter().map(|s| registry.latest(s).unwrap().0).collect::<Vec<_>>(), ids);
+    // And it went through the same motions, so it can be repeated any number of times.
+    let all = sandbox.calls();
+    assert_eq!(all[calls.len()..], all[..calls.len()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_variables_win_over_dotenv() {
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+    sandbox.write_env(concat!(
+        "# Compose's .env syntax, as people write it\n",
+        "CONSUMER_REPLICAS=2\n",
+        "export TOPIC=\"from-dotenv\" # a comment\n",
+        "TRADES_TOPIC='dotenv-trades'\n",
+        "  TOPIC_PARTITIONS = 3   # spaces and a comment\n",
+        "INFLUXDB_TOKEN=dotenv-token\r\n",
+        "INFLUXDB_ORG=first\n",
+        "INFLUXDB_ORG=second-wins\n",
+        "INFLUXDB_BUCKET=crypto#not-a-comment",
+    ));
+    let run = run_async(
+        &sandbox,
+        &[
+            ("CONSUMER_REPLICAS", "4"),
+            ("TOPIC", "from-shell"),
+            ("STUB_INFLUX_TOKEN", "dotenv-token"),
+            ("STUB_INFLUX_ORG", "second-wins"),
+            ("STUB_INFLUX_BUCKET", "crypto#not-a-comment"),
+        ],
+    )
+    .await;
+    assert!(run.ok, "{run:?}");
+    assert!(sandbox.changes().contains(&"scaled consumer=4".to_string()), "{:#?}", sandbox.changes());
+    let calls = sandbox.calls();
+    assert!(calls.iter().any(|c| c.contains("--scale consumer=4 producer consumer")), "{calls:#?}");
+    assert!(!calls.iter().any(|c| c.contains("from-dotenv")), "{calls:#?}");
+    for topic in ["from-shell", "dotenv-trades"] {
+        let create = topic_call(&calls, topic);
+        assert_eq!(create.len(), 1, "{topic}: {calls:#?}");
+        assert!(create[0].contains("--partitions 3 "), "{}", create[0]);
+    }
+    assert_eq!(registry.subjects(), ["dotenv-trades-value", "from-shell-value"]);
+    assert!(run.stdout.contains("(org second-wins, bucket crypto#not-a-comment)"), "{run:?}");
+    assert!(!run.stderr.contains("no .env"), "{run:?}");
+}
+
+const RESET: &str = "docker compose --profile app down -v";
+
+#[test]
+fn a_wrong_influxdb_token_org_or_bucket_stops_it_before_the_app_with_what_to_do() {
+    let cases = [
+        (("STUB_INFLUX_TOKEN", "the-first-token"), ("INFLUXDB_TOKEN", "edited-token"), "rejects the token in INFLUXDB_TOKEN"),
+        (("STUB_INFLUX_ORG", "first-org"), ("INFLUXDB_ORG", "edited-org"), "no organization 'edited-org'"),
+        (("STUB_INFLUX_BUCKET", "first-bucket"), ("INFLUXDB_BUCKET", "edited"), "no bucket 'edited' in organization"),
+    ];
+    for (set_up_with, now, message) in cases {
+        let sandbox = Sandbox::new(None);
+        sandbox.write_env(&format!("{}={}\n", now.0, now.1));
+        let run = sandbox.run(&[set_up_with]);
+        assert!(!run.ok, "{run:?}");
+        assert!(run.stderr.contains(message), "{message}: {run:?}");
+        assert!(run.stderr.contains(RESET) && run.stderr.contains("put back"), "says what to do: {run:?}");
+        assert_eq!(sandbox.changes(), ["started the platform"], "nothing after the check");
+        assert!(!sandbox.calls().iter().any(|c| c.contains("edited-token")), "token on a command line");
+    }
+}
+
+#[test]
+fn missing_docker_is_reported_as_such() {
+    let sandbox = Sandbox::new(None);
+    sandbox.remove_docker();
+    let run = sandbox.run(&[]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("Docker is not installed"), "{run:?}");
+}
+
+#[test]
+fn a_stopped_daemon_and_a_denied_socket_are_told_apart() {
+    let sandbox = Sandbox::new(None);
+    let run = sandbox.run(&[("STUB_INFO", "down")]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("the Docker daemon is not reachable"), "{run:?}");
+
+    let run = sandbox.run(&[("STUB_INFO", "denied")]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("permission denied on the Docker socket"), "{run:?}");
+    assert!(run.stderr.contains("docker group"), "{run:?}");
+    assert!(!run.stderr.contains("not reachable"), "{run:?}");
+    assert_eq!(sandbox.calls(), ["docker info", "docker info"]);
+}
+
+#[test]
+fn compose_v2_is_required() {
+    let sandbox = Sandbox::new(None);
+    let run = sandbox.run(&[("STUB_COMPOSE", "none")]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("Docker Compose v2 is missing"), "{run:?}");
+
+    // Only the old Python docker-compose: refused, with the reason.
+    sandbox.install_stub("docker-compose");
+    let run = sandbox.run(&[("STUB_COMPOSE", "none")]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("found docker-compose 1.29.2, but candlestream needs Docker Compose v2"), "{run:?}");
+    assert!(run.stderr.contains("KeyError: 'ContainerConfig'"), "{run:?}");
+    assert!(sandbox.changes().is_empty());
+
+    // A standalone docker-compose that is v2 is fine: it gets as far as the health checks.
+    let run = sandbox.run(&[
+        ("STUB_COMPOSE", "none"),
+        ("STUB_COMPOSE_VERSION", "2.29.7"),
+        ("STUB_UNHEALTHY", "zookeeper"),
+        ("HEALTH_TIMEOUT", "1"),
+    ]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("zookeeper is 'starting' after 1s; see: docker-compose logs zookeeper"), "{run:?}");
+    assert!(sandbox.calls().contains(&"docker-compose up -d".to_string()));
+}
+
+#[test]
+fn a_service_that_never_turns_healthy_is_named_with_where_to_look() {
+    let sandbox = Sandbox::new(None);
+    let started = std::time::Instant::now();
+    let run = sandbox.run(&[("STUB_UNHEALTHY", "broker_2"), ("HEALTH_TIMEOUT", "1")]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("broker_2 is 'starting' after 1s; see: docker compose logs broker_2"), "{run:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(sandbox.changes(), ["started the platform"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_creation_is_retried_while_the_brokers_register() {
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+    let run = run_async(&sandbox, &[("STUB_TOPIC_FAILURES", "1")]).await;
+    assert!(run.ok, "{run:?}");
+    assert_eq!(topic_call(&sandbox.calls(), "crypto-ticker").len(), 2);
+    assert!(sandbox.changes().contains(&"created topic crypto-ticker".to_string()));
+}
+
+#[test]
+fn bad_numbers_are_refused_before_anything_starts() {
+    let sandbox = Sandbox::new(None);
+    let run = sandbox.run(&[("CONSUMER_REPLICAS", "four")]);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("CONSUMER_REPLICAS must be a positive whole number, not 'four'"), "{run:?}");
+    assert!(sandbox.changes().is_empty());
+}

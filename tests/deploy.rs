@@ -108,8 +108,11 @@ fn yaml(path: &str) -> Yaml {
 fn merged(y: &Yaml) -> BTreeMap<String, Yaml> {
     let mut out = BTreeMap::new();
     if let Some(h) = y.as_hash() {
-        if let Some(base) = h.get(&Yaml::String("<<".into())) {
-            out.extend(merged(base));
+        // `<<: *a` or `<<: [*a, *b]`.
+        match h.get(&Yaml::String("<<".into())) {
+            Some(Yaml::Array(bases)) => bases.iter().for_each(|b| out.extend(merged(b))),
+            Some(base) => out.extend(merged(base)),
+            None => {}
         }
         for (k, v) in h {
             if let Some(k) = k.as_str().filter(|k| *k != "<<") {
@@ -149,7 +152,7 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
     let services = merged(&compose["services"]);
     let expected = [
         "zookeeper", "broker_1", "broker_2", "broker_3", "schema-registry", "kafka-ui", "influxdb", "grafana", "producer",
-        "consumer",
+        "consumer", "audit",
     ];
     assert_eq!(services.keys().map(String::as_str).collect::<Vec<_>>().len(), expected.len());
 
@@ -157,8 +160,14 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
     for (name, service) in &services {
         assert!(expected.contains(&name.as_str()), "unexpected service {name}");
         let s = merged(service);
-        assert!(s.contains_key("healthcheck"), "{name} has no healthcheck");
-        assert!(s.contains_key("restart"), "{name} has no restart policy");
+        if name == "audit" {
+            // A one-shot command, not a service to keep up.
+            assert_eq!(scalar(&s["restart"]), "no");
+            assert_eq!(merged(&s["healthcheck"]).get("disable").map(scalar).as_deref(), Some("true"));
+        } else {
+            assert!(s.contains_key("healthcheck"), "{name} has no healthcheck");
+            assert!(s.contains_key("restart"), "{name} has no restart policy");
+        }
         let image = s.get("image").map(scalar).unwrap_or_default();
         assert!(image.contains(':') && !image.ends_with(":latest"), "{name}: image {image:?} not pinned");
         if name.starts_with("broker_") {

@@ -236,7 +236,8 @@ enum RawPayload {
 }
 
 /// One element of a payload array: a number (ticker value) or an array of numbers (a trade).
-/// Arrays nested deeper are never ours and read as `None`.
+/// Anything else (null, text, objects, arrays nested deeper, which a future API version might
+/// append) reads as `None` instead of failing the whole frame.
 enum Elem {
     Number(Option<f64>),
     Array(Vec<Option<f64>>),
@@ -252,8 +253,11 @@ impl<'de> Deserialize<'de> for Elem {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elem, A::Error> {
                 let mut values = Vec::with_capacity(4);
-                while let Some(Loose(v)) = seq.next_element()? {
-                    values.push(v);
+                while let Some(e) = seq.next_element::<Elem>()? {
+                    values.push(match e {
+                        Elem::Number(n) => n,
+                        Elem::Array(_) => None,
+                    });
                 }
                 Ok(Elem::Array(values))
             }
@@ -281,52 +285,6 @@ impl<'de> Deserialize<'de> for Elem {
             fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Elem, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(Elem::Number(None))
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
-}
-
-/// One array element read as a number if it is one. Anything else (null, text, nested arrays a
-/// future API version might append) becomes `None` instead of failing the whole frame.
-struct Loose(Option<f64>);
-
-impl<'de> Deserialize<'de> for Loose {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Loose;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Loose, E> {
-                Ok(Loose(Some(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Loose, E> {
-                Ok(Loose(Some(v as f64)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Loose, E> {
-                Ok(Loose(Some(v as f64)))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Loose, E> {
-                Ok(Loose(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Loose, E> {
-                Ok(Loose(None))
-            }
-            fn visit_unit<E>(self) -> Result<Loose, E> {
-                Ok(Loose(None))
-            }
-            fn visit_none<E>(self) -> Result<Loose, E> {
-                Ok(Loose(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Loose(None))
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Loose(None))
             }
         }
         deserializer.deserialize_any(V)

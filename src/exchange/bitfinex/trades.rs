@@ -181,6 +181,10 @@ pub(super) async fn catch_up(ctx: &Ctx, symbol: &str, from_ms: i64, until_ms: i6
     let mut start = from_ms;
     let mut recovered = 0;
     loop {
+        // A long backfill must not hold up shutdown: the restart's backfill fetches the rest.
+        if ctx.cancel.is_cancelled() {
+            return Err(ExchangeError::Cancelled);
+        }
         let rows = ctx.rest.trades(symbol, start, until_ms, PAGE).await?;
         let received_at = now_ms();
         let full = rows.len() >= PAGE;

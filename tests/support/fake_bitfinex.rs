@@ -1,6 +1,8 @@
 //! A local exchange speaking Bitfinex's public v2 protocol: the info event, conf,
 //! subscribe/subscribed/unsubscribe, ticker updates with SEQ_ALL + TIMESTAMP, heartbeats,
 //! info 20051/20060/20061, abrupt closes and garbage, plus `GET /v2/tickers` on a second port.
+//! Trades channels, the trade ledger and the trade/candle history endpoints are in
+//! [`super::fake_trades`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +22,11 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
+
+use super::fake_trades::{self, TradeBook, TradeSettings};
+// Re-exported so that tests find the trading types next to the exchange.
+#[allow(unused_imports)]
+pub use super::fake_trades::{Trade, Trader};
 
 /// An update the exchange put on the wire for a subscribed client (or answered over REST).
 #[derive(Debug, Clone, PartialEq)]
@@ -48,25 +55,51 @@ enum Command {
     SkipSeq(u64, oneshot::Sender<()>),
     /// Keeps the socket open but sends nothing more, not even heartbeats.
     Silence(oneshot::Sender<()>),
+    /// `te` frames for trades just executed, on trades channel `chan`; answers whether they went
+    /// out.
+    TradesExecuted { chan: u64, trades: Vec<Trade>, done: oneshot::Sender<bool> },
+    /// The deferred `tu` frames repeating trades already sent as `te` on `chan`.
+    TradesUpdated { chan: u64, trades: Vec<Trade> },
 }
 
-struct Subscription {
-    conn: u64,
-    chan_id: u64,
+/// The kind of a channel a client subscribed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Ticker,
+    Trades,
+}
+
+impl Channel {
+    fn name(self) -> &'static str {
+        match self {
+            Channel::Ticker => "ticker",
+            Channel::Trades => "trades",
+        }
+    }
+}
+
+pub(super) struct Subscription {
+    pub(super) conn: u64,
+    pub(super) chan_id: u64,
 }
 
 #[derive(Default)]
-struct Exchange {
+pub(super) struct Exchange {
     conns: HashMap<u64, mpsc::Sender<Command>>,
+    /// Ticker subscriptions by symbol.
     subs: HashMap<String, Subscription>,
+    /// Trades subscriptions by symbol.
+    pub(super) trade_subs: HashMap<String, Subscription>,
     paused: bool,
     sent: Vec<Sent>,
     /// Latest values per symbol, served over REST too.
     prices: HashMap<String, u64>,
+    /// Every executed trade, and what went out as `te`.
+    pub(super) book: TradeBook,
 }
 
-struct Inner {
-    exchange: Mutex<Exchange>,
+pub(super) struct Inner {
+    pub(super) exchange: Mutex<Exchange>,
     accepting: AtomicBool,
     next_conn: AtomicU64,
     next_chan: AtomicU64,
@@ -80,12 +113,14 @@ struct Inner {
     /// strictly increasing like the real exchange's.
     time_step_ms: Option<u64>,
     heartbeat: Duration,
+    /// Trades settings and counters (snapshot length, `tu` delay, rate limiting).
+    pub(super) trades: TradeSettings,
 }
 
 pub struct FakeBitfinex {
     pub ws_addr: SocketAddr,
     pub rest_addr: SocketAddr,
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
     stop: CancellationToken,
 }
 
@@ -113,6 +148,7 @@ impl FakeBitfinex {
             clock: AtomicU64::new(synthetic.map_or(0, |(start, step)| start - step)),
             time_step_ms: synthetic.map(|(_, step)| step),
             heartbeat,
+            trades: TradeSettings::default(),
         });
         let stop = CancellationToken::new();
         let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -120,7 +156,11 @@ impl FakeBitfinex {
         tokio::spawn(accept_loop(ws, inner.clone(), stop.clone()));
         let rest = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let rest_addr = rest.local_addr().unwrap();
-        let app = Router::new().route("/v2/tickers", get(tickers)).with_state(inner.clone());
+        let app = Router::new()
+            .route("/v2/tickers", get(tickers))
+            .route("/v2/trades/{symbol}/hist", get(fake_trades::trades_hist))
+            .route("/v2/candles/{key}/hist", get(fake_trades::candles_hist))
+            .with_state(inner.clone());
         let token = stop.clone();
         tokio::spawn(async move {
             axum::serve(rest, app).with_graceful_shutdown(token.cancelled_owned()).await.unwrap();
@@ -150,10 +190,12 @@ impl FakeBitfinex {
         self.inner.ws_connections.load(Ordering::SeqCst)
     }
 
+    /// Requests to `GET /v2/tickers` (see [`FakeBitfinex::rest_requests_by`] for the others).
     pub fn rest_requests(&self) -> u64 {
         self.inner.rest_requests.load(Ordering::SeqCst)
     }
 
+    /// Symbols with a live ticker subscription, sorted.
     pub fn subscribed(&self) -> Vec<String> {
         let mut s: Vec<String> = self.inner.exchange.lock().unwrap().subs.keys().cloned().collect();
         s.sort();
@@ -200,7 +242,7 @@ impl FakeBitfinex {
 
     /// Info 20051 on every connection; their subscriptions end there, as the server stops.
     pub async fn restart(&self) {
-        self.inner.exchange.lock().unwrap().subs.clear();
+        self.inner.exchange.lock().unwrap().clear_subs();
         self.broadcast(|tx| Command::Info(20051, tx)).await;
     }
 
@@ -218,7 +260,7 @@ impl FakeBitfinex {
 
     /// Closes every connection without a websocket close frame.
     pub async fn drop_connections(&self) {
-        self.inner.exchange.lock().unwrap().subs.clear();
+        self.inner.exchange.lock().unwrap().clear_subs();
         self.broadcast(Command::Drop).await;
     }
 
@@ -229,7 +271,7 @@ impl FakeBitfinex {
 
     /// Every connection goes quiet without closing: only the client's watchdog can notice.
     pub async fn go_silent(&self) {
-        self.inner.exchange.lock().unwrap().subs.clear();
+        self.inner.exchange.lock().unwrap().clear_subs();
         self.broadcast(Command::Silence).await;
     }
 
@@ -239,6 +281,13 @@ impl FakeBitfinex {
         for conn in conns {
             let _ = conn.send(Command::Raw(text.to_string())).await;
         }
+    }
+}
+
+impl Exchange {
+    fn clear_subs(&mut self) {
+        self.subs.clear();
+        self.trade_subs.clear();
     }
 }
 
@@ -260,6 +309,46 @@ impl ExchangeHandle {
         conn.send(Command::Update { symbol: symbol.into(), done }).await.ok()?;
         rx.await.ok().flatten()
     }
+
+    /// See [`FakeBitfinex::execute`].
+    pub async fn execute(&self, symbol: &str, count: usize) -> Vec<Trade> {
+        // Held until the `te` command is queued, so that concurrent callers' frames go out in
+        // execution order.
+        let order = self.0.trades.execution.lock().await;
+        let (trades, target) = {
+            let mut ex = self.0.exchange.lock().unwrap();
+            let trades = ex.book.execute(symbol, count, wall_ms());
+            // The ledger and the subscription are read under one lock, so that a trade is
+            // either in a new subscriber's snapshot or sent to it as `te`, never both or neither.
+            let target = if ex.paused {
+                None
+            } else {
+                ex.trade_subs
+                    .get(symbol)
+                    .and_then(|sub| Some((sub.chan_id, ex.conns.get(&sub.conn)?.clone())))
+            };
+            (trades, target)
+        };
+        let Some((chan, conn)) = target.filter(|_| !trades.is_empty()) else { return trades };
+        let (done, rx) = oneshot::channel();
+        let cmd = Command::TradesExecuted { chan, trades: trades.clone(), done };
+        let queued = conn.send(cmd).await.is_ok();
+        drop(order);
+        if queued && rx.await.unwrap_or(false) {
+            let delay = self.0.trades.tu_delay();
+            let again = trades.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                // Fails when the connection is gone by then: the `tu` is simply not sent.
+                let _ = conn.send(Command::TradesUpdated { chan, trades: again }).await;
+            });
+        }
+        trades
+    }
+}
+
+pub(super) fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 impl Drop for FakeBitfinex {
@@ -349,6 +438,12 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
                     c.silent = true;
                     let _ = done.send(());
                 }
+                Some(Command::TradesExecuted { chan, trades, done }) => {
+                    let _ = done.send(c.trades(chan, "te", &trades, &mut ws).await);
+                }
+                Some(Command::TradesUpdated { chan, trades }) => {
+                    c.trades(chan, "tu", &trades, &mut ws).await;
+                }
                 Some(Command::Drop(done)) => {
                     let _ = ws.flush().await;
                     let _ = ws.get_mut().shutdown().await;
@@ -369,6 +464,7 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
     let mut ex = inner.exchange.lock().unwrap();
     ex.conns.remove(&conn);
     ex.subs.retain(|_, s| s.conn != conn);
+    ex.trade_subs.retain(|_, s| s.conn != conn);
 }
 
 struct Conn {
@@ -376,8 +472,8 @@ struct Conn {
     conn: u64,
     seq: u64,
     flags: u64,
-    /// chan id → symbol
-    chans: HashMap<u64, String>,
+    /// chan id → channel kind and symbol
+    chans: HashMap<u64, (Channel, String)>,
     silent: bool,
 }
 
@@ -402,7 +498,7 @@ impl Conn {
         if self.silent {
             return None;
         }
-        let chan = *self.chans.iter().find(|(_, s)| *s == symbol)?.0;
+        let chan = *self.chans.iter().find(|(_, (k, s))| *k == Channel::Ticker && *s == symbol)?.0;
         let n = {
             let mut ex = self.inner.exchange.lock().unwrap();
             let n = ex.prices.entry(symbol.to_string()).or_insert(0);
@@ -432,36 +528,72 @@ impl Conn {
         Some(sent)
     }
 
+    /// Sends trades on trades channel `chan` as `te` or `tu` frames, one frame per trade; false
+    /// when the channel is no longer subscribed, the connection is silent or the send failed.
+    async fn trades(&mut self, chan: u64, kind: &str, trades: &[Trade], ws: &mut Ws) -> bool {
+        if self.silent || !matches!(self.chans.get(&chan), Some((Channel::Trades, _))) {
+            return false;
+        }
+        let extra = self.inner.extra_fields.load(Ordering::SeqCst);
+        for trade in trades {
+            let mut frame = self.with_trailer(json!([chan, kind, trade.to_json(extra)]));
+            if extra {
+                frame.as_array_mut().unwrap().extend([json!({"added": true}), json!(42)]);
+            }
+            if ws.send(Message::text(frame.to_string())).await.is_err() {
+                return false;
+            }
+            self.inner.trades.count_frame(kind);
+            if kind == "te" {
+                self.inner.exchange.lock().unwrap().book.record_sent(trade.clone());
+            }
+        }
+        true
+    }
+
     async fn on_client(&mut self, text: &str, ws: &mut Ws) -> Result<(), ()> {
         let Ok(msg) = serde_json::from_str::<Value>(text) else { return Ok(()) };
+        let mut snapshot = None;
         let reply = match msg["event"].as_str() {
             Some("conf") => {
                 self.flags = msg["flags"].as_u64().unwrap_or(0);
                 json!({"event":"conf","status":"OK","flags":self.flags})
             }
-            Some("subscribe") if msg["channel"] == "ticker" => {
+            Some("subscribe") if msg["channel"] == "ticker" || msg["channel"] == "trades" => {
+                let kind = if msg["channel"] == "ticker" { Channel::Ticker } else { Channel::Trades };
+                let name = kind.name();
                 let symbol = msg["symbol"].as_str().unwrap_or_default().to_string();
-                if self.chans.values().any(|s| *s == symbol) {
-                    json!({"event":"error","msg":"subscribe: dup","code":10301,"channel":"ticker","symbol":symbol})
+                if self.chans.values().any(|(k, s)| *k == kind && *s == symbol) {
+                    json!({"event":"error","msg":"subscribe: dup","code":10301,"channel":name,"symbol":symbol})
                 } else {
                     let chan = self.inner.next_chan.fetch_add(1, Ordering::SeqCst);
-                    self.chans.insert(chan, symbol.clone());
-                    self.inner
-                        .exchange
-                        .lock()
-                        .unwrap()
-                        .subs
-                        .insert(symbol.clone(), Subscription { conn: self.conn, chan_id: chan });
+                    self.chans.insert(chan, (kind, symbol.clone()));
+                    let sub = Subscription { conn: self.conn, chan_id: chan };
+                    let mut ex = self.inner.exchange.lock().unwrap();
+                    match kind {
+                        Channel::Ticker => {
+                            ex.subs.insert(symbol.clone(), sub);
+                        }
+                        Channel::Trades => {
+                            // Under the same lock as the subscription: see `ExchangeHandle::execute`.
+                            snapshot = Some((chan, ex.book.snapshot(&symbol, self.inner.trades.snapshot_len())));
+                            ex.trade_subs.insert(symbol.clone(), sub);
+                        }
+                    }
                     let pair = symbol.trim_start_matches('t').to_string();
-                    json!({"event":"subscribed","channel":"ticker","chanId":chan,"symbol":symbol,"pair":pair})
+                    json!({"event":"subscribed","channel":name,"chanId":chan,"symbol":symbol,"pair":pair})
                 }
             }
             Some("unsubscribe") => {
                 let chan = msg["chanId"].as_u64().unwrap_or(0);
-                if let Some(symbol) = self.chans.remove(&chan) {
+                if let Some((kind, symbol)) = self.chans.remove(&chan) {
                     let mut ex = self.inner.exchange.lock().unwrap();
-                    if ex.subs.get(&symbol).is_some_and(|s| s.chan_id == chan && s.conn == self.conn) {
-                        ex.subs.remove(&symbol);
+                    let subs = match kind {
+                        Channel::Ticker => &mut ex.subs,
+                        Channel::Trades => &mut ex.trade_subs,
+                    };
+                    if subs.get(&symbol).is_some_and(|s| s.chan_id == chan && s.conn == self.conn) {
+                        subs.remove(&symbol);
                     }
                     json!({"event":"unsubscribed","status":"OK","chanId":chan})
                 } else {
@@ -471,7 +603,19 @@ impl Conn {
             Some("ping") => json!({"event":"pong","ts":0,"cid":msg["cid"]}),
             _ => json!({"event":"error","msg":"unknown event","code":10000}),
         };
-        ws.send(Message::text(reply.to_string())).await.map_err(|_| ())
+        ws.send(Message::text(reply.to_string())).await.map_err(|_| ())?;
+        if let Some((chan, trades)) = snapshot
+            && !self.silent
+        {
+            let extra = self.inner.extra_fields.load(Ordering::SeqCst);
+            let rows: Vec<Value> = trades.iter().map(|t| t.to_json(extra)).collect();
+            let mut frame = self.with_trailer(json!([chan, rows]));
+            if extra {
+                frame.as_array_mut().unwrap().extend([json!({"added": true}), json!(42)]);
+            }
+            ws.send(Message::text(frame.to_string())).await.map_err(|_| ())?;
+        }
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod fake_bitfinex;
 pub mod fake_influx2;
 pub mod fake_registry;
+pub mod fake_trades;
 pub mod influx1;
 pub mod kafka09;
 pub mod pipeline;

@@ -66,7 +66,7 @@ async fn audit_finds_the_exchange_candles_then_a_planted_difference_then_no_infl
         assert_eq!((equal, different, missing_here, missing_there), (compared, 0, 0, 0), "{s}");
         total += compared;
     }
-    println!("AUDIT | after backfill, live trades and a dropped connection | {total} candles compared, {total} equal");
+    crate::report!("AUDIT | after backfill, live trades and a dropped connection | {total} candles compared, {total} equal");
 
     // The exchange disagrees about one close and has no candle for a minute we have.
     let candles = ex.candles("tBTCUSD");

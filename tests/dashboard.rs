@@ -588,7 +588,7 @@ async fn compare_candles(
             if g.matches(w) {
                 equal += 1;
             } else {
-                println!("DASHBOARD | {tf} | {symbol} | differs: influx {g:?} ledger {w:?}");
+                crate::report!("DASHBOARD | {tf} | {symbol} | differs: influx {g:?} ledger {w:?}");
             }
         }
     }
@@ -614,7 +614,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     for tf in ["1m", "2m", "5m"] {
         let (compared, equal, empty) =
             compare_candles(url, db, candles, candle_query, ledger, tf, from_ms, to_ms).await;
-        println!(
+        crate::report!(
             "DASHBOARD | {tf} | {symbols} | {compared} candles compared, {equal} equal ({empty} empty windows left out)"
         );
         // The ledger has windows without trades: fill(none) must leave them out, not draw empty
@@ -632,7 +632,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     for (tf, days) in [("2m", 7), ("1m", 30)] {
         let wide_from = to_ms - days * 1_440 * MINUTE;
         let (compared, equal, _) = compare_candles(url, db, candles, candle_query, ledger, tf, wide_from, to_ms).await;
-        println!("DASHBOARD | {tf} over {days} days | {symbols} | {compared} candles compared, {equal} equal");
+        crate::report!("DASHBOARD | {tf} over {days} days | {symbols} | {compared} candles compared, {equal} equal");
         assert!(compared > 0 && equal == compared);
     }
 
@@ -653,7 +653,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     assert_eq!(got[0].start, window.start, "the partial window keeps its epoch-aligned start");
     assert!(got[0].matches(&partial[0]), "partial first window: influx {:?} ledger {:?}", got[0], partial[0]);
     assert!(got[0].volume < window.volume && !got[0].matches(window));
-    println!(
+    crate::report!(
         "DASHBOARD | 2m from 30 s into a window | {symbol} | first candle holds volume {} of the whole window's {}",
         got[0].volume, window.volume
     );
@@ -672,7 +672,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
                 let series = influxql(url, db, &q).await.unwrap_or_else(|e| panic!("{}: {q}: {e}", p["title"]));
                 let rows: usize = series.iter().map(|s| s.rows.len()).sum();
                 assert!(rows > 0, "{}: no rows for {symbol}: {q}", p["title"]);
-                println!("DASHBOARD | panel {} | {symbol} | {rows} rows | {q}", p["title"]);
+                crate::report!("DASHBOARD | panel {} | {symbol} | {rows} rows | {q}", p["title"]);
             }
         }
     }
@@ -752,7 +752,7 @@ async fn dashboard_queries_give_the_ledger_candles_on_influxdb_1_6() {
     }
     let same_ms = ledger.windows(2).filter(|w| w[0].symbol == w[1].symbol && w[0].mts == w[1].mts).count();
     let buys = ledger.iter().filter(|t| t.amount > 0.0).count();
-    println!(
+    crate::report!(
         "DASHBOARD | fill | {} trades through the pipeline ({} backfilled, {live} live; {buys} buys, {} sells, {same_ms} sharing a millisecond with the previous one), {} ticker updates",
         ledger.len(),
         history.len(),

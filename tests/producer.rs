@@ -207,6 +207,30 @@ async fn symbols_beyond_25_channels_get_their_own_connection() {
     t.finish(running).await;
 }
 
+/// `bitfinex.trades = false`: tickers only, as before trades existed: one channel per symbol,
+/// no trade history requests, nothing in the trades topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trades_off_streams_tickers_only() {
+    let mut t = Setup::new().await;
+    t.settings.bitfinex.trades = false;
+    t.settings.bitfinex.symbols = (0..25).map(|i| format!("tC{i:02}USD")).collect();
+    let symbols: Vec<String> = t.settings.bitfinex.symbols.clone();
+    let symbols: Vec<&str> = symbols.iter().map(String::as_str).collect();
+    let now = support::now_ms();
+    t.exchange.preload_history("tC00USD", now - 60_000, now - 1_000, 10);
+    let running = start(t.settings.clone());
+    t.exchange.wait_subscribed(&symbols, WAIT).await;
+    t.exchange.execute("tC00USD", 5).await;
+    assert!(t.exchange.emit("tC00USD").await.is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.exchange.ws_connections(), 1, "25 ticker channels fit one connection");
+    assert!(t.exchange.trades_subscribed().is_empty());
+    assert_eq!(t.exchange.rest_requests_by("trades"), 0);
+    t.finish(running).await;
+    let trades_topic = t.settings.kafka.trades_topic.clone();
+    assert_eq!(support::topic_size(&t.cluster.bootstrap_servers(), &trades_topic, &BTreeMap::new()), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_under_load_delivers_everything_the_exchange_sent() {
     let t = Setup::new().await;

@@ -92,8 +92,8 @@ async fn write(
     if q.get("bucket") != Some(&expect.bucket) {
         return error(StatusCode::NOT_FOUND, "not found", &format!("bucket {:?} not found", q.get("bucket")));
     }
-    if q.get("precision").map(String::as_str) != Some("ms") {
-        return error(StatusCode::BAD_REQUEST, "invalid", "this fake expects precision=ms");
+    if q.get("precision").map(String::as_str) != Some("ns") {
+        return error(StatusCode::BAD_REQUEST, "invalid", "this fake expects precision=ns");
     }
     if header("content-encoding") != "gzip" {
         return error(StatusCode::BAD_REQUEST, "invalid", "this fake expects a gzip body");

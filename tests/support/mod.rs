@@ -174,6 +174,16 @@ pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
     ((h as i32) & 0x7fff_ffff) % partitions
 }
 
+/// Prints a result line that stays in CI's log: the test harness swallows `println!` of passing
+/// tests, not writes to stdout itself.
+#[macro_export]
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }

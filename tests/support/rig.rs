@@ -118,7 +118,7 @@ impl Rig {
         }
         assert_eq!(rows.len(), sent.len(), "{scenario}: stored vs sent");
         let in_kafka = topic_size(&self.cluster.bootstrap(), &self.topic, &client_overrides());
-        println!(
+        crate::report!(
             "RELIABILITY | {scenario} | sent {} | stored {} | duplicates in Kafka {} | duplicates in InfluxDB 0 | recovery {}",
             sent.len(),
             rows.len(),
@@ -177,7 +177,7 @@ impl Rig {
         }
         assert_eq!(rows.len(), ledger.len(), "{scenario}: stored vs executed");
         let in_kafka = topic_size(&self.cluster.bootstrap(), &self.trades_topic(), &client_overrides());
-        println!(
+        crate::report!(
             "RELIABILITY | {scenario} | executed {} | stored {} | duplicates in Kafka {} | duplicates in InfluxDB 0 | recovery {}",
             ledger.len(),
             rows.len(),

@@ -33,6 +33,7 @@ impl Setup {
         let topic = unique("ticks");
         let cluster = MockCluster::new(3).unwrap();
         cluster.create_topic(&topic, 3, 3).unwrap();
+        cluster.create_topic(&format!("{topic}-trades"), 3, 3).unwrap();
         cluster.create_topic(&format!("{topic}-dlq"), 1, 3).unwrap();
         let registry = FakeRegistry::start().await;
         let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
@@ -41,6 +42,7 @@ impl Setup {
         let mut settings = Settings::default();
         settings.kafka.brokers = cluster.bootstrap_servers();
         settings.kafka.topic = topic.clone();
+        settings.kafka.trades_topic = format!("{topic}-trades");
         settings.kafka.dlq_topic = format!("{topic}-dlq");
         settings.kafka.group_id = format!("{topic}-group");
         settings.schema_registry.url = registry.url();

@@ -38,7 +38,7 @@ fn counts(output: &str, symbol: &str) -> [usize; 5] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_finds_the_exchange_candles_then_a_planted_difference_then_no_influxdb() {
     let now = now_ms();
-    let mut pipeline = MockPipeline::start(|ex| {
+    let pipeline = MockPipeline::start(|ex| {
         for s in SYMBOLS {
             ex.preload_history(s, now - 40 * MINUTE, now - 2_000, 300);
         }
@@ -53,8 +53,9 @@ async fn audit_finds_the_exchange_candles_then_a_planted_difference_then_no_infl
     tokio::time::sleep(Duration::from_secs(1)).await;
     trader.stop().await;
     pipeline.wait_stored().await;
+    let settings = pipeline.settings.clone();
     let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(config.path(), settings_toml(&pipeline.settings)).unwrap();
+    std::fs::write(config.path(), settings_toml(&settings)).unwrap();
 
     let (code, out) = audit(config.path(), &["--since", "1h"]);
     println!("{out}");
@@ -83,7 +84,12 @@ async fn audit_finds_the_exchange_candles_then_a_planted_difference_then_no_infl
     assert!(out.contains("close") && out.contains(&(close + 0.5).to_string()), "the difference is shown:\n{out}");
     assert!(!out.contains("tSOLUSD"), "--symbols limits the audit");
 
-    pipeline.influx.stop();
+    pipeline.stop().await;
+
+    // Nothing listens where InfluxDB should be.
+    let mut down = settings.clone();
+    down.influx.url = format!("http://127.0.0.1:{}", support::rig::free_port());
+    std::fs::write(config.path(), settings_toml(&down)).unwrap();
     let (code, out) = audit(config.path(), &[]);
     assert_eq!(code, 2, "InfluxDB down:\n{out}");
     assert!(out.contains("could not run"), "{out}");

@@ -10,7 +10,9 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
-use super::message::{parse_rest, CandleValues, RestAnswer, RestTicker, TickerValues, TradeEntry, ERROR_RATE_LIMIT};
+use super::message::{
+    parse_rest, CandleValues, RestAnswer, RestTicker, TickerValues, TradeEntry, TradeValues, ERROR_RATE_LIMIT,
+};
 use super::{now_ms, sleep_or_cancel, subscriptions, trades, Channel, Ctx, ExchangeError, Sub};
 use crate::candles::{Record, Source, Tick};
 use crate::config::BitfinexConfig;
@@ -153,7 +155,7 @@ impl RestClient {
         let path = format!("/v2/trades/{symbol}/hist");
         let query = window(start_ms, end_ms, limit);
         let rows = self.history(Endpoint::Trades, &path, &query).await?;
-        Ok(rows.iter().map(|r| super::message::TradeValues::from_raw(r)).collect())
+        Ok(rows.iter().map(|r| TradeValues::from_raw(r)).collect())
     }
 
     /// Bitfinex's own 1-minute trade candles of `symbol` starting in `[start_ms, end_ms]`,

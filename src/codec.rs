@@ -145,11 +145,59 @@ impl Encoder {
 /// The writer schema's full name says which record type the bytes hold.
 pub struct Decoder {
     decoder: AvroDecoder,
+    /// Asks the registry directly after a failed lookup: the converter retries only 502 and 503
+    /// and caches every other failure, but only a definite "no such schema" may condemn a record.
+    probe: reqwest::Client,
+    cfg: SchemaRegistryConfig,
 }
+
+/// Schema Registry's error code for an id it does not know.
+const SCHEMA_NOT_FOUND: i64 = 40403;
 
 impl Decoder {
     pub fn new(cfg: &SchemaRegistryConfig) -> Result<Self, CodecError> {
-        Ok(Self { decoder: AvroDecoder::new(sr_settings(cfg)?) })
+        let probe = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .build()
+            .map_err(|e| CodecError::RegistryRejected(e.to_string()))?;
+        Ok(Self { decoder: AvroDecoder::new(sr_settings(cfg)?), probe, cfg: cfg.clone() })
+    }
+
+    /// After the converter failed to fetch schema `id`: Ok when it has it after all, an unknown
+    /// schema when the registry says so (or the schema it has is unusable), and otherwise a
+    /// passing fault (5xx, timeout, refused connection, a proxy's 404 page, bad credentials).
+    async fn lookup_failed(&self, id: u32, failure: SRCError) -> Result<(), CodecError> {
+        // The converter keeps definite failures forever; the next attempt must ask again.
+        self.decoder.remove_errors_from_cache();
+        if failure.retriable {
+            return Err(CodecError::RegistryUnavailable(failure.to_string()));
+        }
+        let mut request = self.probe.get(format!("{}/schemas/ids/{id}", self.cfg.url.trim_end_matches('/')));
+        if let Some(user) = &self.cfg.username {
+            request = request.basic_auth(user, self.cfg.password.as_ref());
+        }
+        let unavailable = |answer: String| CodecError::RegistryUnavailable(format!("schema {id}: {failure}; registry answered {answer}"));
+        let answer = match request.send().await {
+            Ok(answer) => answer,
+            Err(e) => return Err(unavailable(e.to_string())),
+        };
+        let status = answer.status();
+        if status.is_success() {
+            // Served now: either the failure has passed, or the schema itself is unusable.
+            return match self.decoder.get_schema(id).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.retriable => Err(CodecError::RegistryUnavailable(e.to_string())),
+                Err(e) => {
+                    self.decoder.remove_errors_from_cache();
+                    Err(CodecError::UnknownSchema { id, reason: e.to_string() })
+                }
+            };
+        }
+        let body: serde_json::Value = answer.json().await.unwrap_or_default();
+        if status == reqwest::StatusCode::NOT_FOUND && body["error_code"].as_i64() == Some(SCHEMA_NOT_FOUND) {
+            return Err(CodecError::UnknownSchema { id, reason: body["message"].as_str().unwrap_or("not found").into() });
+        }
+        Err(unavailable(format!("HTTP {status} {body}")))
     }
 
     pub async fn decode(&self, payload: &[u8]) -> Result<Record, CodecError> {
@@ -159,11 +207,7 @@ impl Decoder {
         };
         // Looking the schema up on its own tells "unknown id" apart from "corrupt body".
         if let Err(e) = self.decoder.get_schema(id).await {
-            return Err(if e.retriable {
-                CodecError::RegistryUnavailable(e.to_string())
-            } else {
-                CodecError::UnknownSchema { id, reason: e.to_string() }
-            });
+            self.lookup_failed(id, e).await?;
         }
         let decoded = self
             .decoder

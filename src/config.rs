@@ -270,9 +270,10 @@ pub struct InfluxConfig {
     pub measurement: String,
     /// Measurement of the trades (tags symbol and side; fields id, price, amount).
     pub trades_measurement: String,
-    /// A batch is written when it holds this many points…
+    /// Most points in one write. The writer writes as soon as it has taken what is waiting, so
+    /// batches grow only while a write is in flight (group commit).
     pub batch_size: usize,
-    /// …or when its oldest point waited this long.
+    /// How long a write that is not full may wait for more points; zero writes at once.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -293,7 +294,7 @@ impl Default for InfluxConfig {
             measurement: "ticker".into(),
             trades_measurement: "trades".into(),
             batch_size: 500,
-            flush_interval: Duration::from_secs(1),
+            flush_interval: Duration::ZERO,
             timeout: Duration::from_secs(10),
         }
     }

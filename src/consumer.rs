@@ -1,28 +1,32 @@
 //! `candlestream consumer`: Kafka consumer group → Avro decode → InfluxDB, at-least-once.
 //!
 //! Each worker is one group member: a poller task reads records into a bounded channel, a writer
-//! task batches them into InfluxDB and stores their offsets only once the write is acknowledged.
-//! While InfluxDB is down the writer retries, the channel fills and the poller stops reading.
+//! task ([`writer`]) writes them to InfluxDB and stores their offsets only once the write is
+//! acknowledged. When the writer falls behind (InfluxDB down, the registry failing), the channel
+//! fills and the poller pauses the member's partitions but goes on polling, so the member keeps
+//! its partitions however long that lasts.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod writer;
+
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::candles::RecordKind;
 use crate::codec::{CodecError, Decoder};
-use crate::config::Settings;
-use crate::kafka::{consumer_config, producer_config, FlushRequest, GroupContext};
-use crate::retry::backoff;
-use crate::sink::influx::{write_line, InfluxSink, SinkError};
-use crate::telemetry::{metric, serve_http, Health, Liveness};
+use crate::config::{AssignmentStrategy, Settings};
+use crate::kafka::{consumer_config, is_closed, producer_config, start_close, FlushRequest, GroupContext};
+use crate::sink::influx::{InfluxSink, SinkError};
+use crate::telemetry::{metric, serve_http, Fault, Health, Liveness};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -34,6 +38,8 @@ pub enum ConsumerError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot serve /healthz and /metrics: {0}")]
     Http(#[from] std::io::Error),
+    #[error("{0} group member(s) did not finish leaving the group within consumer.shutdown_timeout")]
+    Close(usize),
 }
 
 impl ConsumerError {
@@ -41,7 +47,7 @@ impl ConsumerError {
         match self {
             ConsumerError::Codec(e) => e.is_retryable(),
             ConsumerError::Sink(e) => e.is_retryable(),
-            ConsumerError::Kafka(_) | ConsumerError::Http(_) => false,
+            ConsumerError::Kafka(_) | ConsumerError::Http(_) | ConsumerError::Close(_) => false,
         }
     }
 }
@@ -62,13 +68,19 @@ struct Shared {
     sink: InfluxSink,
     dlq: FutureProducer,
     writes: Arc<Liveness>,
+    /// Set while InfluxDB refuses writes for a reason only an operator can fix.
+    setup: Arc<Fault>,
     cancel: CancellationToken,
+    /// Held by the member that is leaving the group; see [`member`].
+    leaving: tokio::sync::Mutex<()>,
 }
 
-/// Runs `workers` group members until `cancel`; each then writes what it read and commits.
+/// Runs `workers` group members until `cancel`; each then writes what it read, commits and
+/// leaves the group.
 pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) -> Result<(), ConsumerError> {
     let health = Health::default();
     let writes = health.progress("influx_writes", settings.health.max_ack_silence);
+    let setup = health.fault("influx_writes");
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();
     serve_http(settings.http.listen, health, http_stop).await?;
@@ -78,7 +90,9 @@ pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) 
         sink: InfluxSink::new(&settings.influx)?,
         dlq: producer_config(&settings.kafka).create()?,
         writes,
+        setup,
         cancel,
+        leaving: tokio::sync::Mutex::new(()),
         settings,
     });
     let mut members = JoinSet::new();
@@ -88,12 +102,18 @@ pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) 
     }
     let topics = topics(&shared.settings);
     tracing::info!(workers, ?topics, group = %shared.settings.kafka.group_id, "consumer running");
+    let mut unclosed = 0;
     while let Some(r) = members.join_next().await {
-        if let Err(e) = r {
-            tracing::error!(error = %e, "consumer worker panicked");
+        match r {
+            Ok(true) => {}
+            Ok(false) => unclosed += 1,
+            Err(e) => tracing::error!(error = %e, "consumer worker panicked"),
         }
     }
     tracing::info!("consumer stopped");
+    if unclosed > 0 {
+        return Err(ConsumerError::Close(unclosed));
+    }
     Ok(())
 }
 
@@ -106,271 +126,123 @@ type Member = (Arc<StreamConsumer<GroupContext>>, mpsc::Receiver<FlushRequest>);
 
 fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
     let (flush, flush_rx) = mpsc::channel(1);
-    let context = GroupContext { worker: id, flush, flush_timeout: shared.settings.consumer.shutdown_timeout };
+    let context = GroupContext {
+        worker: id,
+        flush,
+        flush_timeout: shared.settings.consumer.shutdown_timeout,
+        cooperative: shared.settings.kafka.assignment_strategy == AssignmentStrategy::CooperativeSticky,
+    };
     let consumer: StreamConsumer<GroupContext> =
         consumer_config(&shared.settings.kafka).create_with_context(context)?;
     consumer.subscribe(&topics(&shared.settings))?;
     Ok((Arc::new(consumer), flush_rx))
 }
 
-async fn member(shared: Arc<Shared>, id: usize, (consumer, flush_rx): Member) {
+/// Runs one member until shutdown; true when it left the group cleanly.
+///
+/// The members of a process leave one at a time while the others go on polling. A close waits
+/// for the final offset commit and sends LeaveGroup, and librdkafka queues both on the
+/// coordinator connection behind the member's JoinGroup when a rebalance is under way (such as
+/// the one another member's leaving starts). The coordinator holds that JoinGroup until every
+/// member rejoins; a member that still polls rejoins at once, a closing one never does.
+async fn member(shared: Arc<Shared>, id: usize, (consumer, flush_rx): Member) -> bool {
     let (tx, rx) = mpsc::channel(shared.settings.influx.batch_size * 2);
-    let poller = tokio::spawn(poll(consumer.clone(), tx, shared.cancel.clone()));
     let timeout = shared.settings.consumer.shutdown_timeout;
-    Writer::new(shared, id, consumer.clone()).run(rx, flush_rx).await;
-    let _ = poller.await;
-    // Closing commits the stored offsets (auto-commit) and leaves the group. librdkafka blocks
-    // while it does and can wait on the group for long, so it runs on a thread of its own that
-    // neither the async workers nor the runtime's shutdown wait for beyond the limit.
-    let (closed_tx, closed) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        drop(consumer);
-        let _ = closed_tx.send(());
-    });
-    match tokio::time::timeout(timeout, closed).await {
-        Ok(_) => tracing::info!(worker = id, "offsets committed, left the group"),
-        Err(_) => tracing::error!(worker = id, ?timeout, "Kafka did not confirm the final commit in time"),
+    let writer = tokio::spawn(writer::Writer::new(shared.clone(), id, consumer.clone()).run(rx, flush_rx));
+    let turn = async {
+        shared.cancel.cancelled().await;
+        shared.leaving.lock().await
+    };
+    let turn = poll(&consumer, tx, turn, id).await;
+    // The writer finishes what it was handed meanwhile; the revoke that closing brings asks it
+    // to flush, and the commit that follows carries those offsets.
+    let closed = close(&consumer, Instant::now() + timeout, id).await;
+    drop(turn);
+    let _ = writer.await;
+    if closed {
+        tracing::info!(worker = id, "offsets committed, left the group");
+    } else {
+        tracing::error!(worker = id, ?timeout, "Kafka did not confirm leaving the group in time");
+        // Dropping an unclosed consumer blocks until it closes; nothing may wait for that.
+        std::thread::spawn(move || drop(consumer));
     }
+    closed
 }
 
-async fn poll(consumer: Arc<StreamConsumer<GroupContext>>, tx: mpsc::Sender<OwnedMessage>, cancel: CancellationToken) {
+/// Reads records into `tx` until `stop` is ready, and returns its output. When `tx` is full the
+/// member's partitions are paused and polling goes on (group membership depends on it); what
+/// arrived meanwhile is held, at most a record per partition, and handed over before the
+/// partitions resume.
+async fn poll<T>(consumer: &StreamConsumer<GroupContext>, tx: mpsc::Sender<OwnedMessage>, stop: impl std::future::Future<Output = T>, id: usize) -> T {
+    let mut held: VecDeque<OwnedMessage> = VecDeque::new();
+    tokio::pin!(stop);
     loop {
-        let next = tokio::select! {
-            _ = cancel.cancelled() => return,
-            m = consumer.recv() => m,
-        };
-        match next {
-            Ok(m) => {
-                metrics::counter!(metric::CONSUMED).increment(1);
-                let owned = m.detach();
-                tokio::select! {
-                    sent = tx.send(owned) => if sent.is_err() { return },
-                    _ = cancel.cancelled() => return,
+        tokio::select! {
+            out = &mut stop => return out,
+            permit = tx.reserve(), if !held.is_empty() => {
+                let Ok(permit) = permit else { return stop.await };
+                permit.send(held.pop_front().expect("held is not empty"));
+                if held.is_empty() {
+                    flow(consumer, id, false);
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "Kafka consume error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
-
-/// A partition of one of the topics read.
-type Partition = (String, i32);
-
-fn partition_of(record: &OwnedMessage) -> Partition {
-    (record.topic().to_string(), record.partition())
-}
-
-#[derive(Default)]
-struct Batch {
-    lines: String,
-    records: Vec<OwnedMessage>,
-    /// Highest offset per partition that is safe to store once the batch is written.
-    offsets: BTreeMap<Partition, i64>,
-    /// Partitions where a record could be neither written nor dead-lettered (shutdown); no
-    /// offset of theirs may be stored past it.
-    blocked: BTreeSet<Partition>,
-    oldest: Option<Instant>,
-}
-
-impl Batch {
-    fn mark_done(&mut self, partition: Partition, offset: i64) {
-        if !self.blocked.contains(&partition) {
-            self.offsets.insert(partition, offset);
-        }
-        self.oldest.get_or_insert_with(Instant::now);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.offsets.is_empty()
-    }
-}
-
-struct Writer {
-    shared: Arc<Shared>,
-    id: usize,
-    consumer: Arc<StreamConsumer<GroupContext>>,
-    batch: Batch,
-    /// Set at shutdown: retries stop here and what is left is re-read by the next owner.
-    deadline: Option<Instant>,
-}
-
-impl Writer {
-    fn new(shared: Arc<Shared>, id: usize, consumer: Arc<StreamConsumer<GroupContext>>) -> Self {
-        Self { shared, id, consumer, batch: Batch::default(), deadline: None }
-    }
-
-    async fn run(mut self, mut rx: mpsc::Receiver<OwnedMessage>, mut flush_rx: mpsc::Receiver<FlushRequest>) {
-        let influx = &self.shared.settings.influx;
-        let (batch_size, flush_interval) = (influx.batch_size, influx.flush_interval);
-        let mut ticker = tokio::time::interval(flush_interval.min(Duration::from_millis(250)));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let cancel = self.shared.cancel.clone();
-        loop {
-            tokio::select! {
-                biased;
-                Some(ack) = flush_rx.recv() => {
-                    self.flush().await;
-                    let _ = ack.send(());
-                }
-                next = rx.recv() => match next {
-                    Some(record) => {
-                        self.add(record).await;
-                        if self.batch.records.len() >= batch_size {
-                            self.flush().await;
+            next = consumer.recv() => match next {
+                Ok(m) => {
+                    metrics::counter!(metric::CONSUMED).increment(1);
+                    let record = m.detach();
+                    if !held.is_empty() {
+                        // Fetched before the pause took hold, or from a partition assigned since.
+                        flow(consumer, id, true);
+                        held.push_back(record);
+                        continue;
+                    }
+                    match tx.try_send(record) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(record)) => {
+                            flow(consumer, id, true);
+                            held.push_back(record);
                         }
+                        Err(TrySendError::Closed(_)) => return stop.await,
                     }
-                    None => break,
-                },
-                _ = ticker.tick() => {
-                    if self.batch.oldest.is_some_and(|t| t.elapsed() >= flush_interval) {
-                        self.flush().await;
-                    }
-                }
-                _ = cancel.cancelled(), if self.deadline.is_none() => {
-                    self.deadline = Some(Instant::now() + self.shared.settings.consumer.shutdown_timeout);
-                }
-            }
-        }
-        self.flush().await;
-    }
-
-    fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
-    }
-
-    async fn add(&mut self, record: OwnedMessage) {
-        let (partition, offset) = (partition_of(&record), record.offset());
-        let mut delays = backoff(Duration::from_millis(200), self.shared.settings.consumer.retry_backoff_max);
-        loop {
-            match self.shared.decoder.decode(record.payload().unwrap_or_default()).await {
-                Ok(decoded) => {
-                    let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
-                    write_line(&mut self.batch.lines, measurement, &decoded);
-                    self.shared.writes.add_pending(1);
-                    self.batch.records.push(record);
-                    self.batch.mark_done(partition, offset);
-                    return;
-                }
-                Err(e) if e.is_retryable() && !self.past_deadline() => {
-                    metrics::counter!(metric::DECODE_RETRIES).increment(1);
-                    let wait = delays.next().unwrap_or(self.shared.settings.consumer.retry_backoff_max);
-                    tracing::warn!(worker = self.id, error = %e, ?wait, "cannot decode yet; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) if e.is_retryable() => {
-                    self.batch.blocked.insert(partition);
-                    return;
                 }
                 Err(e) => {
-                    if self.dead_letter(&record, e.reason(), &e.to_string()).await {
-                        self.batch.mark_done(partition, offset);
-                    } else {
-                        self.batch.blocked.insert(partition);
-                    }
-                    return;
+                    tracing::warn!(worker = id, error = %e, "Kafka consume error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-            }
+            },
         }
     }
+}
 
-    /// Copies a record, untouched, to the dead-letter topic; true once Kafka acknowledged it.
-    async fn dead_letter(&self, record: &OwnedMessage, reason: &str, detail: &str) -> bool {
-        let kafka = &self.shared.settings.kafka;
-        let (partition, offset) = (record.partition().to_string(), record.offset().to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: dlq_header::REASON, value: Some(reason) })
-            .insert(Header { key: dlq_header::DETAIL, value: Some(detail) })
-            .insert(Header { key: dlq_header::TOPIC, value: Some(record.topic()) })
-            .insert(Header { key: dlq_header::PARTITION, value: Some(&partition) })
-            .insert(Header { key: dlq_header::OFFSET, value: Some(&offset) });
-        let mut delays = backoff(Duration::from_millis(200), self.shared.settings.consumer.retry_backoff_max);
-        loop {
-            let mut out = FutureRecord::to(&kafka.dlq_topic).headers(headers.clone());
-            if let Some(k) = record.key() {
-                out = out.key(k);
-            }
-            if let Some(p) = record.payload() {
-                out = out.payload(p);
-            }
-            match self.shared.dlq.send(out, Duration::from_secs(5)).await {
-                Ok(_) => {
-                    metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string()).increment(1);
-                    tracing::warn!(worker = self.id, reason, detail, partition, offset, dlq = %kafka.dlq_topic, "record sent to the dead-letter topic");
-                    return true;
-                }
-                Err((e, _)) if !self.past_deadline() => {
-                    let wait = delays.next().unwrap_or(self.shared.settings.consumer.retry_backoff_max);
-                    tracing::error!(worker = self.id, error = %e, ?wait, "cannot write to the dead-letter topic; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(_) => return false,
-            }
+/// Pauses (or resumes) every partition assigned to the member. A paused partition fetches
+/// nothing more and, on resume, starts again after the last record handed to us.
+fn flow(consumer: &StreamConsumer<GroupContext>, id: usize, pause: bool) {
+    let result = consumer.assignment().and_then(|a| if pause { consumer.pause(&a) } else { consumer.resume(&a) });
+    match result {
+        Ok(()) if pause => {
+            metrics::counter!(metric::PAUSES).increment(1);
+            tracing::info!(worker = id, "writer behind; partitions paused, polling goes on");
         }
+        Ok(()) => tracing::info!(worker = id, "writer caught up; partitions resumed"),
+        Err(e) => tracing::warn!(worker = id, pause, error = %e, "cannot pause or resume partitions"),
     }
+}
 
-    /// Writes the batch (retrying while InfluxDB is unavailable), then stores its offsets.
-    async fn flush(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let points = self.batch.records.len();
-        if points > 0 && !self.write_batch().await {
-            let left = self.batch.records.len();
-            tracing::error!(worker = self.id, points = left, "shutdown deadline passed before InfluxDB took the batch; its offsets stay uncommitted and the records will be read again");
-            self.shared.writes.add_pending(-(left as i64));
-            self.batch = Batch::default();
-            return;
-        }
-        let batch = std::mem::take(&mut self.batch);
-        self.shared.writes.add_pending(-(points as i64));
-        for ((topic, partition), offset) in batch.offsets {
-            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
-                // The partition moved to another member; it re-reads from the last commit.
-                tracing::debug!(worker = self.id, %topic, partition, error = %e, "offset not stored");
-            }
+/// Leaves the group on this task: the rebalance callbacks that closing raises are served here,
+/// where the writer can still flush, rather than inside a drop on some other thread. True once
+/// librdkafka reports the consumer closed (final commit sent, group left) before `deadline`.
+async fn close(consumer: &StreamConsumer<GroupContext>, deadline: Instant, id: usize) -> bool {
+    if let Err(e) = start_close(consumer) {
+        tracing::warn!(worker = id, error = %e, "cannot start leaving the group");
+        return is_closed(consumer);
+    }
+    while !is_closed(consumer) {
+        tokio::select! {
+            // Records still arriving are not stored; the next owner reads them.
+            _ = consumer.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = tokio::time::sleep_until(deadline) => return is_closed(consumer),
         }
     }
-
-    /// False only when shutdown's deadline cut the retries short.
-    async fn write_batch(&mut self) -> bool {
-        let max = self.shared.settings.consumer.retry_backoff_max;
-        let mut delays = backoff(Duration::from_millis(200), max);
-        loop {
-            let started = Instant::now();
-            match self.shared.sink.write(&self.batch.lines).await {
-                Ok(()) => {
-                    metrics::histogram!(metric::WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-                    metrics::counter!(metric::POINTS_WRITTEN).increment(self.batch.records.len() as u64);
-                    self.shared.writes.beat();
-                    return true;
-                }
-                Err(e) if e.is_retryable() => {
-                    metrics::counter!(metric::WRITE_ERRORS, "kind" => "retried").increment(1);
-                    if self.past_deadline() {
-                        return false;
-                    }
-                    let wait = delays.next().unwrap_or(max);
-                    tracing::warn!(worker = self.id, error = %e, ?wait, points = self.batch.records.len(), "InfluxDB write failed; holding the batch and retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    metrics::counter!(metric::WRITE_ERRORS, "kind" => "rejected").increment(1);
-                    let sample: String = self.batch.lines.lines().next().unwrap_or_default().chars().take(300).collect();
-                    tracing::error!(worker = self.id, error = %e, points = self.batch.records.len(), first_line = %sample, "InfluxDB rejected the batch; its records go to the dead-letter topic");
-                    let records = std::mem::take(&mut self.batch.records);
-                    for record in &records {
-                        if !self.dead_letter(record, "influx-rejected", &e.to_string()).await {
-                            let partition = partition_of(record);
-                            self.batch.offsets.remove(&partition);
-                            self.batch.blocked.insert(partition);
-                        }
-                    }
-                    return true;
-                }
-            }
-        }
-    }
+    true
 }

@@ -253,6 +253,8 @@ pub struct GroupContext {
     pub worker: usize,
     pub flush: mpsc::Sender<FlushRequest>,
     pub flush_timeout: Duration,
+    /// Known from the configuration, so that no callback has to ask librdkafka for it.
+    pub cooperative: bool,
 }
 
 impl rdkafka::client::ClientContext for GroupContext {
@@ -269,13 +271,47 @@ impl rdkafka::client::ClientContext for GroupContext {
 }
 
 impl rdkafka::consumer::ConsumerContext for GroupContext {
-    fn pre_rebalance(
+
+    /// rust-rdkafka's default asks `rd_kafka_rebalance_protocol()` on every callback: a request
+    /// to the group thread that waits without a timeout and can wait forever when the callback
+    /// runs while the consumer closes (librdkafka #4041, rust-rdkafka #509). The protocol follows
+    /// from `partition.assignment.strategy`, and the answer of every (un)assign is checked.
+    fn rebalance(
         &self,
         consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &rdkafka::consumer::Rebalance<'_>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
     ) {
-        use rdkafka::consumer::{CommitMode, Consumer, Rebalance};
-        let Rebalance::Revoke(partitions) = rebalance else { return };
+        use rdkafka::consumer::Consumer;
+        use rdkafka::types::RDKafkaRespErr::*;
+        let (event, result) = match err {
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.post_assign(tpl);
+                let r = if self.cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                ("assign", r)
+            }
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_revoke(consumer, tpl);
+                let r = if self.cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                ("revoke", r)
+            }
+            other => {
+                tracing::error!(worker = self.worker, error = ?other, "rebalance failed; librdkafka rejoins the group");
+                // An error leaves the assignment to librdkafka; dropping it is what it expects.
+                let r = if self.cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                ("error", r)
+            }
+        };
+        metrics::counter!(metric::REBALANCES, "event" => event).increment(1);
+        if let Err(e) = result {
+            tracing::error!(worker = self.worker, event, error = %e, "librdkafka refused the new assignment");
+        }
+    }
+}
+
+impl GroupContext {
+    fn pre_revoke(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, partitions: &rdkafka::TopicPartitionList) {
+        use rdkafka::consumer::{CommitMode, Consumer};
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let (ack, done) = std::sync::mpsc::channel();
@@ -296,14 +332,35 @@ impl rdkafka::consumer::ConsumerContext for GroupContext {
         );
     }
 
-    fn post_rebalance(
-        &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &rdkafka::consumer::Rebalance<'_>,
-    ) {
-        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
-            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            tracing::info!(worker = self.worker, ?partitions, "partitions assigned");
-        }
+    fn post_assign(&self, tpl: &rdkafka::TopicPartitionList) {
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        tracing::info!(worker = self.worker, ?partitions, "partitions assigned");
     }
+}
+
+/// Starts leaving the group without blocking: librdkafka revokes the assignment through the
+/// rebalance callback (served by whoever polls the consumer), commits and sends LeaveGroup.
+/// rust-rdkafka offers this only on `BaseConsumer`, which a `StreamConsumer` keeps private.
+pub fn start_close<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C) -> Result<(), KafkaError> {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is a live consumer handle; the queue handle is released before returning and
+    // librdkafka keeps its own reference to the queue for the close.
+    unsafe {
+        let queue = rd::rd_kafka_queue_get_consumer(rk);
+        let error = rd::rd_kafka_consumer_close_queue(rk, queue);
+        rd::rd_kafka_queue_destroy(queue);
+        if error.is_null() {
+            return Ok(());
+        }
+        let code = rd::rd_kafka_error_code(error);
+        rd::rd_kafka_error_destroy(error);
+        Err(KafkaError::ConsumerQueueClose(code.into()))
+    }
+}
+
+/// True once the close started by [`start_close`] has finished.
+pub fn is_closed<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C) -> bool {
+    // SAFETY: reads an atomic of a live consumer handle.
+    unsafe { rdkafka::bindings::rd_kafka_consumer_closed(consumer.client().native_ptr()) == 1 }
 }

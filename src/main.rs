@@ -30,8 +30,8 @@ enum Command {
     /// Write ticks from Kafka to InfluxDB as a consumer group, at-least-once.
     ///
     /// Joins `kafka.group_id` on `kafka.topic`, decodes each record through the Schema Registry
-    /// and writes line protocol to InfluxDB (`influx.api` "v2" or "v1") in batches of
-    /// `influx.batch_size` or every `influx.flush_interval`. Offsets are committed only after
+    /// and writes line protocol to InfluxDB (`influx.api` "v2" or "v1") as soon as records arrive,
+    /// up to `influx.batch_size` per write. Offsets are committed only after
     /// InfluxDB acknowledged the batch; points are keyed by exchange time, so replays overwrite.
     /// Records that can never be decoded go, unchanged, to `kafka.dlq_topic` with headers saying
     /// why. SIGINT/SIGTERM write the current batch, commit, leave the group and exit 0.

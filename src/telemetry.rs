@@ -43,11 +43,22 @@ pub mod metric {
     pub const POINTS_WRITTEN: &str = "candlestream_influx_points_written_total";
     pub const WRITE_ERRORS: &str = "candlestream_influx_write_errors_total";
     pub const WRITE_SECONDS: &str = "candlestream_influx_write_seconds";
+    pub const PIPELINE_LATENCY: &str = "candlestream_pipeline_latency_seconds";
+    pub const EXCHANGE_TO_STORE: &str = "candlestream_exchange_to_store_seconds";
+    pub const PAUSES: &str = "candlestream_consumer_pauses_total";
+    pub const REBALANCES: &str = "candlestream_consumer_rebalances_total";
 }
+
+/// Bucket bounds of the latency histograms, in seconds: from a few milliseconds (a record
+/// written at once) to minutes (an outage held the batch).
+const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// Installs the global tracing subscriber. Safe to call more than once (tests do).
 pub fn init_logging(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    // The consumer closes before dropping, so rust-rdkafka's drop finds it closed and logs its
+    // failed second close as an error; that module has nothing else worth an operator's time.
+    let quiet = "rdkafka::consumer::base_consumer=off".parse().expect("directive");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level).add_directive(quiet));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -59,10 +70,25 @@ pub fn init_logging(cfg: &LogConfig) {
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        use metrics_exporter_prometheus::Matcher;
+        let mut builder = PrometheusBuilder::new();
+        for name in [metric::PIPELINE_LATENCY, metric::EXCHANGE_TO_STORE] {
+            builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), LATENCY_BUCKETS).expect("buckets");
+        }
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (tests); ours then only renders nothing.
         let _ = metrics::set_global_recorder(recorder);
+        metrics::describe_histogram!(
+            metric::PIPELINE_LATENCY,
+            metrics::Unit::Seconds,
+            "From the producer receiving a record to InfluxDB acknowledging its point, per record kind"
+        );
+        metrics::describe_histogram!(
+            metric::EXCHANGE_TO_STORE,
+            metrics::Unit::Seconds,
+            "From the exchange's timestamp to InfluxDB acknowledging the point, per record kind; includes the clock skew between the exchange and this host (can be negative)"
+        );
         handle
     })
 }
@@ -104,10 +130,35 @@ impl Liveness {
     }
 }
 
-/// The set of liveness checks behind /healthz.
+/// A condition someone must fix (bad credentials, a missing database): failing from `set`
+/// until `clear`, with the reason /healthz shows.
+#[derive(Debug)]
+pub struct Fault {
+    name: &'static str,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl Fault {
+    /// Returns true when the fault was not set before (a transition worth logging).
+    pub fn set(&self, reason: String) -> bool {
+        self.reason.lock().expect("fault lock").replace(reason).is_none()
+    }
+
+    /// Returns true when the fault was set (a recovery worth logging).
+    pub fn clear(&self) -> bool {
+        self.reason.lock().expect("fault lock").take().is_some()
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.reason.lock().expect("fault lock").as_ref().map(|r| format!("{}: {r}", self.name))
+    }
+}
+
+/// The set of liveness checks and faults behind /healthz.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     checks: Arc<std::sync::Mutex<Vec<Arc<Liveness>>>>,
+    faults: Arc<std::sync::Mutex<Vec<Arc<Fault>>>>,
 }
 
 impl Health {
@@ -119,6 +170,13 @@ impl Health {
     /// Adds a check that fails after `max_silence` without a beat while work is pending.
     pub fn progress(&self, name: &'static str, max_silence: Duration) -> Arc<Liveness> {
         self.add(name, max_silence, Some(AtomicI64::new(0)))
+    }
+
+    /// Adds a check that fails while a fault is set.
+    pub fn fault(&self, name: &'static str) -> Arc<Fault> {
+        let fault = Arc::new(Fault { name, reason: std::sync::Mutex::new(None) });
+        self.faults.lock().expect("health lock").push(fault.clone());
+        fault
     }
 
     fn add(&self, name: &'static str, max_silence: Duration, pending: Option<AtomicI64>) -> Arc<Liveness> {
@@ -135,8 +193,9 @@ impl Health {
 
     /// `Ok` when healthy, otherwise every failing check.
     pub fn status(&self) -> Result<(), Vec<String>> {
-        let problems: Vec<String> =
-            self.checks.lock().expect("health lock").iter().filter_map(|c| c.problem()).collect();
+        let mut problems: Vec<String> =
+            self.faults.lock().expect("health lock").iter().filter_map(|f| f.problem()).collect();
+        problems.extend(self.checks.lock().expect("health lock").iter().filter_map(|c| c.problem()));
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 }
@@ -214,6 +273,31 @@ mod tests {
         assert!(err[0].starts_with("kafka_ack"), "{err:?}");
         acks.add_pending(-1);
         assert!(health.status().is_ok());
+    }
+
+    #[test]
+    fn a_fault_fails_health_with_its_reason_until_cleared() {
+        let health = Health::default();
+        let fault = health.fault("influx_writes");
+        assert!(health.status().is_ok());
+        assert!(fault.set("InfluxDB rejected the credentials (HTTP 401)".into()));
+        assert!(!fault.set("again".into()), "setting a set fault is no transition");
+        assert_eq!(health.status().unwrap_err(), ["influx_writes: again"]);
+        assert!(fault.clear());
+        assert!(!fault.clear());
+        assert!(health.status().is_ok());
+    }
+
+    #[test]
+    fn latency_histograms_render_as_histograms() {
+        let handle = prometheus();
+        metrics::histogram!(metric::PIPELINE_LATENCY, "kind" => "ticker").record(0.02);
+        let text = handle.render();
+        if !text.is_empty() {
+            // Empty only when another test installed a recorder first.
+            assert!(text.contains("# TYPE candlestream_pipeline_latency_seconds histogram"), "{text}");
+            assert!(text.contains("candlestream_pipeline_latency_seconds_bucket{kind=\"ticker\",le=\"0.025\"} 1"), "{text}");
+        }
     }
 
     #[test]

@@ -30,13 +30,16 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Self {
+        Self::with_influx(tokio::task::spawn_blocking(Influx1::start).await.unwrap()).await
+    }
+
+    async fn with_influx(influx: Influx1) -> Self {
         let topic = unique("ticks");
         let cluster = MockCluster::new(3).unwrap();
         cluster.create_topic(&topic, 3, 3).unwrap();
         cluster.create_topic(&format!("{topic}-trades"), 3, 3).unwrap();
         cluster.create_topic(&format!("{topic}-dlq"), 1, 3).unwrap();
         let registry = FakeRegistry::start().await;
-        let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
         let db = topic.replace('-', "_");
         influx.create_database(&db).await;
         let mut settings = Settings::default();
@@ -50,8 +53,42 @@ impl Setup {
         settings.influx.timeout = Duration::from_secs(2);
         settings.consumer.retry_backoff_max = Duration::from_millis(500);
         settings.consumer.shutdown_timeout = Duration::from_secs(10);
-        settings.http.listen = ([127, 0, 0, 1], 0).into();
+        settings.http.listen = ([127, 0, 0, 1], support::rig::free_port()).into();
         Self { topic, cluster, registry, influx, db, settings }
+    }
+
+    /// The consumer's /healthz: status and body.
+    async fn health(&self) -> (u16, String) {
+        match reqwest::get(format!("http://{}/healthz", self.settings.http.listen)).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    fn dead_letters(&self) -> usize {
+        support::topic_size(&self.brokers(), &format!("{}-dlq", self.topic), &BTreeMap::new())
+    }
+
+    /// Waits until /healthz is 503 with a body containing `reason`; meanwhile nothing may be
+    /// written or dead-lettered.
+    async fn assert_held(&self, reason: &str) {
+        eventually_async(&format!("/healthz 503 naming {reason:?}"), WAIT, || async {
+            let (status, body) = self.health().await;
+            status == 503 && body.contains(reason)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(self.dead_letters(), 0, "a setup fault dead-letters nothing");
+        let (status, body) = self.health().await;
+        assert_eq!(status, 503, "still unhealthy while held: {body}");
+    }
+
+    /// Every tick arrives, nothing is dead-lettered, and /healthz is healthy again.
+    async fn assert_recovered(&self, ticks: &[Tick]) {
+        self.wait_for_points(ticks.len()).await;
+        eventually_async("/healthz 200 again", WAIT, || async { self.health().await.0 == 200 }).await;
+        assert_eq!(self.dead_letters(), 0);
+        self.assert_points_are(ticks).await;
     }
 
     /// Switches the consumer to the v2 API of a fake that accepts org "acme", bucket "ticks"
@@ -212,7 +249,6 @@ async fn sigkill_mid_stream_then_restart_still_gives_exactly_n() {
     s.kafka.consumer.insert("session.timeout.ms".into(), "6000".into());
     s.kafka.consumer.insert("heartbeat.interval.ms".into(), "500".into());
     s.influx.batch_size = 20;
-    s.influx.flush_interval = Duration::from_millis(100);
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(config.path(), support::settings_toml(&s)).unwrap();
     let mut child = support::Process::spawn("consumer", config.path());
@@ -250,22 +286,201 @@ async fn v2_api_writes_the_same_line_protocol_with_token_org_bucket_and_gzip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_batch_is_dead_lettered_not_retried_forever() {
+async fn a_wrong_v2_token_holds_the_records_until_it_is_fixed() {
     let mut t = Setup::new().await;
-    let influx2 = t.use_v2_fake("right-token").await;
-    t.settings.influx.token = Some("wrong-token".into());
+    let influx2 = t.use_v2_fake("rotated-token").await;
+    t.settings.influx.token = Some("old-token".into());
     let ticks = make_ticks(&SYMBOLS, 10, START_MS, 1000);
     t.produce(&ticks).await;
     let running = start_consumer(t.settings.clone(), 1);
-    let dlq = format!("{}-dlq", t.topic);
-    eventually_async("rejected batch dead-lettered", WAIT, || async {
-        support::topic_size(&t.brokers(), &dlq, &BTreeMap::new()) >= ticks.len()
-    })
-    .await;
+    t.assert_held("CANDLESTREAM__INFLUX__TOKEN").await;
+    assert!(influx2.lines().is_empty());
+    influx2.set_token("old-token");
+    support::eventually("every point in the v2 fake", WAIT, || influx2.lines().len() == ticks.len()).await;
+    eventually_async("/healthz 200 again", WAIT, || async { t.health().await.0 == 200 }).await;
     running.stop().await;
-    let letters = read_all(&t.brokers(), &dlq, &BTreeMap::new());
-    assert_eq!(letters.len(), ticks.len());
-    assert!(letters.iter().all(|r| r.headers[dlq_header::REASON] == "influx-rejected"));
-    assert!(letters[0].headers[dlq_header::DETAIL].contains("401"), "{:?}", letters[0].headers);
-    assert!(influx2.requests() <= 2, "a 401 is not retried ({} requests)", influx2.requests());
+    assert_eq!(t.dead_letters(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_influx_credentials_hold_the_records_until_the_password_is_right() {
+    let mut t = Setup::with_influx(Influx1::start_with_auth().await).await;
+    t.influx.query("", "CREATE USER writer WITH PASSWORD 'before'").await;
+    t.influx.query("", &format!("GRANT WRITE ON \"{}\" TO writer", t.db)).await;
+    t.settings.influx.username = Some("writer".into());
+    t.settings.influx.password = Some("after".into());
+    let ticks = make_ticks(&SYMBOLS, 40, START_MS, 1000);
+    t.produce(&ticks).await;
+    let running = start_consumer(t.settings.clone(), 1);
+    t.assert_held("InfluxDB rejected the credentials (HTTP 401)").await;
+    assert_eq!(t.influx.count(&t.db, "ticker").await, 0);
+    t.influx.query("", "SET PASSWORD FOR writer = 'after'").await;
+    t.assert_recovered(&ticks).await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_database_holds_the_records_until_it_exists() {
+    let t = Setup::new().await;
+    t.influx.query("", &format!("DROP DATABASE \"{}\"", t.db)).await;
+    let ticks = make_ticks(&SYMBOLS, 40, START_MS, 1000);
+    t.produce(&ticks).await;
+    let running = start_consumer(t.settings.clone(), 2);
+    t.assert_held("no such database").await;
+    t.influx.create_database(&t.db).await;
+    t.assert_recovered(&ticks).await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_type_conflict_dead_letters_exactly_the_rejected_points() {
+    let t = Setup::new().await;
+    // Ticks a day apart span several shard groups (7 days each). An integer `bid` already in one
+    // shard makes InfluxDB 1.x refuse exactly the ticks that fall in it, in a partial write.
+    let ticks = make_ticks(&SYMBOLS, 40, START_MS, 86_400_000);
+    // Shard groups start on Mondays (Go truncates from year 1); the Unix epoch was a Thursday.
+    const DAY_NS: i64 = 86_400 * 1_000_000_000;
+    let week = |ms: i64| (ms * 1_000_000 - 4 * DAY_NS).div_euclid(7 * DAY_NS);
+    let poisoned = week(ticks[60].exchange_time);
+    let conflict = format!("ticker,symbol=conflict bid=1i {}", poisoned * 7 * DAY_NS + 4 * DAY_NS);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/write", t.influx.url()))
+        .query(&[("db", t.db.as_str())])
+        .body(conflict)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let (bad, good): (Vec<Tick>, Vec<Tick>) = ticks.iter().cloned().partition(|x| week(x.exchange_time) == poisoned);
+    assert!(!bad.is_empty() && !good.is_empty());
+    t.produce(&ticks).await;
+    let running = start_consumer(t.settings.clone(), 1);
+    eventually_async("rejected points dead-lettered", WAIT, || async { t.dead_letters() >= bad.len() }).await;
+    eventually_async("valid points stored", WAIT, || async { t.influx.count(&t.db, "ticker").await >= good.len() }).await;
+    running.stop().await;
+
+    let letters = read_all(&t.brokers(), &format!("{}-dlq", t.topic), &BTreeMap::new());
+    assert_eq!(letters.len(), bad.len(), "exactly the conflicting ticks, each once");
+    let decoder = candlestream::codec::Decoder::new(&t.settings.schema_registry).unwrap();
+    let mut got = Vec::new();
+    for letter in &letters {
+        assert_eq!(letter.headers[dlq_header::REASON], "influx-rejected");
+        assert!(letter.headers[dlq_header::DETAIL].contains("field type conflict"), "{:?}", letter.headers);
+        got.push(decoder.decode(&letter.payload).await.unwrap().exchange_time());
+    }
+    got.sort();
+    let mut want: Vec<i64> = bad.iter().map(|x| x.exchange_time).collect();
+    want.sort();
+    assert_eq!(got, want);
+    let rows = t.influx.rows(&t.db, "SELECT * FROM ticker WHERE symbol != 'conflict'").await;
+    assert_eq!(rows.len(), good.len(), "every other tick stored, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_answering_500_is_retried_not_dead_lettered() {
+    let t = Setup::new().await;
+    let ticks = make_ticks(&SYMBOLS, 30, START_MS, 1000);
+    t.produce(&ticks).await;
+    t.registry.fail_with(500);
+    let running = start_consumer(t.settings.clone(), 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(t.influx.count(&t.db, "ticker").await, 0);
+    assert_eq!(t.dead_letters(), 0, "a 500 says nothing about the record");
+    t.registry.fail_with(0);
+    t.wait_for_points(ticks.len()).await;
+    running.stop().await;
+    assert_eq!(t.dead_letters(), 0);
+    t.assert_points_are(&ticks).await;
+}
+
+/// Reads one sample of the Prometheus text, e.g. `name_bucket{kind="ticker",le="0.25"}`.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_is_written_record_by_record_and_latency_is_measured() {
+    let t = Setup::new().await;
+    let mut s = t.settings.clone();
+    // The shipped batching, not the tests' small batches.
+    s.influx.batch_size = Settings::default().influx.batch_size;
+    s.influx.flush_interval = Settings::default().influx.flush_interval;
+    // The mock cluster answers a fetch only when fetch.wait.max.ms (500 ms) ends; a broker
+    // answers as soon as data arrives. Keep the mock's share small so the writer's shows.
+    s.kafka.consumer.insert("fetch.wait.max.ms".into(), "20".into());
+    // Its own process, so that /metrics holds only this consumer's histograms.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), support::settings_toml(&s)).unwrap();
+    let mut child = support::Process::spawn("consumer", config.path());
+    eventually_async("consumer serving", WAIT, || async { t.health().await.0 == 200 }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let n = 12;
+    for i in 0..n {
+        let now = support::now_ms();
+        let mut tick = make_ticks(&["tBTCUSD"], 1, 0, 0).remove(0);
+        (tick.exchange_time, tick.received_at, tick.volume) = (now - 1000, now, i as f64);
+        t.produce(&[tick]).await;
+        t.wait_for_points(i + 1).await;
+    }
+    let metrics = reqwest::get(format!("http://{}/metrics", s.http.listen)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("# TYPE candlestream_pipeline_latency_seconds histogram"), "{metrics}");
+    let latency = |le: &str| sample(&metrics, &format!("candlestream_pipeline_latency_seconds_bucket{{kind=\"ticker\",le=\"{le}\"}}"));
+    assert_eq!(sample(&metrics, "candlestream_pipeline_latency_seconds_count{kind=\"ticker\"}"), n as f64);
+    // Written at once: no record waited for a batch to fill or a timer to fire.
+    assert_eq!(latency("1"), n as f64, "{metrics}");
+    let skewed = |le: &str| sample(&metrics, &format!("candlestream_exchange_to_store_seconds_bucket{{kind=\"ticker\",le=\"{le}\"}}"));
+    assert_eq!((skewed("0.5"), skewed("2.5")), (0.0, n as f64), "exchange time is 1 s before receipt: {metrics}");
+    assert!(child.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open: about 1 close in 60 still waits out shutdown_timeout (commit queued behind a held JoinGroup); run with --ignored"]
+async fn two_members_of_one_process_always_finish_closing() {
+    use candlestream::config::AssignmentStrategy;
+    let cluster = MockCluster::new(1).unwrap();
+    let registry = FakeRegistry::start().await;
+    let influx2 = support::fake_influx2::FakeInflux2::start("acme", "ticks", "t").await;
+    // Every member must report its close finished (librdkafka says closed) within the limit; a
+    // member that does not makes `run` fail.
+    let limit = Settings::default().consumer.shutdown_timeout;
+    let (mut closes, mut slowest) = (0, Duration::ZERO);
+    for strategy in [AssignmentStrategy::CooperativeSticky, AssignmentStrategy::Range] {
+        // Rounds of concurrent groups keep the test short; each group is one process's two members.
+        for _round in 0..3 {
+            let mut groups = Vec::new();
+            for _ in 0..10 {
+                let topic = unique("close");
+                cluster.create_topic(&topic, 4, 1).unwrap();
+                cluster.create_topic(&format!("{topic}-trades"), 2, 1).unwrap();
+                produce_ticks(&cluster.bootstrap_servers(), &topic, &registry, &BTreeMap::new(), &make_ticks(&SYMBOLS, 20, START_MS, 1000)).await;
+                let mut s = Settings::default();
+                s.kafka.brokers = cluster.bootstrap_servers();
+                (s.kafka.topic, s.kafka.trades_topic, s.kafka.group_id) = (topic.clone(), format!("{topic}-trades"), format!("{topic}-g"));
+                s.kafka.assignment_strategy = strategy;
+                s.schema_registry.url = registry.url();
+                s.influx.api = InfluxApi::V2;
+                (s.influx.url, s.influx.org, s.influx.bucket, s.influx.token) = (influx2.url(), "acme".into(), "ticks".into(), Some("t".into()));
+                s.http.listen = ([127, 0, 0, 1], 0).into();
+                s.consumer.shutdown_timeout = limit;
+                groups.push(start_consumer(s, 2));
+            }
+            // Long enough for both members to join and write, short enough to catch rebalances.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let stops = groups.into_iter().map(|g| async move {
+                let started = std::time::Instant::now();
+                g.stop().await;
+                started.elapsed()
+            });
+            for took in futures::future::join_all(stops).await {
+                closes += 1;
+                slowest = slowest.max(took);
+            }
+        }
+    }
+    println!("CLOSES | {closes} closes of two members (cooperative-sticky and range) | slowest {slowest:?} | limit {limit:?}");
+    assert!(slowest < limit);
 }

@@ -80,23 +80,38 @@ async fn consumer_crash() {
     assert!(survivor.terminate().success());
 }
 
+/// One sample of the in-process /metrics (consumer and producer share the recorder).
+async fn counter(rig: &Rig, series: &str) -> f64 {
+    let metrics = rig.metrics().await;
+    metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn influx_outage() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut rig = Rig::new().await;
-    let consumer = start_consumer(rig.settings.clone(), 1);
+    // The outage lasts five times as long as a member may go without polling.
+    let max_poll = Duration::from_secs(6);
+    rig.settings.kafka.consumer.insert("max.poll.interval.ms".into(), max_poll.as_millis().to_string());
+    let consumer = start_consumer(rig.settings.clone(), 2);
     let producer = start(rig.producer_settings());
     rig.exchange.wait_subscribed(&SYMBOLS, WAIT).await;
     let load = Emitter::start(&rig.exchange, Duration::from_millis(50));
     eventually_async("points flowing", WAIT, || async { rig.stored().await > 30 }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let revoked = r#"candlestream_consumer_rebalances_total{event="revoke"}"#;
+    let revokes = counter(&rig, revoked).await;
+    let outage = Duration::from_secs(30);
     rig.influx.stop();
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    tokio::time::sleep(outage).await;
+    assert!(counter(&rig, "candlestream_consumer_pauses_total").await > 0.0, "partitions paused while InfluxDB was down");
     tokio::task::block_in_place(|| rig.influx.start_again());
     let back = Instant::now();
     load.stop().await;
     let sent = rig.exchange.sent().len();
     let recovered = until(STORE_WAIT, || async { rig.stored().await >= sent }).await.map(|_| back.elapsed());
-    rig.assert_exact("InfluxDB down for 30 s", recovered, 0).await;
+    assert_eq!(counter(&rig, revoked).await, revokes, "no member lost its partitions during a {outage:?} outage (max.poll.interval.ms {max_poll:?})");
+    rig.assert_exact("InfluxDB down for 30 s (5 x max.poll.interval.ms), two members, no revoke", recovered, 0).await;
     producer.stop().await;
     consumer.stop().await;
 }

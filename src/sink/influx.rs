@@ -23,16 +23,23 @@ use crate::config::{InfluxApi, InfluxConfig};
 pub enum SinkError {
     #[error("InfluxDB unavailable: {0}")]
     Unavailable(String),
-    #[error("InfluxDB rejected the batch with HTTP {status}: {body}")]
+    /// Credentials, database, bucket or org are wrong: no record is at fault, and a retry
+    /// succeeds once someone fixes the setup.
+    #[error("{what} (HTTP {status}): {body}; {fix}")]
+    Misconfigured { what: &'static str, status: u16, body: String, fix: String },
+    /// InfluxDB refused some of the points for their content (type conflict, unparsable line,
+    /// outside the retention policy); InfluxDB 1.x stored the others.
+    #[error("InfluxDB rejected points with HTTP {status}: {body}")]
     Rejected { status: u16, body: String },
     #[error("invalid InfluxDB configuration: {0}")]
     Config(String),
 }
 
 impl SinkError {
-    /// Outages, timeouts, 5xx and 429 pass; other 4xx answers will not change on a retry.
+    /// Outages and setup faults are held and retried; only rejected content is not: the same
+    /// points would be refused again.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SinkError::Unavailable(_))
+        matches!(self, SinkError::Unavailable(_) | SinkError::Misconfigured { .. })
     }
 }
 
@@ -108,8 +115,49 @@ impl WriteDataPoint for Lines {
 }
 
 pub enum InfluxSink {
-    V1 { http: reqwest::Client, write_url: String, database: String, auth: Option<(String, Option<String>)> },
-    V2 { client: influxdb2::Client, bucket: String, timeout: std::time::Duration },
+    V1 { http: reqwest::Client, write_url: String, database: String, auth: Option<(String, Option<String>)>, fixes: Fixes },
+    V2 { client: influxdb2::Client, bucket: String, timeout: std::time::Duration, fixes: Fixes },
+}
+
+/// What an operator should check, per setup fault, in this API's terms.
+pub struct Fixes {
+    credentials: String,
+    missing: String,
+}
+
+impl Fixes {
+    fn new(cfg: &InfluxConfig) -> Self {
+        match cfg.api {
+            InfluxApi::V1 => Self {
+                credentials: format!(
+                    "check influx.username ({:?}) and CANDLESTREAM__INFLUX__PASSWORD, and that the user may write to database {:?}",
+                    cfg.username.as_deref().unwrap_or(""),
+                    cfg.database
+                ),
+                missing: format!("create database {:?} (CREATE DATABASE) or fix influx.database", cfg.database),
+            },
+            InfluxApi::V2 => Self {
+                credentials: format!(
+                    "check CANDLESTREAM__INFLUX__TOKEN: it must be valid and allowed to write to bucket {:?} of org {:?}",
+                    cfg.bucket, cfg.org
+                ),
+                missing: format!("create org {:?} and bucket {:?}, or fix influx.org and influx.bucket", cfg.org, cfg.bucket),
+            },
+        }
+    }
+
+    /// 5xx, 429 and 408 pass by themselves; 400, 413 and 422 are about the points sent; every
+    /// other answer is about the setup.
+    fn classify(&self, status: u16, body: String) -> SinkError {
+        let misconfigured = |what, fix: &String| SinkError::Misconfigured { what, status, body: body.clone(), fix: fix.clone() };
+        match status {
+            500.. | 429 | 408 => SinkError::Unavailable(format!("HTTP {status}: {body}")),
+            400 | 413 | 422 => SinkError::Rejected { status, body },
+            401 | 403 => misconfigured("InfluxDB rejected the credentials", &self.credentials),
+            404 => misconfigured("InfluxDB has no such database, bucket or org", &self.missing),
+            _ => misconfigured("InfluxDB refused the write", &"check influx.url and influx.api".to_string()),
+        }
+    }
 }
 
 impl InfluxSink {
@@ -127,6 +175,7 @@ impl InfluxSink {
                 write_url: format!("{base}/write"),
                 database: cfg.database.clone(),
                 auth: cfg.username.clone().map(|u| (u, cfg.password.clone())),
+                fixes: Fixes::new(cfg),
             },
             InfluxApi::V2 => {
                 let token = cfg.token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
@@ -136,7 +185,7 @@ impl InfluxSink {
                     .gzip(true)
                     .build()
                     .map_err(|e| SinkError::Config(e.to_string()))?;
-                InfluxSink::V2 { client, bucket: cfg.bucket.clone(), timeout: cfg.timeout }
+                InfluxSink::V2 { client, bucket: cfg.bucket.clone(), timeout: cfg.timeout, fixes: Fixes::new(cfg) }
             }
         })
     }
@@ -144,7 +193,7 @@ impl InfluxSink {
     /// Writes newline-terminated line protocol with nanosecond timestamps, gzip-compressed.
     pub async fn write(&self, lines: &str) -> Result<(), SinkError> {
         match self {
-            InfluxSink::V1 { http, write_url, database, auth } => {
+            InfluxSink::V1 { http, write_url, database, auth, fixes } => {
                 let mut gz = GzEncoder::new(Vec::with_capacity(lines.len() / 4), Compression::fast());
                 gz.write_all(lines.as_bytes()).map_err(|e| SinkError::Config(e.to_string()))?;
                 let body = gz.finish().map_err(|e| SinkError::Config(e.to_string()))?;
@@ -163,27 +212,19 @@ impl InfluxSink {
                     return Ok(());
                 }
                 let body = resp.text().await.unwrap_or_default();
-                Err(classify(status.as_u16(), body))
+                Err(fixes.classify(status.as_u16(), body))
             }
-            InfluxSink::V2 { client, bucket, timeout } => {
+            InfluxSink::V2 { client, bucket, timeout, fixes } => {
                 let points = futures::stream::iter([Lines(lines.to_string())]);
                 let write = client.write_with_precision(bucket, points, TimestampPrecision::Nanoseconds);
                 match tokio::time::timeout(*timeout, write).await {
                     Err(_) => Err(SinkError::Unavailable(format!("write timed out after {timeout:?}"))),
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(influxdb2::RequestError::Http { status, text })) => Err(classify(status.as_u16(), text)),
+                    Ok(Err(influxdb2::RequestError::Http { status, text })) => Err(fixes.classify(status.as_u16(), text)),
                     Ok(Err(e)) => Err(SinkError::Unavailable(e.to_string())),
                 }
             }
         }
-    }
-}
-
-fn classify(status: u16, body: String) -> SinkError {
-    if status >= 500 || status == 429 || status == 408 {
-        SinkError::Unavailable(format!("HTTP {status}: {body}"))
-    } else {
-        SinkError::Rejected { status, body }
     }
 }
 
@@ -274,11 +315,21 @@ mod tests {
     }
 
     #[test]
-    fn only_outages_are_retried() {
-        assert!(classify(503, String::new()).is_retryable());
-        assert!(classify(429, String::new()).is_retryable());
-        assert!(!classify(400, "partial write: field type conflict".into()).is_retryable());
-        assert!(!classify(401, String::new()).is_retryable());
-        assert!(!classify(404, "database not found".into()).is_retryable());
+    fn setup_faults_are_held_and_only_content_is_rejected() {
+        let v1 = Fixes::new(&InfluxConfig { api: InfluxApi::V1, database: "crypto".into(), ..Default::default() });
+        assert!(v1.classify(503, String::new()).is_retryable());
+        assert!(v1.classify(429, String::new()).is_retryable());
+        let conflict = v1.classify(400, "partial write: field type conflict: dropped=1".into());
+        assert!(matches!(conflict, SinkError::Rejected { status: 400, .. }) && !conflict.is_retryable());
+        let auth = v1.classify(401, r#"{"error":"authorization failed"}"#.into());
+        assert!(auth.is_retryable());
+        assert!(auth.to_string().contains("InfluxDB rejected the credentials (HTTP 401)"), "{auth}");
+        assert!(auth.to_string().contains("CANDLESTREAM__INFLUX__PASSWORD"), "{auth}");
+        let missing = v1.classify(404, r#"{"error":"database not found: \"crypto\""}"#.into());
+        assert!(missing.is_retryable() && missing.to_string().contains("CREATE DATABASE"), "{missing}");
+        let v2 = Fixes::new(&InfluxConfig::default());
+        let auth = v2.classify(401, "unauthorized access".into());
+        assert!(auth.is_retryable() && auth.to_string().contains("CANDLESTREAM__INFLUX__TOKEN"), "{auth}");
+        assert!(v2.classify(404, "bucket not found".into()).to_string().contains("influx.bucket"));
     }
 }

@@ -19,6 +19,8 @@ struct Store {
     /// (series, timestamp) → fields
     points: BTreeMap<(String, String), String>,
     requests: usize,
+    /// The token InfluxDB accepts; an operator can rotate it.
+    token: String,
 }
 
 pub struct FakeInflux2 {
@@ -31,14 +33,13 @@ pub struct FakeInflux2 {
 struct Expect {
     org: String,
     bucket: String,
-    token: String,
     store: Arc<Mutex<Store>>,
 }
 
 impl FakeInflux2 {
     pub async fn start(org: &str, bucket: &str, token: &str) -> Self {
-        let store = Arc::new(Mutex::new(Store::default()));
-        let expect = Expect { org: org.into(), bucket: bucket.into(), token: token.into(), store: store.clone() };
+        let store = Arc::new(Mutex::new(Store { token: token.into(), ..Default::default() }));
+        let expect = Expect { org: org.into(), bucket: bucket.into(), store: store.clone() };
         let app = Router::new().route("/api/v2/write", post(write)).with_state(expect);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -58,6 +59,11 @@ impl FakeInflux2 {
     pub fn lines(&self) -> Vec<String> {
         let store = self.store.lock().unwrap();
         store.points.iter().map(|((series, ts), fields)| format!("{series} {fields} {ts}")).collect()
+    }
+
+    /// Accepts `token` from now on, as after an operator fixed the token.
+    pub fn set_token(&self, token: &str) {
+        self.store.lock().unwrap().token = token.into();
     }
 
     pub fn requests(&self) -> usize {
@@ -81,9 +87,13 @@ async fn write(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    expect.store.lock().unwrap().requests += 1;
+    let token = {
+        let mut store = expect.store.lock().unwrap();
+        store.requests += 1;
+        store.token.clone()
+    };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    if header("authorization") != format!("Token {}", expect.token) {
+    if header("authorization") != format!("Token {token}") {
         return error(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized access");
     }
     if q.get("org") != Some(&expect.org) {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
@@ -28,7 +28,8 @@ struct Registry {
 #[derive(Clone)]
 struct Shared {
     registry: Arc<Mutex<Registry>>,
-    down: Arc<AtomicBool>,
+    /// HTTP status every request gets while set (0: none, the registry works).
+    outage: Arc<AtomicU16>,
 }
 
 pub struct FakeRegistry {
@@ -56,7 +57,7 @@ impl FakeRegistry {
     pub async fn start_on(port: u16) -> Self {
         let shared = Shared {
             registry: Arc::new(Mutex::new(Registry { compatibility: "BACKWARD".into(), ..Default::default() })),
-            down: Arc::new(AtomicBool::new(false)),
+            outage: Arc::new(AtomicU16::new(0)),
         };
         let app = Router::new()
             .route("/subjects", get(list_subjects))
@@ -85,7 +86,13 @@ impl FakeRegistry {
     /// While down, every request gets 503, as a registry behind a load balancer answers
     /// during an outage.
     pub fn set_down(&self, down: bool) {
-        self.shared.down.store(down, Ordering::SeqCst);
+        self.fail_with(if down { 503 } else { 0 });
+    }
+
+    /// Every request gets `status` (e.g. 500, which schema_registry_converter does not retry by
+    /// itself) until called again with 0.
+    pub fn fail_with(&self, status: u16) {
+        self.shared.outage.store(status, Ordering::SeqCst);
     }
 
     /// Registers a schema directly; returns its id.
@@ -123,8 +130,12 @@ async fn outage(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if s.down.load(Ordering::SeqCst) {
-        return reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error_code": 50003, "message": "unavailable"}));
+    match s.outage.load(Ordering::SeqCst) {
+        0 => {}
+        status => {
+            let status = StatusCode::from_u16(status).expect("HTTP status");
+            return reply(status, json!({"error_code": status.as_u16() as u32 * 100 + 1, "message": "outage"}));
+        }
     }
     next.run(req).await
 }

@@ -11,6 +11,8 @@ pub struct Influx1 {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// Admin credentials the test's own queries use when auth is enabled.
+    admin: Option<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -19,6 +21,19 @@ fn free_port() -> u16 {
 
 impl Influx1 {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `[http] auth-enabled = true`; the test's queries use an admin created at start
+    /// (InfluxDB lets anyone create the first admin).
+    pub async fn start_with_auth() -> Self {
+        let mut influx = tokio::task::spawn_blocking(|| Self::start_with(true)).await.unwrap();
+        influx.query("", "CREATE USER admin WITH PASSWORD 'admin-pw' WITH ALL PRIVILEGES").await;
+        influx.admin = Some(("admin".into(), "admin-pw".into()));
+        influx
+    }
+
+    fn start_with(auth: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("influx1-").tempdir().unwrap();
         let (port, rpc) = (free_port(), free_port());
         let d = dir.path().display();
@@ -28,14 +43,14 @@ impl Influx1 {
                 "reporting-disabled = true\nbind-address = \"127.0.0.1:{rpc}\"\n\
                  [meta]\n  dir = \"{d}/meta\"\n\
                  [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n\
-                 [http]\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n\
+                 [http]\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n  auth-enabled = {auth}\n\
                  [monitor]\n  store-enabled = false\n\
                  [continuous_queries]\n  enabled = false\n\
                  [logging]\n  level = \"warn\"\n"
             ),
         )
         .unwrap();
-        let mut influx = Self { dir, port, child: None };
+        let mut influx = Self { dir, port, child: None, admin: None };
         influx.start_again();
         influx
     }
@@ -73,25 +88,23 @@ impl Influx1 {
     }
 
     pub async fn query(&self, db: &str, q: &str) -> Value {
-        let resp = reqwest::Client::new()
-            .post(format!("{}/query", self.url()))
-            .query(&[("db", db), ("q", q), ("epoch", "ms")])
-            .send()
-            .await
-            .expect("influx query");
+        let mut request = reqwest::Client::new().post(format!("{}/query", self.url())).query(&[("db", db), ("q", q), ("epoch", "ms")]);
+        if let Some((user, password)) = &self.admin {
+            request = request.basic_auth(user, Some(password));
+        }
+        let resp = request.send().await.expect("influx query");
         let status = resp.status();
         let body: Value = resp.json().await.unwrap();
         assert!(status.is_success(), "{q}: {body}");
         body
     }
 
-    /// Points `settings` at this server's `db` through the v1 API, with small, quick batches.
+    /// Points `settings` at this server's `db` through the v1 API, with small batches.
     pub fn configure(&self, settings: &mut candlestream::config::Settings, db: &str) {
         settings.influx.api = candlestream::config::InfluxApi::V1;
         settings.influx.url = self.url();
         settings.influx.database = db.to_string();
         settings.influx.batch_size = 50;
-        settings.influx.flush_interval = Duration::from_millis(200);
     }
 
     pub async fn create_database(&self, db: &str) {

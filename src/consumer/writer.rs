@@ -1,0 +1,324 @@
+//! The writer of one group member: group commit into InfluxDB, offsets stored after the ack.
+//!
+//! It writes as soon as it has taken what is waiting (up to `influx.batch_size`); records that
+//! arrive while a write is in flight wait in the channel and make up the next write. One record at
+//! a time when traffic is light, full batches under load, with no timer in between.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::Instant;
+
+use super::{dlq_header, Shared};
+use crate::candles::{Record, RecordKind};
+use crate::kafka::{FlushRequest, GroupContext};
+use crate::retry::backoff;
+use crate::sink::influx::{write_line, SinkError};
+use crate::telemetry::metric;
+
+/// A partition of one of the topics read.
+type Partition = (String, i32);
+
+fn partition_of(record: &OwnedMessage) -> Partition {
+    (record.topic().to_string(), record.partition())
+}
+
+/// What the latency metrics need of a point once InfluxDB acknowledged it.
+struct Point {
+    /// End of its line in `Batch::lines`.
+    end: usize,
+    kind: RecordKind,
+    received_at: i64,
+    exchange_time: i64,
+}
+
+#[derive(Default)]
+struct Batch {
+    lines: String,
+    /// One per decoded record, in the order of `records`.
+    points: Vec<Point>,
+    records: Vec<OwnedMessage>,
+    /// Highest offset per partition that is safe to store once the batch is written.
+    offsets: BTreeMap<Partition, i64>,
+    /// Partitions where a record could be neither written nor dead-lettered (shutdown); no
+    /// offset of theirs may be stored past it.
+    blocked: BTreeSet<Partition>,
+}
+
+impl Batch {
+    fn push(&mut self, measurement: &str, decoded: &Record, record: OwnedMessage) {
+        write_line(&mut self.lines, measurement, decoded);
+        self.points.push(Point {
+            end: self.lines.len(),
+            kind: decoded.kind(),
+            received_at: decoded.received_at(),
+            exchange_time: decoded.exchange_time(),
+        });
+        self.records.push(record);
+    }
+
+    fn mark_done(&mut self, partition: Partition, offset: i64) {
+        if !self.blocked.contains(&partition) {
+            self.offsets.insert(partition, offset);
+        }
+    }
+
+    fn block(&mut self, partition: Partition) {
+        self.offsets.remove(&partition);
+        self.blocked.insert(partition);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.offsets.is_empty()
+    }
+
+    /// The line protocol of the points in `range`.
+    fn lines_of(&self, range: &Range<usize>) -> &str {
+        let start = range.start.checked_sub(1).map_or(0, |i| self.points[i].end);
+        &self.lines[start..self.points[range.end - 1].end]
+    }
+}
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    id: usize,
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    batch: Batch,
+    /// Set at shutdown: retries stop here and what is left is re-read by the next owner.
+    deadline: Option<Instant>,
+}
+
+impl Writer {
+    pub(super) fn new(shared: Arc<Shared>, id: usize, consumer: Arc<StreamConsumer<GroupContext>>) -> Self {
+        Self { shared, id, consumer, batch: Batch::default(), deadline: None }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<OwnedMessage>, mut flush_rx: mpsc::Receiver<FlushRequest>) {
+        let cancel = self.shared.cancel.clone();
+        loop {
+            tokio::select! {
+                biased;
+                Some(ack) = flush_rx.recv() => {
+                    self.flush().await;
+                    let _ = ack.send(());
+                }
+                next = rx.recv() => match next {
+                    Some(record) => {
+                        self.add(record).await;
+                        self.gather(&mut rx).await;
+                        self.flush().await;
+                    }
+                    None => break,
+                },
+                _ = cancel.cancelled(), if self.deadline.is_none() => {
+                    self.deadline = Some(Instant::now() + self.shared.settings.consumer.shutdown_timeout);
+                }
+            }
+        }
+        self.flush().await;
+    }
+
+    /// Takes what is already waiting, up to a batch. With `influx.flush_interval` above zero, a
+    /// batch that is not full waits up to that long for more.
+    async fn gather(&mut self, rx: &mut mpsc::Receiver<OwnedMessage>) {
+        let influx = &self.shared.settings.influx;
+        let (batch_size, linger) = (influx.batch_size, influx.flush_interval);
+        let until = Instant::now() + linger;
+        for _ in 1..batch_size {
+            let next = match rx.try_recv() {
+                Ok(record) => Some(record),
+                Err(TryRecvError::Empty) if !linger.is_zero() => tokio::select! {
+                    r = rx.recv() => r,
+                    _ = tokio::time::sleep_until(until) => None,
+                },
+                Err(_) => None,
+            };
+            let Some(record) = next else { return };
+            self.add(record).await;
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    async fn add(&mut self, record: OwnedMessage) {
+        let (partition, offset) = (partition_of(&record), record.offset());
+        let max = self.shared.settings.consumer.retry_backoff_max;
+        let mut delays = backoff(Duration::from_millis(200), max);
+        loop {
+            match self.shared.decoder.decode(record.payload().unwrap_or_default()).await {
+                Ok(decoded) => {
+                    let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
+                    self.batch.push(measurement, &decoded, record);
+                    self.shared.writes.add_pending(1);
+                    self.batch.mark_done(partition, offset);
+                    return;
+                }
+                Err(e) if e.is_retryable() && !self.past_deadline() => {
+                    metrics::counter!(metric::DECODE_RETRIES).increment(1);
+                    let wait = delays.next().unwrap_or(max);
+                    tracing::warn!(worker = self.id, error = %e, ?wait, "cannot decode yet; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) if e.is_retryable() => return self.batch.block(partition),
+                Err(e) => {
+                    if self.dead_letter(&record, e.reason(), &e.to_string()).await {
+                        self.batch.mark_done(partition, offset);
+                    } else {
+                        self.batch.block(partition);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Copies a record, untouched, to the dead-letter topic; true once Kafka acknowledged it.
+    async fn dead_letter(&self, record: &OwnedMessage, reason: &str, detail: &str) -> bool {
+        let kafka = &self.shared.settings.kafka;
+        let (partition, offset) = (record.partition().to_string(), record.offset().to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: dlq_header::REASON, value: Some(reason) })
+            .insert(Header { key: dlq_header::DETAIL, value: Some(detail) })
+            .insert(Header { key: dlq_header::TOPIC, value: Some(record.topic()) })
+            .insert(Header { key: dlq_header::PARTITION, value: Some(&partition) })
+            .insert(Header { key: dlq_header::OFFSET, value: Some(&offset) });
+        let mut delays = backoff(Duration::from_millis(200), self.shared.settings.consumer.retry_backoff_max);
+        loop {
+            let mut out = FutureRecord::to(&kafka.dlq_topic).headers(headers.clone());
+            if let Some(k) = record.key() {
+                out = out.key(k);
+            }
+            if let Some(p) = record.payload() {
+                out = out.payload(p);
+            }
+            match self.shared.dlq.send(out, Duration::from_secs(5)).await {
+                Ok(_) => {
+                    metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string()).increment(1);
+                    tracing::warn!(worker = self.id, reason, detail, partition, offset, dlq = %kafka.dlq_topic, "record sent to the dead-letter topic");
+                    return true;
+                }
+                Err((e, _)) if !self.past_deadline() => {
+                    let wait = delays.next().unwrap_or(self.shared.settings.consumer.retry_backoff_max);
+                    tracing::error!(worker = self.id, error = %e, ?wait, "cannot write to the dead-letter topic; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Writes the batch, dead-letters the records InfluxDB rejected, then stores the offsets.
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        self.shared.writes.add_pending(-(batch.records.len() as i64));
+        let Some(rejected) = self.write(&batch).await else {
+            tracing::error!(worker = self.id, points = batch.records.len(), "shutdown deadline passed before InfluxDB took the batch; its offsets stay uncommitted and the records will be read again");
+            return;
+        };
+        for (i, reason) in rejected {
+            let record = &batch.records[i];
+            if !self.dead_letter(record, "influx-rejected", &reason).await {
+                batch.block(partition_of(record));
+            }
+        }
+        for ((topic, partition), offset) in batch.offsets {
+            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
+                // Revoked meanwhile: the new owner re-reads from the last commit.
+                tracing::debug!(worker = self.id, %topic, partition, error = %e, "offset not stored");
+            }
+        }
+    }
+
+    /// Writes every point of the batch, holding it while InfluxDB is unavailable or refuses the
+    /// setup. Points rejected for their content are isolated by halving: InfluxDB 1.x stores the
+    /// valid points of a partial write, and writing them again only overwrites them with
+    /// themselves. Returns the rejected points with InfluxDB's reason; None when shutdown's
+    /// deadline cut the retries short.
+    async fn write(&self, batch: &Batch) -> Option<Vec<(usize, String)>> {
+        let mut rejected = Vec::new();
+        let mut todo: Vec<Range<usize>> = Vec::with_capacity(8);
+        todo.push(0..batch.points.len());
+        while let Some(range) = todo.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            match self.write_range(batch, &range).await? {
+                Ok(()) => self.acked(&batch.points[range]),
+                Err(e) if range.len() == 1 => rejected.push((range.start, e.to_string())),
+                Err(e) => {
+                    if range.len() == batch.points.len() {
+                        let first_line = batch.lines.lines().next().unwrap_or_default().chars().take(300).collect::<String>();
+                        tracing::error!(worker = self.id, error = %e, points = range.len(), %first_line, "InfluxDB rejected points; splitting the batch to find them");
+                    }
+                    let mid = range.start + range.len() / 2;
+                    todo.push(mid..range.end);
+                    todo.push(range.start..mid);
+                }
+            }
+        }
+        Some(rejected)
+    }
+
+    /// One write, retried while the error can pass. None when shutdown's deadline passed.
+    async fn write_range(&self, batch: &Batch, range: &Range<usize>) -> Option<Result<(), SinkError>> {
+        let max = self.shared.settings.consumer.retry_backoff_max;
+        let mut delays = backoff(Duration::from_millis(200), max);
+        loop {
+            let started = Instant::now();
+            let error = match self.shared.sink.write(batch.lines_of(range)).await {
+                Ok(()) => {
+                    metrics::histogram!(metric::WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+                    if self.shared.setup.clear() {
+                        tracing::info!(worker = self.id, "InfluxDB accepts writes again");
+                    }
+                    return Some(Ok(()));
+                }
+                Err(e) if !e.is_retryable() => {
+                    metrics::counter!(metric::WRITE_ERRORS, "kind" => "rejected").increment(1);
+                    return Some(Err(e));
+                }
+                Err(e) => e,
+            };
+            if matches!(error, SinkError::Misconfigured { .. }) {
+                metrics::counter!(metric::WRITE_ERRORS, "kind" => "misconfigured").increment(1);
+                if self.shared.setup.set(error.to_string()) {
+                    tracing::error!(worker = self.id, error = %error, "InfluxDB refuses every write until this is fixed; records are held and nothing is committed");
+                }
+            } else {
+                metrics::counter!(metric::WRITE_ERRORS, "kind" => "retried").increment(1);
+                // Unreachable now: whatever was wrong with the setup is not what fails.
+                self.shared.setup.clear();
+            }
+            if self.past_deadline() {
+                return None;
+            }
+            let wait = delays.next().unwrap_or(max);
+            tracing::warn!(worker = self.id, error = %error, ?wait, points = range.len(), "InfluxDB write failed; holding the batch and retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// InfluxDB acknowledged these points: their latency is known now.
+    fn acked(&self, points: &[Point]) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        for p in points {
+            let kind = p.kind.label();
+            metrics::histogram!(metric::PIPELINE_LATENCY, "kind" => kind).record((now - p.received_at) as f64 / 1000.0);
+            metrics::histogram!(metric::EXCHANGE_TO_STORE, "kind" => kind).record((now - p.exchange_time) as f64 / 1000.0);
+        }
+        metrics::counter!(metric::POINTS_WRITTEN).increment(points.len() as u64);
+        self.shared.writes.beat();
+    }
+}

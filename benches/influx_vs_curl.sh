@@ -44,7 +44,7 @@ ours=$(target/release/examples/influx_write --url "$url" --db via_candlestream -
 # One curl process for all batches (sequential, one kept-alive connection), so process start-up
 # does not count against curl.
 for f in "$work"/batches/batch-*.lp.gz; do
-  printf 'url = "%s/write?db=via_curl&precision=ms"\nheader = "Content-Encoding: gzip"\ndata-binary = "@%s"\nfail\nsilent\nnext\n' "$url" "$f"
+  printf 'url = "%s/write?db=via_curl&precision=ns"\nheader = "Content-Encoding: gzip"\ndata-binary = "@%s"\nfail\nsilent\nnext\n' "$url" "$f"
 done >"$work/curl.cfg"
 sed -i '$ d' "$work/curl.cfg" # no empty transfer after the last batch
 start=$(date +%s.%N)

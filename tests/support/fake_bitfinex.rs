@@ -204,15 +204,8 @@ impl FakeBitfinex {
 
     /// Waits until every symbol has a live ticker subscription.
     pub async fn wait_subscribed(&self, symbols: &[&str], timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let subs = self.subscribed();
-            if symbols.iter().all(|s| subs.iter().any(|x| x == s)) {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "not subscribed in time: have {subs:?}, want {symbols:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("ticker subscriptions of {symbols:?}");
+        super::eventually(&what, timeout, || covers(&self.subscribed(), symbols)).await;
     }
 
     /// Sends one ticker update to the client subscribed to `symbol`; `None` when nobody is.
@@ -641,4 +634,9 @@ async fn tickers(State(inner): State<Arc<Inner>>, Query(q): Query<TickersQuery>)
         out.push(Value::Array(row));
     }
     Json(Value::Array(out))
+}
+
+/// True when every one of `symbols` is in `subscribed`.
+pub(super) fn covers(subscribed: &[String], symbols: &[&str]) -> bool {
+    symbols.iter().all(|s| subscribed.iter().any(|x| x == s))
 }

@@ -337,15 +337,8 @@ impl FakeBitfinex {
 
     /// Waits until every symbol has a live trades subscription.
     pub async fn wait_trades_subscribed(&self, symbols: &[&str], timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let subs = self.trades_subscribed();
-            if symbols.iter().all(|s| subs.iter().any(|x| x == s)) {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "trades not subscribed in time: have {subs:?}, want {symbols:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("trades subscriptions of {symbols:?}");
+        super::eventually(&what, timeout, || super::fake_bitfinex::covers(&self.trades_subscribed(), symbols)).await;
     }
 
     /// How many trades a trades snapshot holds at most (default 30).

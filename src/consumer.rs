@@ -169,8 +169,11 @@ async fn member(shared: Arc<Shared>, id: usize, (consumer, flush_rx): Member) ->
     closed
 }
 
-/// Reads records into `tx` until `stop` is ready, and returns its output. When `tx` is full the
-/// member's partitions are paused and polling goes on (group membership depends on it); what
+/// How long the writer may keep the queue full before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Reads records into `tx` until `stop` is ready, and returns its output. When `tx` stays full
+/// for [`PAUSE_AFTER`] the member's partitions are paused and polling goes on (group membership depends on it); what
 /// arrived meanwhile is held, at most a record per partition, and handed over before the
 /// partitions resume.
 async fn poll<T>(consumer: &StreamConsumer<GroupContext>, tx: mpsc::Sender<OwnedMessage>, stop: impl std::future::Future<Output = T>, id: usize) -> T {
@@ -198,10 +201,22 @@ async fn poll<T>(consumer: &StreamConsumer<GroupContext>, tx: mpsc::Sender<Owned
                     }
                     match tx.try_send(record) {
                         Ok(()) => {}
-                        Err(TrySendError::Full(record)) => {
-                            flow(consumer, id, true);
-                            held.push_back(record);
-                        }
+                        // A queue full for a moment is ordinary backpressure (a backlog being
+                        // written): wait for room. Pausing then would throw away what librdkafka
+                        // prefetched and slow the catch-up to a crawl. Only a writer stuck for
+                        // longer (InfluxDB down) gets the partitions paused, well within
+                        // max.poll.interval.ms, so that polling goes on.
+                        Err(TrySendError::Full(record)) => tokio::select! {
+                            out = &mut stop => return out,
+                            permit = tokio::time::timeout(PAUSE_AFTER, tx.reserve()) => match permit {
+                                Ok(Ok(permit)) => permit.send(record),
+                                Ok(Err(_)) => return stop.await,
+                                Err(_) => {
+                                    flow(consumer, id, true);
+                                    held.push_back(record);
+                                }
+                            },
+                        },
                         Err(TrySendError::Closed(_)) => return stop.await,
                     }
                 }

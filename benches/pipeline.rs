@@ -964,7 +964,7 @@ fn table(tp: &Throughput, runs: &[&Latency]) -> String {
          All parts run on this 2-core machine: 3 Kafka brokers and ZooKeeper (JVMs), InfluxDB 1.6.7, the fake exchange and Schema Registry, producer, consumer.\n",
     );
     t.push_str(
-        "- Settings: candlestream's defaults (linger.ms 20, influx.batch_size 500, influx.flush_interval 1 s, 1 consumer worker), except for Kafka 0.9: the test-only overrides \
+        "- Settings: candlestream's defaults (linger.ms 20, influx.batch_size 500, influx.flush_interval 0 s (group commit), 1 consumer worker), except for Kafka 0.9: the test-only overrides \
          enable.idempotence=false, compression.type=gzip (not lz4), api.version.request=false, broker.version.fallback=0.9.0.1, and consumer session.timeout.ms 10 s (0.9 caps it at 30 s); kcat gets the same acks=all, gzip, linger.ms 20 and murmur2_random partitioner. \
          Topics: 3 partitions, replication 3, min.insync.replicas 2. Backfill off (the fake has no history). The fake repeats every trade as `tu` 100 ms after its `te`, as Bitfinex does; the producer drops the repeats.\n",
     );

@@ -333,7 +333,8 @@ impl GroupContext {
     }
 
     fn post_assign(&self, tpl: &rdkafka::TopicPartitionList) {
-        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        // One group reads both topics: name the topic of each partition.
+        let partitions: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
         tracing::info!(worker = self.worker, ?partitions, "partitions assigned");
     }
 }

@@ -21,7 +21,7 @@ fn parse(text: &str) -> Record {
     let Ok(Frame::Channel(msg)) = parse_frame(text) else { panic!("bench frame parses") };
     let Payload::Ticker(raw) = msg.payload else { panic!("ticker") };
     let values = TickerValues::from_raw(&raw).unwrap();
-    Tick::new("tBTCUSD".into(), values, msg.timestamp_ms.unwrap(), msg.seq.map(|s| s as i64), Source::Websocket, 1_763_787_600_200).into()
+    Record::Tick(Tick::new("tBTCUSD".into(), values, msg.timestamp_ms.unwrap(), msg.seq.map(|s| s as i64), Source::Websocket, 1_763_787_600_200))
 }
 
 fn bench(c: &mut Criterion) {

@@ -181,8 +181,7 @@ pub async fn run(settings: &Settings, symbols: &[String], since: Duration) -> Re
         .build()
         .map_err(|e| AuditError::Influx(e.to_string()))?;
     let rest = RestClient::new(&settings.bitfinex, CancellationToken::new())?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    let (start, end) = window(now, since);
+    let (start, end) = window(crate::candles::now_ms(), since);
     let mut reports = Vec::new();
     for symbol in symbols {
         let ours = stored_candles(&http, &settings.influx, symbol, start, end).await?;

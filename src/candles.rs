@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::exchange::bitfinex::message::TickerValues;
 
+/// The wall clock in milliseconds since the epoch, the unit of every record's times.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Where a record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -188,18 +193,6 @@ impl Record {
             Record::Tick(t) => t.received_at,
             Record::Trade(t) => t.received_at,
         }
-    }
-}
-
-impl From<Tick> for Record {
-    fn from(t: Tick) -> Self {
-        Record::Tick(t)
-    }
-}
-
-impl From<Trade> for Record {
-    fn from(t: Trade) -> Self {
-        Record::Trade(t)
     }
 }
 

@@ -13,7 +13,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use candlestream::candles::{Record, Source, Tick, Trade};
 use candlestream::config::Settings;
@@ -22,6 +22,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 use support::fake_trades::Trader;
 use support::pipeline::{Emitter, WAIT};
+use support::now_ms;
 use support::rig::MockPipeline;
 
 fn repo(path: &str) -> String {
@@ -551,10 +552,6 @@ fn candles_of(series: &[Series]) -> Vec<Candle> {
             volume: f(r, "volume"),
         })
         .collect()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 /// Compares every symbol's candles of one timeframe; returns (compared, equal, empty windows

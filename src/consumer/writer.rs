@@ -312,7 +312,7 @@ impl Writer {
 
     /// InfluxDB acknowledged these points: their latency is known now.
     fn acked(&self, points: &[Point]) {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = crate::candles::now_ms();
         for p in points {
             let kind = p.kind.label();
             metrics::histogram!(metric::PIPELINE_LATENCY, "kind" => kind).record((now - p.received_at) as f64 / 1000.0);

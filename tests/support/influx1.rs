@@ -125,8 +125,18 @@ impl Influx1 {
         out
     }
 
+    /// Ticker points in `measurement`.
     pub async fn count(&self, db: &str, measurement: &str) -> usize {
-        let rows = self.rows(db, &format!("SELECT count(last_price) FROM \"{measurement}\"")).await;
+        self.count_of(db, &format!("SELECT count(last_price) FROM \"{measurement}\"")).await
+    }
+
+    /// Trade points in the default trades measurement.
+    pub async fn count_trades(&self, db: &str) -> usize {
+        self.count_of(db, "SELECT count(price) FROM trades").await
+    }
+
+    async fn count_of(&self, db: &str, q: &str) -> usize {
+        let rows = self.rows(db, q).await;
         rows.first().and_then(|r| r["count"].as_u64()).unwrap_or(0) as usize
     }
 }

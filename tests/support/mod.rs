@@ -184,9 +184,9 @@ macro_rules! report {
     }};
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
+// Not every test binary uses it.
+#[allow(unused_imports)]
+pub use candlestream::candles::now_ms;
 
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
 pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

@@ -145,11 +145,6 @@ where
 
 
 impl Rig {
-    pub async fn stored_trades(&self) -> usize {
-        let rows = self.influx.rows(&self.db, "SELECT count(price) FROM trades").await;
-        rows.first().and_then(|r| r["count"].as_u64()).unwrap_or(0) as usize
-    }
-
     pub fn trades_topic(&self) -> String {
         self.settings.kafka.trades_topic.clone()
     }
@@ -160,7 +155,7 @@ impl Rig {
     pub async fn assert_trades_exact(&self, scenario: &str, recovery: Option<Duration>) -> usize {
         let ledger = self.exchange.ledger();
         let wait = STORE_WAIT * 2;
-        eventually_async("every executed trade stored", wait, || async { self.stored_trades().await >= ledger.len() }).await;
+        eventually_async("every executed trade stored", wait, || async { self.influx.count_trades(&self.db).await >= ledger.len() }).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rows = self.influx.rows(&self.db, "SELECT symbol, side, id, price, amount FROM trades").await;
         let stored: BTreeMap<i64, &serde_json::Map<String, serde_json::Value>> =
@@ -223,16 +218,11 @@ impl MockPipeline {
         Self { _cluster: cluster, influx, db, exchange, _registry: registry, settings: s, producer, consumer }
     }
 
-    pub async fn stored_trades(&self) -> usize {
-        let rows = self.influx.rows(&self.db, "SELECT count(price) FROM trades").await;
-        rows.first().and_then(|r| r["count"].as_u64()).unwrap_or(0) as usize
-    }
-
     /// Waits until InfluxDB holds every trade executed and every ticker update sent so far.
     pub async fn wait_stored(&self) {
         let (trades, ticks) = (self.exchange.ledger().len(), self.exchange.sent().len());
         eventually_async("every trade and ticker update stored", STORE_WAIT, || async {
-            self.stored_trades().await >= trades && self.influx.count(&self.db, "ticker").await >= ticks
+            self.influx.count_trades(&self.db).await >= trades && self.influx.count(&self.db, "ticker").await >= ticks
         })
         .await;
     }

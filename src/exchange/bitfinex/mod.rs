@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::candles::Record;
+use crate::candles::{now_ms, Record};
 use crate::config::{BitfinexConfig, ExchangeMode};
 use crate::telemetry::Liveness;
 
@@ -198,10 +198,4 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

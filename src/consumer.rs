@@ -15,7 +15,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::candles::RecordKind;
 use crate::codec::{CodecError, Decoder};
 use crate::config::{AssignmentStrategy, Settings};
-use crate::kafka::{consumer_config, is_closed, producer_config, start_close, FlushRequest, GroupContext};
+use crate::kafka::{consumer_config, is_closed, member_id, producer_config, start_close, FlushRequest, GroupContext};
 use crate::sink::influx::{InfluxSink, SinkError};
 use crate::telemetry::{metric, serve_http, Fault, Health, Liveness};
 
@@ -122,41 +122,57 @@ fn topics(settings: &Settings) -> Vec<&str> {
     RecordKind::ALL.iter().map(|k| settings.kafka.topic_of(*k)).collect()
 }
 
-type Member = (Arc<StreamConsumer<GroupContext>>, mpsc::Receiver<FlushRequest>);
+struct Member {
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    flush_rx: mpsc::Receiver<FlushRequest>,
+    joined: watch::Receiver<bool>,
+}
 
 fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
     let (flush, flush_rx) = mpsc::channel(1);
+    let (joined, joined_rx) = watch::channel(false);
     let context = GroupContext {
         worker: id,
         flush,
         flush_timeout: shared.settings.consumer.shutdown_timeout,
         cooperative: shared.settings.kafka.assignment_strategy == AssignmentStrategy::CooperativeSticky,
+        joined,
     };
     let consumer: StreamConsumer<GroupContext> =
         consumer_config(&shared.settings.kafka).create_with_context(context)?;
     consumer.subscribe(&topics(&shared.settings))?;
-    Ok((Arc::new(consumer), flush_rx))
+    Ok(Member { consumer: Arc::new(consumer), flush_rx, joined: joined_rx })
 }
 
-/// Runs one member until shutdown; true when it left the group cleanly.
+/// Runs one member until shutdown; true when it left the group cleanly within
+/// `consumer.shutdown_timeout` of the shutdown signal.
 ///
-/// The members of a process leave one at a time while the others go on polling. A close waits
-/// for the final offset commit and sends LeaveGroup, and librdkafka queues both on the
-/// coordinator connection behind the member's JoinGroup when a rebalance is under way (such as
-/// the one another member's leaving starts). The coordinator holds that JoinGroup until every
-/// member rejoins; a member that still polls rejoins at once, a closing one never does.
-async fn member(shared: Arc<Shared>, id: usize, (consumer, flush_rx): Member) -> bool {
+/// A close sends the final offset commit and LeaveGroup to the coordinator, and librdkafka
+/// queues both behind a JoinGroup in flight on that connection; the coordinator answers a
+/// JoinGroup only once every member of the group has rejoined. Two rules keep that wait short:
+/// - A member whose first JoinGroup is still unanswered does not close yet. It has no member id,
+///   so it would leave without a LeaveGroup while the coordinator, which counted it in,
+///   waits for it in the next rebalance until its session times out, holding every other
+///   member's JoinGroup, commit and LeaveGroup that long.
+/// - The members of a process leave one at a time while the others go on polling, so that each
+///   of them rejoins at once when another's leaving starts a rebalance.
+async fn member(shared: Arc<Shared>, id: usize, Member { consumer, flush_rx, mut joined }: Member) -> bool {
     let (tx, rx) = mpsc::channel(shared.settings.influx.batch_size * 2);
     let timeout = shared.settings.consumer.shutdown_timeout;
     let writer = tokio::spawn(writer::Writer::new(shared.clone(), id, consumer.clone()).run(rx, flush_rx));
     let turn = async {
         shared.cancel.cancelled().await;
-        shared.leaving.lock().await
+        let deadline = Instant::now() + timeout;
+        // Half the time at most: a coordinator that never answers leaves nothing to leave.
+        if tokio::time::timeout(timeout / 2, joined.wait_for(|j| *j)).await.is_err() {
+            tracing::warn!(worker = id, "closing before the group answered our join");
+        }
+        (shared.leaving.lock().await, deadline)
     };
-    let turn = poll(&consumer, tx, turn, id).await;
+    let (turn, deadline) = poll(&consumer, tx, turn, id).await;
     // The writer finishes what it was handed meanwhile; the revoke that closing brings asks it
     // to flush, and the commit that follows carries those offsets.
-    let closed = close(&consumer, Instant::now() + timeout, id).await;
+    let closed = close(&consumer, deadline, id).await;
     drop(turn);
     let _ = writer.await;
     if closed {
@@ -243,20 +259,36 @@ fn flow(consumer: &StreamConsumer<GroupContext>, id: usize, pause: bool) {
     }
 }
 
-/// Leaves the group on this task: the rebalance callbacks that closing raises are served here,
+/// Leaves the group on this task: the rebalance callbacks that leaving raises are served here,
 /// where the writer can still flush, rather than inside a drop on some other thread. True once
 /// librdkafka reports the consumer closed (final commit sent, group left) before `deadline`.
+///
+/// The member unsubscribes before it closes. A close alone sends no LeaveGroup for a
+/// cooperative-sticky member that holds no partitions (librdkafka 2.12:
+/// `rd_kafka_cgrp_revoke_all_rejoin` returns early when terminating with an empty assignment),
+/// and the coordinator would wait for that member in the next rebalance until its session times
+/// out. An unsubscribe leaves in every case; during a rebalance librdkafka applies it once the
+/// rebalance is done. Leaving clears the member id, and the close then waits for the answer.
 async fn close(consumer: &StreamConsumer<GroupContext>, deadline: Instant, id: usize) -> bool {
+    consumer.unsubscribe();
+    if !serve_until(consumer, deadline, || member_id(consumer).is_empty()).await {
+        tracing::warn!(worker = id, "LeaveGroup not sent in time; closing anyway");
+    }
     if let Err(e) = start_close(consumer) {
         tracing::warn!(worker = id, error = %e, "cannot start leaving the group");
         return is_closed(consumer);
     }
-    while !is_closed(consumer) {
+    serve_until(consumer, deadline, || is_closed(consumer)).await
+}
+
+/// Serves the consumer's callbacks until `done` holds; false if `deadline` came first.
+async fn serve_until(consumer: &StreamConsumer<GroupContext>, deadline: Instant, done: impl Fn() -> bool) -> bool {
+    while !done() {
         tokio::select! {
             // Records still arriving are not stored; the next owner reads them.
             _ = consumer.recv() => {}
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            _ = tokio::time::sleep_until(deadline) => return is_closed(consumer),
+            _ = tokio::time::sleep_until(deadline) => return done(),
         }
     }
     true

@@ -255,6 +255,8 @@ pub struct GroupContext {
     pub flush_timeout: Duration,
     /// Known from the configuration, so that no callback has to ask librdkafka for it.
     pub cooperative: bool,
+    /// Set once the member has joined the group (its first assignment, even an empty one).
+    pub joined: tokio::sync::watch::Sender<bool>,
 }
 
 impl rdkafka::client::ClientContext for GroupContext {
@@ -287,6 +289,7 @@ impl rdkafka::consumer::ConsumerContext for GroupContext {
         let (event, result) = match err {
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.post_assign(tpl);
+                self.joined.send_replace(true);
                 let r = if self.cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 ("assign", r)
             }
@@ -364,4 +367,22 @@ pub fn start_close<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C) -
 pub fn is_closed<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C) -> bool {
     // SAFETY: reads an atomic of a live consumer handle.
     unsafe { rdkafka::bindings::rd_kafka_consumer_closed(consumer.client().native_ptr()) == 1 }
+}
+
+/// The member id the group coordinator gave the consumer: empty before it joined and once it
+/// started leaving.
+pub fn member_id<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C) -> String {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is a live consumer handle; librdkafka returns its own copy of the id (or
+    // null), which is read and then freed with librdkafka's allocator.
+    unsafe {
+        let id = rd::rd_kafka_memberid(rk);
+        if id.is_null() {
+            return String::new();
+        }
+        let owned = std::ffi::CStr::from_ptr(id).to_string_lossy().into_owned();
+        rd::rd_kafka_mem_free(rk, id.cast());
+        owned
+    }
 }

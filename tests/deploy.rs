@@ -200,6 +200,10 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
         let raw = merged(&s["environment"]);
         assert_eq!(scalar(&raw["CANDLESTREAM__KAFKA__TRADES_TOPIC"]), "${TRADES_TOPIC:-crypto-trades}", "{app}");
         assert_eq!(scalar(&raw["CANDLESTREAM__KAFKA__TOPIC"]), "${TOPIC:-crypto-ticker}", "{app}");
+        // Docker's SIGKILL must not cut the graceful shutdown short.
+        let grace = humantime::parse_duration(&scalar(&s["stop_grace_period"])).expect("stop_grace_period");
+        let shutdown = settings.producer.shutdown_timeout.max(settings.consumer.shutdown_timeout);
+        assert!(grace > shutdown, "{app}: stop_grace_period {grace:?} within shutdown_timeout {shutdown:?}");
     }
     let consumer = merged(&services["consumer"]);
     assert!(consumer.contains_key("deploy"), "the consumer can be scaled with replicas");

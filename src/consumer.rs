@@ -163,16 +163,18 @@ async fn member(shared: Arc<Shared>, id: usize, Member { consumer, flush_rx, mut
     let turn = async {
         shared.cancel.cancelled().await;
         let deadline = Instant::now() + timeout;
-        // Half the time at most: a coordinator that never answers leaves nothing to leave.
-        if tokio::time::timeout(timeout / 2, joined.wait_for(|j| *j)).await.is_err() {
+        // A quarter of the time at most, so that a coordinator that holds the join longer
+        // still leaves time to close.
+        let joined = tokio::time::timeout(timeout / 4, joined.wait_for(|j| *j)).await.is_ok();
+        if !joined {
             tracing::warn!(worker = id, "closing before the group answered our join");
         }
-        (shared.leaving.lock().await, deadline)
+        (shared.leaving.lock().await, deadline, joined)
     };
-    let (turn, deadline) = poll(&consumer, tx, turn, id).await;
+    let (turn, deadline, joined) = poll(&consumer, tx, turn, id).await;
     // The writer finishes what it was handed meanwhile; the revoke that closing brings asks it
     // to flush, and the commit that follows carries those offsets.
-    let closed = close(&consumer, deadline, id).await;
+    let closed = close(&consumer, deadline, joined, id).await;
     drop(turn);
     let _ = writer.await;
     if closed {
@@ -263,16 +265,22 @@ fn flow(consumer: &StreamConsumer<GroupContext>, id: usize, pause: bool) {
 /// where the writer can still flush, rather than inside a drop on some other thread. True once
 /// librdkafka reports the consumer closed (final commit sent, group left) before `deadline`.
 ///
-/// The member unsubscribes before it closes. A close alone sends no LeaveGroup for a
-/// cooperative-sticky member that holds no partitions (librdkafka 2.12:
+/// A member that has joined unsubscribes before it closes. A close alone sends no LeaveGroup for
+/// a cooperative-sticky member that holds no partitions (librdkafka 2.12:
 /// `rd_kafka_cgrp_revoke_all_rejoin` returns early when terminating with an empty assignment),
 /// and the coordinator would wait for that member in the next rebalance until its session times
 /// out. An unsubscribe leaves in every case; during a rebalance librdkafka applies it once the
-/// rebalance is done. Leaving clears the member id, and the close then waits for the answer.
-async fn close(consumer: &StreamConsumer<GroupContext>, deadline: Instant, id: usize) -> bool {
-    consumer.unsubscribe();
-    if !serve_until(consumer, deadline, || member_id(consumer).is_empty()).await {
-        tracing::warn!(worker = id, "LeaveGroup not sent in time; closing anyway");
+/// rebalance is done. Leaving clears the member id, normally within milliseconds; the wait for it
+/// takes a quarter of the time left at most, so that the close keeps time for a LeaveGroup queued
+/// behind a held JoinGroup (librdkafka gives a LeaveGroup 5 s). The close then waits for the
+/// answer.
+async fn close(consumer: &StreamConsumer<GroupContext>, deadline: Instant, joined: bool, id: usize) -> bool {
+    if joined {
+        consumer.unsubscribe();
+        let quarter = deadline.saturating_duration_since(Instant::now()) / 4;
+        if !serve_until(consumer, Instant::now() + quarter, || member_id(consumer).is_empty()).await {
+            tracing::warn!(worker = id, "the group has not let us leave yet; closing anyway");
+        }
     }
     if let Err(e) = start_close(consumer) {
         tracing::warn!(worker = id, error = %e, "cannot start leaving the group");

@@ -563,8 +563,7 @@ async fn compare_candles(
     query: &str,
     ledger: &[LedgerTrade],
     tf: &str,
-    from_ms: i64,
-    to_ms: i64,
+    (from_ms, to_ms): (i64, i64),
 ) -> (usize, usize, usize) {
     let (mut compared, mut equal, mut empty) = (0, 0, 0);
     for symbol in SYMBOLS {
@@ -610,7 +609,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     let symbols = SYMBOLS.join(",");
     for tf in ["1m", "2m", "5m"] {
         let (compared, equal, empty) =
-            compare_candles(url, db, candles, candle_query, ledger, tf, from_ms, to_ms).await;
+            compare_candles(url, db, candles, candle_query, ledger, tf, (from_ms, to_ms)).await;
         crate::report!(
             "DASHBOARD | {tf} | {symbols} | {compared} candles compared, {equal} equal ({empty} empty windows left out)"
         );
@@ -628,7 +627,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     // Wide ranges run: the same candles over the last 7 days at 2m and 30 days at 1m.
     for (tf, days) in [("2m", 7), ("1m", 30)] {
         let wide_from = to_ms - days * 1_440 * MINUTE;
-        let (compared, equal, _) = compare_candles(url, db, candles, candle_query, ledger, tf, wide_from, to_ms).await;
+        let (compared, equal, _) = compare_candles(url, db, candles, candle_query, ledger, tf, (wide_from, to_ms)).await;
         crate::report!("DASHBOARD | {tf} over {days} days | {symbols} | {compared} candles compared, {equal} equal");
         assert!(compared > 0 && equal == compared);
     }

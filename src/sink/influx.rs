@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn floats_round_trip_through_their_text() {
-        for v in [0.1 + 0.2, 1e-300, 123456789.123456789, -0.0, 5e15, 1.7976931348623157e308] {
+        for v in [0.1 + 0.2, 1e-300, 123_456_789.123_456_79, -0.0, 5e15, 1.7976931348623157e308] {
             let mut t = tick("x");
             t.bid = v;
             let mut out = String::new();

@@ -385,6 +385,8 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: Cancellatio
 
 async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: CancellationToken) {
     let accepting = inner.accepting.load(Ordering::SeqCst);
+    // The signature is tungstenite's handshake callback; its error is a whole HTTP response.
+    #[allow(clippy::result_large_err)]
     let callback = |_: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if accepting {
             Ok(resp)
@@ -409,7 +411,8 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
             _ = stop.cancelled() => break,
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
-                    if c.on_client(t.as_str(), &mut ws).await.is_err() { break }
+                    let answered = c.on_client(t.as_str(), &mut ws).await;
+                    if answered.is_err() { break }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 _ => {}

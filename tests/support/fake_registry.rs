@@ -163,22 +163,22 @@ fn register_schema(r: &mut Registry, subject: &str, schema: &str) -> (u32, usize
     (id, versions.len())
 }
 
-fn schema_of(body: &Value) -> Result<String, Response> {
+fn schema_of(body: &Value) -> Result<String, Box<Response>> {
     let schema = body.get("schema").and_then(Value::as_str);
     let kind = body.get("schemaType").and_then(Value::as_str).unwrap_or("AVRO");
     match schema {
         Some(s) if kind == "AVRO" && serde_json::from_str::<Value>(s).is_ok() => Ok(s.to_string()),
-        _ => Err(reply(
+        _ => Err(Box::new(reply(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({"error_code": 42201, "message": "Either the input schema or one of its references is invalid"}),
-        )),
+        ))),
     }
 }
 
 async fn register(State(s): State<Shared>, Path(subject): Path<String>, Json(body): Json<Value>) -> Response {
     let schema = match schema_of(&body) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (id, _) = register_schema(&mut s.registry.lock().unwrap(), &subject, &schema);
     reply(StatusCode::OK, json!({"id": id}))
@@ -187,7 +187,7 @@ async fn register(State(s): State<Shared>, Path(subject): Path<String>, Json(bod
 async fn lookup(State(s): State<Shared>, Path(subject): Path<String>, Json(body): Json<Value>) -> Response {
     let schema = match schema_of(&body) {
         Ok(s) => canonical(&s),
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let r = s.registry.lock().unwrap();
     let Some(versions) = r.subjects.get(&subject) else { return not_found(40401, "Subject not found.") };
@@ -241,13 +241,13 @@ async fn by_id(State(s): State<Shared>, Path(id): Path<u32>) -> Response {
 const LEVELS: &[&str] =
     &["NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"];
 
-fn level_of(body: &Value) -> Result<String, Response> {
+fn level_of(body: &Value) -> Result<String, Box<Response>> {
     match body.get("compatibility").and_then(Value::as_str) {
         Some(l) if LEVELS.contains(&l) => Ok(l.to_string()),
-        _ => Err(reply(
+        _ => Err(Box::new(reply(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({"error_code": 42203, "message": "Invalid compatibility level"}),
-        )),
+        ))),
     }
 }
 
@@ -261,7 +261,7 @@ async fn put_config(State(s): State<Shared>, Json(body): Json<Value>) -> Respons
             s.registry.lock().unwrap().compatibility = level.clone();
             reply(StatusCode::OK, json!({"compatibility": level}))
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -282,6 +282,6 @@ async fn put_subject_config(
             s.registry.lock().unwrap().subject_compatibility.insert(subject, level.clone());
             reply(StatusCode::OK, json!({"compatibility": level}))
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }

@@ -52,16 +52,12 @@ async fn producer_writes_every_update_through_a_replicated_cluster() {
 async fn two_members_of_one_process_always_finish_closing() {
     use candlestream::config::{AssignmentStrategy, Settings};
     let _one_at_a_time = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await.unwrap();
-    let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
-    let registry = FakeRegistry::start().await;
-    let (ticks, trades) = (unique("close"), unique("close-trades"));
-    cluster.create_topic(&ticks, 4, 3, 2);
-    cluster.create_topic(&trades, 2, 3, 2);
+    let rig = GroupRig::start().await;
+    let (cluster, influx, ticks) = (&rig.cluster, &rig.influx, &rig.ticks);
     // Records to write, so that a revoke has a batch to flush and offsets to commit.
     let records = make_ticks(&SYMBOLS, 40, 1_763_787_600_000, 1000);
-    produce_ticks(&cluster.bootstrap(), &ticks, &registry, &producer_overrides(), &records).await;
-    let end = end_offsets(&cluster.bootstrap(), &ticks, 4);
+    produce_ticks(&cluster.bootstrap(), ticks, &rig.registry, &producer_overrides(), &records).await;
+    let end = end_offsets(&cluster.bootstrap(), ticks, 4);
     assert_eq!(end.iter().sum::<i64>(), records.len() as i64);
 
     let limit = Settings::default().consumer.shutdown_timeout;
@@ -72,7 +68,7 @@ async fn two_members_of_one_process_always_finish_closing() {
         for _round in 0..3 {
             let mut groups = Vec::new();
             for i in 0..10u64 {
-                let mut s = group_settings(&cluster, &registry, &influx, (&ticks, &trades), &unique("close-g")).await;
+                let mut s = rig.group_settings(&unique("close-g")).await;
                 s.kafka.assignment_strategy = strategy;
                 let db = s.influx.database.clone();
                 // 0.5 s to 5.9 s: before, during and after the rebalance the second member's
@@ -91,8 +87,8 @@ async fn two_members_of_one_process_always_finish_closing() {
                 // for in the next rebalance until its session times out.
                 assert_eq!(group_members(&cluster.bootstrap(), &group), Vec::<String>::new(), "{group} after {elapsed:?}");
                 // Nothing is committed that InfluxDB did not acknowledge.
-                let committed = committed_offsets(&cluster.bootstrap(), &group, &ticks, 4);
-                let written = written_per_partition(&influx, &db, 4).await;
+                let committed = committed_offsets(&cluster.bootstrap(), &group, ticks, 4);
+                let written = written_per_partition(influx, &db, 4).await;
                 for ((c, w), e) in committed.iter().zip(&written).zip(&end) {
                     assert!(*c <= *w && *w <= *e, "{group}: committed {committed:?}, written {written:?}, end {end:?}");
                 }
@@ -121,49 +117,60 @@ async fn two_members_of_one_process_always_finish_closing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_stopped_during_its_first_join_leaves_no_member_behind() {
     let _one_at_a_time = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await.unwrap();
-    let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
-    let registry = FakeRegistry::start().await;
-    let topics = (unique("join"), unique("join-trades"));
-    cluster.create_topic(&topics.0, 4, 3, 2);
-    cluster.create_topic(&topics.1, 2, 3, 2);
+    let rig = GroupRig::start().await;
     let group = unique("join-g");
-    let stable = start_consumer(group_settings(&cluster, &registry, &influx, (&topics.0, &topics.1), &group).await, 1);
-    let bootstrap = cluster.bootstrap();
+    let stable = start_consumer(rig.group_settings(&group).await, 1);
+    let bootstrap = rig.cluster.bootstrap();
     eventually("the first member joined", WAIT, || group_members(&bootstrap, &group).len() == 1).await;
     // Past a heartbeat: the group is stable.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let newcomer = start_consumer(group_settings(&cluster, &registry, &influx, (&topics.0, &topics.1), &group).await, 1);
+    let newcomer = start_consumer(rig.group_settings(&group).await, 1);
     // Its JoinGroup is out and held: the stable member rejoins at its next heartbeat (3 s).
     tokio::time::sleep(Duration::from_millis(500)).await;
     newcomer.stop().await;
-    let members = group_members(&cluster.bootstrap(), &group);
+    let members = group_members(&bootstrap, &group);
     assert_eq!(members.len(), 1, "only the stable member is left: {members:?}");
     stable.stop().await;
-    assert_eq!(group_members(&cluster.bootstrap(), &group), Vec::<String>::new());
+    assert_eq!(group_members(&bootstrap, &group), Vec::<String>::new());
 }
 
-/// Consumer settings for one group on the 0.9 cluster, writing to a database of its own.
-async fn group_settings(
-    cluster: &KafkaCluster,
-    registry: &FakeRegistry,
-    influx: &Influx1,
-    (ticks, trades): (&str, &str),
-    group: &str,
-) -> candlestream::config::Settings {
-    let mut s = candlestream::config::Settings::default();
-    s.kafka.brokers = cluster.bootstrap();
-    (s.kafka.consumer, s.kafka.producer) = (client_overrides(), producer_overrides());
-    // The longest session 0.9 allows (librdkafka's default of 45 s is over its limit): a member
-    // the coordinator waits for would hold a close past the limit.
-    s.kafka.consumer.insert("session.timeout.ms".into(), "30000".into());
-    (s.kafka.topic, s.kafka.trades_topic, s.kafka.group_id) = (ticks.into(), trades.into(), group.into());
-    s.schema_registry.url = registry.url();
-    let db = group.replace('-', "_");
-    influx.create_database(&db).await;
-    influx.configure(&mut s, &db);
-    s.http.listen = ([127, 0, 0, 1], 0).into();
-    s
+/// A 3-broker 0.9 cluster with a ticks topic (4 partitions) and a trades topic (2), InfluxDB and
+/// the registry, for tests of consumer groups.
+struct GroupRig {
+    cluster: KafkaCluster,
+    influx: Influx1,
+    registry: FakeRegistry,
+    ticks: String,
+    trades: String,
+}
+
+impl GroupRig {
+    async fn start() -> Self {
+        let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await.unwrap();
+        let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
+        let registry = FakeRegistry::start().await;
+        let (ticks, trades) = (unique("group"), unique("group-trades"));
+        cluster.create_topic(&ticks, 4, 3, 2);
+        cluster.create_topic(&trades, 2, 3, 2);
+        Self { cluster, influx, registry, ticks, trades }
+    }
+
+    /// Consumer settings for `group`, writing to a database of its own.
+    async fn group_settings(&self, group: &str) -> candlestream::config::Settings {
+        let mut s = candlestream::config::Settings::default();
+        s.kafka.brokers = self.cluster.bootstrap();
+        (s.kafka.consumer, s.kafka.producer) = (client_overrides(), producer_overrides());
+        // The longest session 0.9 allows (librdkafka's default of 45 s is over its limit): a
+        // member the coordinator waits for would hold a close past the limit.
+        s.kafka.consumer.insert("session.timeout.ms".into(), "30000".into());
+        (s.kafka.topic, s.kafka.trades_topic, s.kafka.group_id) = (self.ticks.clone(), self.trades.clone(), group.into());
+        s.schema_registry.url = self.registry.url();
+        let db = group.replace('-', "_");
+        self.influx.create_database(&db).await;
+        self.influx.configure(&mut s, &db);
+        s.http.listen = ([127, 0, 0, 1], 0).into();
+        s
+    }
 }
 
 /// Points the group wrote per partition of the ticks topic: the count of its symbols' points.
@@ -179,35 +186,25 @@ async fn written_per_partition(influx: &Influx1, db: &str, partitions: i32) -> V
 
 /// The members the coordinator holds in `group`, by client host and id.
 fn group_members(brokers: &str, group: &str) -> Vec<String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = offsets_client(brokers, "group-reader").create().unwrap();
-    let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10)).unwrap();
+    use rdkafka::consumer::Consumer;
+    let list = support::reader(brokers, &client_overrides()).fetch_group_list(Some(group), Duration::from_secs(10)).unwrap();
     list.groups().iter().flat_map(|g| g.members()).map(|m| format!("{} {}", m.client_host(), m.id())).collect()
 }
 
 fn end_offsets(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = offsets_client(brokers, "offsets-reader").create().unwrap();
+    use rdkafka::consumer::Consumer;
+    let consumer = support::reader(brokers, &client_overrides());
     (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).collect()
 }
 
 /// The group's committed offset per partition; negative where it committed none.
 fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = offsets_client(brokers, group).create().unwrap();
+    use rdkafka::consumer::Consumer;
+    let consumer = support::group_reader(brokers, group, &client_overrides());
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
     (0..partitions).map(|p| committed.find_partition(topic, p).unwrap().offset().to_raw().unwrap_or(-1)).collect()
-}
-
-fn offsets_client(brokers: &str, group: &str) -> rdkafka::ClientConfig {
-    let mut cfg = rdkafka::ClientConfig::new();
-    cfg.set("bootstrap.servers", brokers).set("group.id", group);
-    for (k, v) in client_overrides() {
-        cfg.set(k, v);
-    }
-    cfg
 }

@@ -66,10 +66,17 @@ pub struct Record {
     pub headers: BTreeMap<String, String>,
 }
 
-fn reader(brokers: &str, client_overrides: &BTreeMap<String, String>) -> BaseConsumer {
+/// A consumer of its own group that reads without committing.
+pub fn reader(brokers: &str, client_overrides: &BTreeMap<String, String>) -> BaseConsumer {
+    group_reader(brokers, &unique("reader"), client_overrides)
+}
+
+/// A consumer in `group` that never joins it (no subscribe) nor commits: it can ask for the
+/// group's committed offsets.
+pub fn group_reader(brokers: &str, group: &str, client_overrides: &BTreeMap<String, String>) -> BaseConsumer {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
-        .set("group.id", unique("reader"))
+        .set("group.id", group)
         .set("enable.auto.commit", "false");
     for (k, v) in client_overrides {
         cfg.set(k, v);

@@ -37,11 +37,13 @@ use serde_json::Value;
 use support::fake_bitfinex::FakeBitfinex;
 use support::fake_registry::FakeRegistry;
 use support::influx1::Influx1;
-use support::kafka09::{client_overrides, producer_overrides, KafkaCluster};
+use support::kafka09::{KafkaCluster, client_overrides, producer_overrides};
 use support::rig::free_port;
-use support::{read_all, settings_toml, topic_size, unique, Process};
+use support::{Process, read_all, settings_toml, topic_size, unique};
 
-const SYMBOLS: [&str; 6] = ["tBTCUSD", "tETHUSD", "tSOLUSD", "tXRPUSD", "tLTCUSD", "tADAUSD"];
+const SYMBOLS: [&str; 6] = [
+    "tBTCUSD", "tETHUSD", "tSOLUSD", "tXRPUSD", "tLTCUSD", "tADAUSD",
+];
 /// How often the latency phases query InfluxDB for points not seen yet.
 const POLL: Duration = Duration::from_millis(5);
 /// Delimiters for kcat's input file; checked to occur in no record.
@@ -58,8 +60,16 @@ struct Plan {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let k = if quick { 4 } else { 1 };
-    let plan = Plan { flat_out: Duration::from_secs(12 / k), live: Duration::from_secs(48 / k), high: Duration::from_secs(32 / k) };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let plan = Plan {
+        flat_out: Duration::from_secs(12 / k),
+        live: Duration::from_secs(48 / k),
+        high: Duration::from_secs(32 / k),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let table = rt.block_on(run(plan));
     println!("{table}");
 }
@@ -182,18 +192,26 @@ fn machine_jiffies() -> (f64, f64) {
 fn components() -> HashMap<String, (&'static str, f64)> {
     let me = std::process::id().to_string();
     let mut out = HashMap::new();
-    out.insert(me.clone(), ("bench (fake exchange, driver, poller)", cpu_seconds(&me)));
+    out.insert(
+        me.clone(),
+        ("bench (fake exchange, driver, poller)", cpu_seconds(&me)),
+    );
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
         if !pid.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).unwrap_or("");
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .unwrap_or("");
         if ppid != me {
             continue;
         }
-        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ");
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ");
         let label = if cmd.contains("kafka.Kafka") {
             "Kafka brokers"
         } else if cmd.contains("QuorumPeerMain") {
@@ -233,7 +251,11 @@ impl Usage {
     /// CPU seconds of each process since start, the window's length, and the machine's busy share.
     fn stop(&self) -> (Vec<f64>, f64, f64) {
         let wall = self.started.elapsed().as_secs_f64();
-        let cpu = self.cpu.iter().map(|(pid, before)| cpu_seconds(pid) - before).collect();
+        let cpu = self
+            .cpu
+            .iter()
+            .map(|(pid, before)| cpu_seconds(pid) - before)
+            .collect();
         let (busy, total) = machine_jiffies();
         let share = (busy - self.machine.0) / (total - self.machine.1).max(1.0);
         (cpu, wall, share)
@@ -251,18 +273,32 @@ impl Usage {
         by.insert("processes outside this bench", (machine - ours).max(0.0));
         let mut by: Vec<(&str, f64)> = by.into_iter().filter(|(_, s)| *s >= 0.05).collect();
         by.sort_by(|a, b| b.1.total_cmp(&a.1));
-        by.iter().map(|(l, s)| format!("{l} {s:.1}")).collect::<Vec<_>>().join(", ")
+        by.iter()
+            .map(|(l, s)| format!("{l} {s:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
 impl Env {
     async fn start() -> Self {
         progress("starting ZooKeeper and 3 Kafka 0.9.0.1 brokers, InfluxDB 1.x");
-        let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await.unwrap();
+        let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3))
+            .await
+            .unwrap();
         let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
         let registry = FakeRegistry::start().await;
-        let dir = tempfile::Builder::new().prefix("pipeline-bench-").tempdir().unwrap();
-        Self { cluster, influx, registry, dir, http: reqwest::Client::new() }
+        let dir = tempfile::Builder::new()
+            .prefix("pipeline-bench-")
+            .tempdir()
+            .unwrap();
+        Self {
+            cluster,
+            influx,
+            registry,
+            dir,
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn phase(&self, name: &str) -> Phase {
@@ -289,17 +325,31 @@ impl Env {
         s.kafka.consumer = client_overrides();
         // 0.9 brokers refuse session timeouts above group.max.session.timeout.ms (30 s);
         // librdkafka's default is 45 s.
-        s.kafka.consumer.insert("session.timeout.ms".into(), "10000".into());
+        s.kafka
+            .consumer
+            .insert("session.timeout.ms".into(), "10000".into());
         s.schema_registry.url = self.registry.url();
         s.influx.api = InfluxApi::V1;
         s.influx.url = self.influx.url();
         s.influx.database = db.clone();
-        Phase { topic, db, exchange, settings: s, producer: None, consumer: None, producer_port: free_port() }
+        Phase {
+            topic,
+            db,
+            exchange,
+            settings: s,
+            producer: None,
+            consumer: None,
+            producer_port: free_port(),
+        }
     }
 
     fn spawn(&self, phase: &Phase, name: &'static str) -> Proc {
         let mut s = phase.settings.clone();
-        let port = if name == "producer" { phase.producer_port } else { free_port() };
+        let port = if name == "producer" {
+            phase.producer_port
+        } else {
+            free_port()
+        };
         s.http.listen = ([127, 0, 0, 1], port).into();
         let config = self.dir.path().join(format!("{}-{name}.toml", phase.topic));
         std::fs::write(&config, settings_toml(&s)).unwrap();
@@ -314,7 +364,12 @@ impl Env {
             .stderr(out)
             .spawn()
             .expect("candlestream binary");
-        Proc { name, port, process: Process(child), log }
+        Proc {
+            name,
+            port,
+            process: Process(child),
+            log,
+        }
     }
 
     /// Records Kafka acknowledged to the producer, from its /metrics.
@@ -323,7 +378,10 @@ impl Env {
         let text = self.http.get(url).send().await.ok()?.text().await.ok()?;
         Some(
             text.lines()
-                .filter(|l| l.starts_with("candlestream_kafka_produced_total ") || l.starts_with("candlestream_kafka_produced_total{"))
+                .filter(|l| {
+                    l.starts_with("candlestream_kafka_produced_total ")
+                        || l.starts_with("candlestream_kafka_produced_total{")
+                })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as u64,
         )
@@ -348,7 +406,11 @@ impl Env {
 
 impl Phase {
     fn pids(&self) -> Vec<String> {
-        self.producer.iter().chain(self.consumer.iter()).map(|p| p.pid().to_string()).collect()
+        self.producer
+            .iter()
+            .chain(self.consumer.iter())
+            .map(|p| p.pid().to_string())
+            .collect()
     }
 
     fn check_alive(&mut self) {
@@ -359,8 +421,12 @@ impl Phase {
 
     /// Fails the bench with `what` and the tails of the processes' logs.
     fn fail(&self, what: &str) -> ! {
-        let logs: Vec<String> =
-            self.producer.iter().chain(self.consumer.iter()).map(|p| format!("--- {} log:\n{}", p.name, p.tail())).collect();
+        let logs: Vec<String> = self
+            .producer
+            .iter()
+            .chain(self.consumer.iter())
+            .map(|p| format!("--- {} log:\n{}", p.name, p.tail()))
+            .collect();
         panic!("{what}\n{}", logs.join("\n"));
     }
 }
@@ -436,10 +502,19 @@ async fn throughput(env: &Env, flat_out: Duration) -> Throughput {
         t.await.unwrap();
     }
     let send_secs = started.elapsed().as_secs_f64();
-    let (n_trades, n_tickers) = (phase.exchange.trades_sent().len(), phase.exchange.sent().len());
-    assert_eq!(n_trades, trades.load(Ordering::Relaxed), "every executed trade went out as te");
+    let (n_trades, n_tickers) = (
+        phase.exchange.trades_sent().len(),
+        phase.exchange.sent().len(),
+    );
+    assert_eq!(
+        n_trades,
+        trades.load(Ordering::Relaxed),
+        "every executed trade went out as te"
+    );
     let records = n_trades + n_tickers;
-    progress(&format!("sent {n_trades} trades and {n_tickers} tickers in {send_secs:.1} s; waiting for Kafka's acks"));
+    progress(&format!(
+        "sent {n_trades} trades and {n_tickers} tickers in {send_secs:.1} s; waiting for Kafka's acks"
+    ));
     let deadline = Instant::now() + Duration::from_secs(120);
     let acked_at = loop {
         let produced = env.produced(&phase).await.unwrap_or(0) as usize;
@@ -456,12 +531,17 @@ async fn throughput(env: &Env, flat_out: Duration) -> Throughput {
     let cpu_parts = usage.breakdown();
     let producer_rss = rss_mb(phase.producer.as_ref().unwrap().pid());
     let ours = records as f64 / acked_at;
-    progress(&format!("candlestream: {records} records acknowledged in {acked_at:.2} s = {ours:.0}/s"));
+    progress(&format!(
+        "candlestream: {records} records acknowledged in {acked_at:.2} s = {ours:.0}/s"
+    ));
     phase.producer = None; // killed: kcat gets the machine to itself
 
     // The same records, byte for byte, into the same topics.
     let brokers = env.cluster.bootstrap();
-    let topics = [phase.topic.clone(), phase.settings.kafka.trades_topic.clone()];
+    let topics = [
+        phase.topic.clone(),
+        phase.settings.kafka.trades_topic.clone(),
+    ];
     let mut files = Vec::new();
     let mut sizes = Vec::new();
     for t in &topics {
@@ -470,7 +550,11 @@ async fn throughput(env: &Env, flat_out: Duration) -> Throughput {
         let mut data = Vec::new();
         for (i, r) in records.iter().enumerate() {
             for part in [r.key.as_deref().unwrap_or("").as_bytes(), &r.payload[..]] {
-                assert!(!contains(part, RECORD_DELIM.as_bytes()) && !contains(part, KEY_DELIM.as_bytes()), "a record holds a delimiter");
+                assert!(
+                    !contains(part, RECORD_DELIM.as_bytes())
+                        && !contains(part, KEY_DELIM.as_bytes()),
+                    "a record holds a delimiter"
+                );
             }
             if i > 0 {
                 data.extend_from_slice(RECORD_DELIM.as_bytes());
@@ -480,28 +564,57 @@ async fn throughput(env: &Env, flat_out: Duration) -> Throughput {
             data.extend_from_slice(&r.payload);
         }
         std::fs::write(&path, data).unwrap();
-        sizes.push((records.len(), records.iter().map(|r| r.payload.len()).sum::<usize>()));
+        sizes.push((
+            records.len(),
+            records.iter().map(|r| r.payload.len()).sum::<usize>(),
+        ));
         files.push(path);
     }
-    assert_eq!(sizes[0].0 + sizes[1].0, records, "the topics hold exactly the records sent");
-    progress(&format!("kcat: producing the same {records} records to the same topics"));
+    assert_eq!(
+        sizes[0].0 + sizes[1].0,
+        records,
+        "the topics hold exactly the records sent"
+    );
+    progress(&format!(
+        "kcat: producing the same {records} records to the same topics"
+    ));
     let kcat_usage = Usage::start(&[]);
     let children_cpu = reaped_children_cpu_seconds();
     let started = Instant::now();
     let logs: Vec<PathBuf> = files.iter().map(|f| f.with_extension("log")).collect();
-    let mut kcats: Vec<_> = topics.iter().zip(&files).zip(&logs).map(|((t, f), log)| kcat(&brokers, t, f, log)).collect();
+    let mut kcats: Vec<_> = topics
+        .iter()
+        .zip(&files)
+        .zip(&logs)
+        .map(|((t, f), log)| kcat(&brokers, t, f, log))
+        .collect();
     for (k, log) in kcats.iter_mut().zip(&logs) {
         let status = k.wait().unwrap();
-        assert!(status.success(), "kcat failed ({status}): {}", std::fs::read_to_string(log).unwrap_or_default());
+        assert!(
+            status.success(),
+            "kcat failed ({status}): {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
     let kcat_secs = started.elapsed().as_secs_f64();
     let kcat_cpu = reaped_children_cpu_seconds() - children_cpu;
     let (_, _, kcat_machine_busy) = kcat_usage.stop();
     let kcat_cpu_parts = kcat_usage.breakdown();
-    let after: usize = tokio::task::block_in_place(|| topics.iter().map(|t| topic_size(&brokers, t, &client_overrides())).sum());
-    assert_eq!(after, 2 * records, "kcat produced exactly the same number of records");
+    let after: usize = tokio::task::block_in_place(|| {
+        topics
+            .iter()
+            .map(|t| topic_size(&brokers, t, &client_overrides()))
+            .sum()
+    });
+    assert_eq!(
+        after,
+        2 * records,
+        "kcat produced exactly the same number of records"
+    );
     let kcat_rate = records as f64 / kcat_secs;
-    progress(&format!("kcat: {records} records in {kcat_secs:.2} s = {kcat_rate:.0}/s"));
+    progress(&format!(
+        "kcat: {records} records in {kcat_secs:.2} s = {kcat_rate:.0}/s"
+    ));
     let bytes = (sizes[0].1 + sizes[1].1) as f64;
     Throughput {
         records,
@@ -534,9 +647,34 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// linger 20 ms, Java's murmur2 partitioner on the key, and the 0.9 compatibility settings.
 fn kcat(brokers: &str, topic: &str, file: &Path, log: &Path) -> std::process::Child {
     Command::new("kcat")
-        .args(["-P", "-q", "-b", brokers, "-t", topic, "-K", KEY_DELIM, "-D", RECORD_DELIM, "-z", "gzip"])
-        .args(["-X", "acks=all", "-X", "linger.ms=20", "-X", "partitioner=murmur2_random"])
-        .args(["-X", "api.version.request=false", "-X", "broker.version.fallback=0.9.0.1"])
+        .args([
+            "-P",
+            "-q",
+            "-b",
+            brokers,
+            "-t",
+            topic,
+            "-K",
+            KEY_DELIM,
+            "-D",
+            RECORD_DELIM,
+            "-z",
+            "gzip",
+        ])
+        .args([
+            "-X",
+            "acks=all",
+            "-X",
+            "linger.ms=20",
+            "-X",
+            "partitioner=murmur2_random",
+        ])
+        .args([
+            "-X",
+            "api.version.request=false",
+            "-X",
+            "broker.version.fallback=0.9.0.1",
+        ])
         .arg("-l")
         .arg(file)
         .stdin(Stdio::null())
@@ -573,18 +711,28 @@ impl Pending {
     }
 
     fn add_trade(&mut self, symbol: &str, id: i64, ms: i64, sent: Instant) {
-        self.trades.entry(symbol.to_string()).or_default().insert((ms, id), sent);
+        self.trades
+            .entry(symbol.to_string())
+            .or_default()
+            .insert((ms, id), sent);
         self.trade_keys.insert(id, (symbol.to_string(), ms));
     }
 
     fn add_ticker(&mut self, symbol: &str, volume: f64, ms: i64, sent: Instant) {
-        self.tickers.entry(symbol.to_string()).or_default().insert((ms, volume.to_bits()), sent);
-        self.ticker_keys.insert((symbol.to_string(), volume.to_bits()), ms);
+        self.tickers
+            .entry(symbol.to_string())
+            .or_default()
+            .insert((ms, volume.to_bits()), sent);
+        self.ticker_keys
+            .insert((symbol.to_string(), volume.to_bits()), ms);
     }
 
     fn see_trade(&mut self, id: i64, seen: Instant) {
         if let Some((symbol, ms)) = self.trade_keys.remove(&id)
-            && let Some(sent) = self.trades.get_mut(&symbol).and_then(|m| m.remove(&(ms, id)))
+            && let Some(sent) = self
+                .trades
+                .get_mut(&symbol)
+                .and_then(|m| m.remove(&(ms, id)))
         {
             self.trade_latencies.push((seen - sent).as_secs_f64() * 1e3);
         }
@@ -593,9 +741,13 @@ impl Pending {
     fn see_ticker(&mut self, symbol: &str, volume: f64, seen: Instant) {
         let key = (symbol.to_string(), volume.to_bits());
         if let Some(ms) = self.ticker_keys.remove(&key)
-            && let Some(sent) = self.tickers.get_mut(symbol).and_then(|m| m.remove(&(ms, key.1)))
+            && let Some(sent) = self
+                .tickers
+                .get_mut(symbol)
+                .and_then(|m| m.remove(&(ms, key.1)))
         {
-            self.ticker_latencies.push((seen - sent).as_secs_f64() * 1e3);
+            self.ticker_latencies
+                .push((seen - sent).as_secs_f64() * 1e3);
         }
     }
 
@@ -606,7 +758,10 @@ impl Pending {
         let mut out = Vec::new();
         for (symbol, m) in &self.trades {
             if let Some(((ms, _), _)) = m.first_key_value() {
-                out.push((true, format!("SELECT id FROM trades WHERE symbol = '{symbol}' AND time >= {ms}ms")));
+                out.push((
+                    true,
+                    format!("SELECT id FROM trades WHERE symbol = '{symbol}' AND time >= {ms}ms"),
+                ));
             }
         }
         for (symbol, m) in &self.tickers {
@@ -660,21 +815,33 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
         phase.exchange.emit(s).await.expect("subscribed");
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while count(env, &phase.db, "trades", "price").await < SYMBOLS.len() || count(env, &phase.db, "ticker", "last_price").await < SYMBOLS.len() {
+    while count(env, &phase.db, "trades", "price").await < SYMBOLS.len()
+        || count(env, &phase.db, "ticker", "last_price").await < SYMBOLS.len()
+    {
         phase.check_alive();
         if Instant::now() >= deadline {
             phase.fail("warm-up records not stored");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    progress(&format!("{label}: warm, measuring for {} s", duration.as_secs()));
+    progress(&format!(
+        "{label}: warm, measuring for {} s",
+        duration.as_secs()
+    ));
 
     let pending = Arc::new(Mutex::new(Pending::default()));
     let driving = Arc::new(AtomicBool::new(true));
-    let poller = tokio::spawn(poll(env.http.clone(), env.influx.url(), phase.db.clone(), pending.clone(), driving.clone()));
+    let poller = tokio::spawn(poll(
+        env.http.clone(),
+        env.influx.url(),
+        phase.db.clone(),
+        pending.clone(),
+        driving.clone(),
+    ));
     let usage = Usage::start(&phase.pids());
     let started = Instant::now();
-    let (mut sent_trades, mut sent_tickers, mut next_symbol, mut next_ticker) = (0usize, 0usize, 0usize, 0usize);
+    let (mut sent_trades, mut sent_tickers, mut next_symbol, mut next_ticker) =
+        (0usize, 0usize, 0usize, 0usize);
     let (mut measured_trades, mut measured_tickers) = (0usize, 0usize);
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -691,11 +858,23 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
             measuring = false;
             window_closed = Instant::now();
             backlog = (
-                metric_sum(&env.http, phase.producer_port, "candlestream_kafka_in_flight").await,
-                metric_sum(&env.http, phase.consumer.as_ref().unwrap().port, "candlestream_consumer_lag").await,
+                metric_sum(
+                    &env.http,
+                    phase.producer_port,
+                    "candlestream_kafka_in_flight",
+                )
+                .await,
+                metric_sum(
+                    &env.http,
+                    phase.consumer.as_ref().unwrap().port,
+                    "candlestream_consumer_lag",
+                )
+                .await,
                 pending.lock().unwrap().len(),
             );
-            progress(&format!("{label}: sent {sent_trades} trades and {sent_tickers} tickers; sending on until their points are seen"));
+            progress(&format!(
+                "{label}: sent {sent_trades} trades and {sent_tickers} tickers; sending on until their points are seen"
+            ));
         }
         if !measuring && (pending.lock().unwrap().is_empty() || Instant::now() >= drain_deadline) {
             break;
@@ -708,7 +887,9 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
         while (sent_trades as f64) < rate.trades * elapsed {
             let s = SYMBOLS[next_symbol % SYMBOLS.len()];
             next_symbol += 1;
-            let due = ((rate.trades * elapsed) as usize - sent_trades).div_ceil(SYMBOLS.len()).clamp(1, 8);
+            let due = ((rate.trades * elapsed) as usize - sent_trades)
+                .div_ceil(SYMBOLS.len())
+                .clamp(1, 8);
             let trades = phase.exchange.execute(s, due).await;
             let at = Instant::now();
             sent_trades += trades.len();
@@ -729,7 +910,10 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
             if measuring {
                 measured_tickers += 1;
                 let ms = sent.exchange_time.expect("websocket update");
-                pending.lock().unwrap().add_ticker(&sent.symbol, sent.values[7], ms, at);
+                pending
+                    .lock()
+                    .unwrap()
+                    .add_ticker(&sent.symbol, sent.values[7], ms, at);
             }
         }
     }
@@ -750,8 +934,13 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(stored_trades, sent_trades + SYMBOLS.len(), "InfluxDB holds every trade sent, once");
-    let (sent_trades, sent_tickers, seconds) = (measured_trades, measured_tickers, duration.as_secs_f64());
+    assert_eq!(
+        stored_trades,
+        sent_trades + SYMBOLS.len(),
+        "InfluxDB holds every trade sent, once"
+    );
+    let (sent_trades, sent_tickers, seconds) =
+        (measured_trades, measured_tickers, duration.as_secs_f64());
     let rss = |proc: &Option<Proc>| rss_mb(proc.as_ref().unwrap().pid());
     let (ph, pr) = rss(&phase.producer);
     let (ch, cr) = rss(&phase.consumer);
@@ -792,38 +981,69 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
 
 /// Sum of a metric's samples on a process's /metrics; 0 when unreachable.
 async fn metric_sum(http: &reqwest::Client, port: u16, name: &str) -> f64 {
-    let Ok(r) = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await else { return 0.0 };
+    let Ok(r) = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+    else {
+        return 0.0;
+    };
     let text = r.text().await.unwrap_or_default();
     text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
 async fn count(env: &Env, db: &str, measurement: &str, field: &str) -> usize {
-    let rows = env.influx.rows(db, &format!("SELECT count({field}) FROM \"{measurement}\"")).await;
+    let rows = env
+        .influx
+        .rows(db, &format!("SELECT count({field}) FROM \"{measurement}\""))
+        .await;
     rows.first().and_then(|r| r["count"].as_u64()).unwrap_or(0) as usize
 }
 
 /// Queries InfluxDB every [`POLL`] for the points of pending records, from the oldest pending
 /// exchange time on, and stamps each at the response that first holds it. Returns the number of
 /// polls, their mean period and the median query round trip, in ms.
-async fn poll(http: reqwest::Client, url: String, db: String, pending: Arc<Mutex<Pending>>, driving: Arc<AtomicBool>) -> (usize, f64, f64) {
+async fn poll(
+    http: reqwest::Client,
+    url: String,
+    db: String,
+    pending: Arc<Mutex<Pending>>,
+    driving: Arc<AtomicBool>,
+) -> (usize, f64, f64) {
     let started = Instant::now();
     let mut round_trips = Vec::new();
     while driving.load(Ordering::Relaxed) {
         let next = tokio::time::Instant::now() + POLL;
         let statements = pending.lock().unwrap().statements();
         if !statements.is_empty() {
-            let q = statements.iter().map(|(_, q)| q.as_str()).collect::<Vec<_>>().join(";");
+            let q = statements
+                .iter()
+                .map(|(_, q)| q.as_str())
+                .collect::<Vec<_>>()
+                .join(";");
             let asked = Instant::now();
-            let body = match http.get(format!("{url}/query")).query(&[("db", db.as_str()), ("q", q.as_str()), ("epoch", "ms")]).send().await {
+            let body = match http
+                .get(format!("{url}/query"))
+                .query(&[("db", db.as_str()), ("q", q.as_str()), ("epoch", "ms")])
+                .send()
+                .await
+            {
                 Ok(r) => r.json::<Value>().await.ok(),
                 Err(_) => None,
             };
             let seen = Instant::now();
             round_trips.push((seen - asked).as_secs_f64() * 1e3);
-            let results = body.as_ref().and_then(|b| b["results"].as_array()).cloned().unwrap_or_default();
+            let results = body
+                .as_ref()
+                .and_then(|b| b["results"].as_array())
+                .cloned()
+                .unwrap_or_default();
             let mut p = pending.lock().unwrap();
             for ((is_trade, _), result) in statements.iter().zip(&results) {
                 for row in rows(result) {
@@ -831,7 +1051,10 @@ async fn poll(http: reqwest::Client, url: String, db: String, pending: Arc<Mutex
                         if let Some(id) = row.first().and_then(Value::as_i64) {
                             p.see_trade(id, seen);
                         }
-                    } else if let (Some(symbol), Some(volume)) = (row.first().and_then(Value::as_str), row.get(1).and_then(Value::as_f64)) {
+                    } else if let (Some(symbol), Some(volume)) = (
+                        row.first().and_then(Value::as_str),
+                        row.get(1).and_then(Value::as_f64),
+                    ) {
                         p.see_ticker(symbol, volume, seen);
                     }
                 }
@@ -841,7 +1064,11 @@ async fn poll(http: reqwest::Client, url: String, db: String, pending: Arc<Mutex
     }
     let polls = round_trips.len();
     round_trips.sort_by(f64::total_cmp);
-    (polls, started.elapsed().as_secs_f64() * 1e3 / polls.max(1) as f64, percentile(&round_trips, 50.0))
+    (
+        polls,
+        started.elapsed().as_secs_f64() * 1e3 / polls.max(1) as f64,
+        percentile(&round_trips, 50.0),
+    )
 }
 
 /// The value rows of a statement's result, columns after `time`.
@@ -866,11 +1093,24 @@ async fn run(plan: Plan) -> String {
         &env,
         "live",
         "live-like rate".into(),
-        Rate { trades: 50.0, tickers: SYMBOLS.len() as f64 / 10.0 },
+        Rate {
+            trades: 50.0,
+            tickers: SYMBOLS.len() as f64 / 10.0,
+        },
         plan.live,
     )
     .await;
-    let high = latency(&env, "high", "5 000 records/s".into(), Rate { trades: 4_800.0, tickers: 200.0 }, plan.high).await;
+    let high = latency(
+        &env,
+        "high",
+        "5 000 records/s".into(),
+        Rate {
+            trades: 4_800.0,
+            tickers: 200.0,
+        },
+        plan.high,
+    )
+    .await;
     progress(&format!("done in {:.0} s", total.elapsed().as_secs_f64()));
     table(&tp, &[&live, &high])
 }
@@ -878,7 +1118,9 @@ async fn run(plan: Plan) -> String {
 fn table(tp: &Throughput, runs: &[&Latency]) -> String {
     let mut t = String::new();
     let ms = |v: &[f64], p: f64| format!("{:.0}", percentile(v, p));
-    t.push_str("| measure | candlestream | plain tool | ratio / goal |\n| --- | --- | --- | --- |\n");
+    t.push_str(
+        "| measure | candlestream | plain tool | ratio / goal |\n| --- | --- | --- | --- |\n",
+    );
     t.push_str(&format!(
         "| producer throughput: {} records ({} trades, {} tickers; values {:.0} B on average), acks=all, records/s from the first send to the last ack | {:.0} /s | kcat: {:.0} /s | {:.2} (goal ≥ 0.8) |\n",
         tp.records,
@@ -890,7 +1132,11 @@ fn table(tp: &Throughput, runs: &[&Latency]) -> String {
         tp.ours / tp.kcat,
     ));
     for r in runs {
-        let goal = if r.label.starts_with("live") { "goal p99 ≤ 100 ms" } else { "-" };
+        let goal = if r.label.starts_with("live") {
+            "goal p99 ≤ 100 ms"
+        } else {
+            "-"
+        };
         t.push_str(&format!(
             "| end-to-end latency at {}: {:.0} trades/s + {:.1} tickers/s, 6 symbols, {} records: p50 / p99 / max | {} / {} / {} ms | - | {goal} |\n",
             r.label,
@@ -903,8 +1149,15 @@ fn table(tp: &Throughput, runs: &[&Latency]) -> String {
         ));
     }
     for r in runs {
-        let goals = if r.label.starts_with('5') { ("goal < 30 MB", "goal < 50 MB") } else { ("-", "-") };
-        for (who, (hwm, now, cpu), goal) in [("producer", r.producer, goals.0), ("consumer", r.consumer, goals.1)] {
+        let goals = if r.label.starts_with('5') {
+            ("goal < 30 MB", "goal < 50 MB")
+        } else {
+            ("-", "-")
+        };
+        for (who, (hwm, now, cpu), goal) in [
+            ("producer", r.producer, goals.0),
+            ("consumer", r.consumer, goals.1),
+        ] {
             t.push_str(&format!(
                 "| {who} at {}: peak RSS (VmHWM), RSS at the end; CPU over {:.0} s | {hwm:.1} MB, {now:.1} MB; {cpu:.1} CPU s ({:.0} % of a core) | - | {goal} |\n",
                 r.label,

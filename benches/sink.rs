@@ -11,7 +11,7 @@ use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::SchemaRegistryConfig;
 use candlestream::exchange::bitfinex::message::TickerValues;
 use candlestream::sink::influx::write_line;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{Criterion, criterion_group, criterion_main};
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -27,19 +27,39 @@ fn bench(c: &mut Criterion) {
         high: 99000.0,
         low: 96100.0,
     };
-    let tick = Record::Tick(Tick::new("tBTCUSD".into(), v, 1_763_787_600_123, Some(1), Source::Websocket, 1_763_787_600_200));
+    let tick = Record::Tick(Tick::new(
+        "tBTCUSD".into(),
+        v,
+        1_763_787_600_123,
+        Some(1),
+        Source::Websocket,
+        1_763_787_600_200,
+    ));
     let (_registry, decoder, payload) = rt.block_on(async {
         let registry = fake_registry::FakeRegistry::start().await;
-        let cfg = SchemaRegistryConfig { url: registry.url(), ..Default::default() };
-        let kafka = candlestream::config::KafkaConfig { topic: "bench".into(), ..Default::default() };
-        let payload = Encoder::new(&cfg, &kafka).unwrap().encode(&tick).await.unwrap();
+        let cfg = SchemaRegistryConfig {
+            url: registry.url(),
+            ..Default::default()
+        };
+        let kafka = candlestream::config::KafkaConfig {
+            topic: "bench".into(),
+            ..Default::default()
+        };
+        let payload = Encoder::new(&cfg, &kafka)
+            .unwrap()
+            .encode(&tick)
+            .await
+            .unwrap();
         let decoder = Decoder::new(&cfg).unwrap();
         decoder.decode(&payload).await.unwrap();
         (registry, decoder, payload)
     });
 
     let mut g = c.benchmark_group("per_point");
-    g.bench_function("decode", |b| b.to_async(&rt).iter(|| async { decoder.decode(black_box(&payload)).await.unwrap() }));
+    g.bench_function("decode", |b| {
+        b.to_async(&rt)
+            .iter(|| async { decoder.decode(black_box(&payload)).await.unwrap() })
+    });
     g.bench_function("line_protocol", |b| {
         let mut out = String::with_capacity(256);
         b.iter(|| {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candlestream::candles::{Record, Source, Tick};
 use candlestream::config::{InfluxApi, InfluxConfig};
 use candlestream::exchange::bitfinex::message::TickerValues;
-use candlestream::sink::influx::{write_line, InfluxSink};
+use candlestream::sink::influx::{InfluxSink, write_line};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -42,7 +42,14 @@ fn tick(i: usize) -> Tick {
         low: price - 5.0,
     };
     let t = 1_763_787_600_000 + (i / symbols.len()) as i64;
-    Tick::new(symbols[i % symbols.len()].into(), v, t, None, Source::Websocket, t)
+    Tick::new(
+        symbols[i % symbols.len()].into(),
+        v,
+        t,
+        None,
+        Source::Websocket,
+        t,
+    )
 }
 
 #[tokio::main]
@@ -65,7 +72,12 @@ async fn main() -> anyhow::Result<()> {
         gz.write_all(lines.as_bytes())?;
         std::fs::write(args.out.join(format!("batch-{n:06}.lp.gz")), gz.finish()?)?;
     }
-    let cfg = InfluxConfig { api: InfluxApi::V1, url: args.url, database: args.db, ..Default::default() };
+    let cfg = InfluxConfig {
+        api: InfluxApi::V1,
+        url: args.url,
+        database: args.db,
+        ..Default::default()
+    };
     let sink = InfluxSink::new(&cfg)?;
     let started = Instant::now();
     for lines in &batches {

@@ -78,15 +78,24 @@ pub fn window(now_ms: i64, since: Duration) -> (i64, i64) {
 pub fn compare(symbol: &str, ours: &[Candle], theirs: &[Candle]) -> SymbolReport {
     let ours: BTreeMap<i64, &Candle> = ours.iter().map(|c| (c.start_ms, c)).collect();
     let theirs: BTreeMap<i64, &Candle> = theirs.iter().map(|c| (c.start_ms, c)).collect();
-    let mut report = SymbolReport { symbol: symbol.to_string(), ..Default::default() };
+    let mut report = SymbolReport {
+        symbol: symbol.to_string(),
+        ..Default::default()
+    };
     for (start, o) in &ours {
         let Some(t) = theirs.get(start) else {
             report.missing_at_exchange.push(*start);
             continue;
         };
         report.compared += 1;
-        let prices = [("open", o.open, t.open), ("high", o.high, t.high), ("low", o.low, t.low), ("close", o.close, t.close)];
-        let mut fields: Vec<(&'static str, f64, f64)> = prices.into_iter().filter(|(_, a, b)| a != b).collect();
+        let prices = [
+            ("open", o.open, t.open),
+            ("high", o.high, t.high),
+            ("low", o.low, t.low),
+            ("close", o.close, t.close),
+        ];
+        let mut fields: Vec<(&'static str, f64, f64)> =
+            prices.into_iter().filter(|(_, a, b)| a != b).collect();
         if (o.volume - t.volume).abs() > VOLUME_TOLERANCE * o.volume.abs().max(t.volume.abs()) {
             fields.push(("volume", o.volume, t.volume));
         }
@@ -94,16 +103,33 @@ pub fn compare(symbol: &str, ours: &[Candle], theirs: &[Candle]) -> SymbolReport
             report.equal += 1;
         } else {
             report.different += 1;
-            report.differences.extend(fields.into_iter().map(|(field, ours, theirs)| Difference { start_ms: *start, field, ours, theirs }));
+            report
+                .differences
+                .extend(fields.into_iter().map(|(field, ours, theirs)| Difference {
+                    start_ms: *start,
+                    field,
+                    ours,
+                    theirs,
+                }));
         }
     }
-    report.missing_here = theirs.keys().filter(|s| !ours.contains_key(s)).copied().collect();
+    report.missing_here = theirs
+        .keys()
+        .filter(|s| !ours.contains_key(s))
+        .copied()
+        .collect();
     report.compared += report.missing_here.len() + report.missing_at_exchange.len();
     report
 }
 
 /// The candles InfluxDB computes from the stored trades, as the dashboard's query does.
-async fn stored_candles(http: &reqwest::Client, cfg: &InfluxConfig, symbol: &str, start: i64, end: i64) -> Result<Vec<Candle>, AuditError> {
+async fn stored_candles(
+    http: &reqwest::Client,
+    cfg: &InfluxConfig,
+    symbol: &str,
+    start: i64,
+    end: i64,
+) -> Result<Vec<Candle>, AuditError> {
     let q = format!(
         "SELECT first(\"price\") AS open, max(\"price\") AS high, min(\"price\") AS low, last(\"price\") AS close, \
          sum(\"amount\") AS volume FROM \"{measurement}\" WHERE \"symbol\" = '{symbol}' AND time >= {start}ms AND time < {end}ms \
@@ -116,18 +142,31 @@ async fn stored_candles(http: &reqwest::Client, cfg: &InfluxConfig, symbol: &str
         InfluxApi::V1 => &cfg.database,
         InfluxApi::V2 => &cfg.bucket,
     };
-    let mut req = http.get(format!("{}/query", cfg.url.trim_end_matches('/'))).query(&[("db", db.as_str()), ("q", &q), ("epoch", "ms")]);
+    let mut req = http
+        .get(format!("{}/query", cfg.url.trim_end_matches('/')))
+        .query(&[("db", db.as_str()), ("q", &q), ("epoch", "ms")]);
     match cfg.api {
         InfluxApi::V1 => {
             if let Some(user) = &cfg.username {
                 req = req.basic_auth(user, cfg.password.as_ref());
             }
         }
-        InfluxApi::V2 => req = req.header(reqwest::header::AUTHORIZATION, format!("Token {}", cfg.token.as_deref().unwrap_or_default())),
+        InfluxApi::V2 => {
+            req = req.header(
+                reqwest::header::AUTHORIZATION,
+                format!("Token {}", cfg.token.as_deref().unwrap_or_default()),
+            )
+        }
     }
-    let resp = req.send().await.map_err(|e| AuditError::Influx(e.to_string()))?;
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| AuditError::Influx(e.to_string()))?;
     let status = resp.status();
-    let body: Value = resp.json().await.map_err(|e| AuditError::Influx(format!("HTTP {status}: {e}")))?;
+    let body: Value = resp
+        .json()
+        .await
+        .map_err(|e| AuditError::Influx(format!("HTTP {status}: {e}")))?;
     if !status.is_success() {
         return Err(AuditError::Influx(format!("HTTP {status}: {body}")));
     }
@@ -137,35 +176,66 @@ async fn stored_candles(http: &reqwest::Client, cfg: &InfluxConfig, symbol: &str
     }
     let mut candles = Vec::new();
     for series in result["series"].as_array().into_iter().flatten() {
-        let columns: Vec<&str> = series["columns"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let columns: Vec<&str> = series["columns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
         for row in series["values"].as_array().into_iter().flatten() {
-            let get = |name: &str| columns.iter().position(|c| *c == name).and_then(|i| row[i].as_f64());
-            let (Some(start_ms), Some(open), Some(high), Some(low), Some(close), Some(volume)) =
-                (get("time"), get("open"), get("high"), get("low"), get("close"), get("volume"))
-            else {
+            let get = |name: &str| {
+                columns
+                    .iter()
+                    .position(|c| *c == name)
+                    .and_then(|i| row[i].as_f64())
+            };
+            let (Some(start_ms), Some(open), Some(high), Some(low), Some(close), Some(volume)) = (
+                get("time"),
+                get("open"),
+                get("high"),
+                get("low"),
+                get("close"),
+                get("volume"),
+            ) else {
                 return Err(AuditError::Influx(format!("unexpected row {row}")));
             };
-            candles.push(Candle { start_ms: start_ms as i64, open, high, low, close, volume });
+            candles.push(Candle {
+                start_ms: start_ms as i64,
+                open,
+                high,
+                low,
+                close,
+                volume,
+            });
         }
     }
     Ok(candles)
 }
 
 /// Bitfinex's candles starting in `[start, end)`, page by page.
-async fn exchange_candles(rest: &RestClient, symbol: &str, start: i64, end: i64) -> Result<Vec<Candle>, AuditError> {
+async fn exchange_candles(
+    rest: &RestClient,
+    symbol: &str,
+    start: i64,
+    end: i64,
+) -> Result<Vec<Candle>, AuditError> {
     let mut out: Vec<Candle> = Vec::new();
     let mut from = start;
     while from < end {
         let page = rest.candles_1m(symbol, from, end - 1, PAGE).await?;
         let full = page.len() >= PAGE;
-        out.extend(page.into_iter().filter(|c| c.mts >= from && c.mts < end).map(|c| Candle {
-            start_ms: c.mts,
-            open: c.open,
-            high: c.high,
-            low: c.low,
-            close: c.close,
-            volume: c.volume,
-        }));
+        out.extend(
+            page.into_iter()
+                .filter(|c| c.mts >= from && c.mts < end)
+                .map(|c| Candle {
+                    start_ms: c.mts,
+                    open: c.open,
+                    high: c.high,
+                    low: c.low,
+                    close: c.close,
+                    volume: c.volume,
+                }),
+        );
         match out.last() {
             Some(last) if full => from = last.start_ms + MINUTE_MS,
             _ => break,
@@ -175,7 +245,11 @@ async fn exchange_candles(rest: &RestClient, symbol: &str, start: i64, end: i64)
 }
 
 /// Audits `symbols` over the window ending now.
-pub async fn run(settings: &Settings, symbols: &[String], since: Duration) -> Result<Vec<SymbolReport>, AuditError> {
+pub async fn run(
+    settings: &Settings,
+    symbols: &[String],
+    since: Duration,
+) -> Result<Vec<SymbolReport>, AuditError> {
     let http = reqwest::Client::builder()
         .timeout(settings.influx.timeout)
         .build()
@@ -194,8 +268,16 @@ pub async fn run(settings: &Settings, symbols: &[String], since: Duration) -> Re
 /// The report as printed: a table of counts per symbol, then the first differences.
 pub fn render(reports: &[SymbolReport], since: Duration) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "1-minute candles over the last {}, closed minutes only", humantime::format_duration(since));
-    let _ = writeln!(out, "{:<12} {:>9} {:>7} {:>10} {:>13} {:>22}", "symbol", "compared", "equal", "different", "missing here", "missing at exchange");
+    let _ = writeln!(
+        out,
+        "1-minute candles over the last {}, closed minutes only",
+        humantime::format_duration(since)
+    );
+    let _ = writeln!(
+        out,
+        "{:<12} {:>9} {:>7} {:>10} {:>13} {:>22}",
+        "symbol", "compared", "equal", "different", "missing here", "missing at exchange"
+    );
     for r in reports {
         let _ = writeln!(
             out,
@@ -211,13 +293,28 @@ pub fn render(reports: &[SymbolReport], since: Duration) -> String {
     for r in reports.iter().filter(|r| !r.is_clean()) {
         let _ = writeln!(out, "\n{}:", r.symbol);
         for d in r.differences.iter().take(SHOWN_DIFFERENCES) {
-            let _ = writeln!(out, "  {}  {:<6}  ours {}  theirs {}", minute(d.start_ms), d.field, d.ours, d.theirs);
+            let _ = writeln!(
+                out,
+                "  {}  {:<6}  ours {}  theirs {}",
+                minute(d.start_ms),
+                d.field,
+                d.ours,
+                d.theirs
+            );
         }
         for m in r.missing_here.iter().take(SHOWN_DIFFERENCES) {
-            let _ = writeln!(out, "  {}  missing here: the exchange has a candle, InfluxDB has no trade", minute(*m));
+            let _ = writeln!(
+                out,
+                "  {}  missing here: the exchange has a candle, InfluxDB has no trade",
+                minute(*m)
+            );
         }
         for m in r.missing_at_exchange.iter().take(SHOWN_DIFFERENCES) {
-            let _ = writeln!(out, "  {}  missing at the exchange: InfluxDB has trades, the exchange no candle", minute(*m));
+            let _ = writeln!(
+                out,
+                "  {}  missing at the exchange: InfluxDB has trades, the exchange no candle",
+                minute(*m)
+            );
         }
     }
     out
@@ -233,30 +330,74 @@ mod tests {
     use super::*;
 
     fn c(start_ms: i64, open: f64, volume: f64) -> Candle {
-        Candle { start_ms, open, high: open + 1.0, low: open - 1.0, close: open, volume }
+        Candle {
+            start_ms,
+            open,
+            high: open + 1.0,
+            low: open - 1.0,
+            close: open,
+            volume,
+        }
     }
 
     #[test]
     fn window_skips_the_open_candle_and_the_last_closed_minute() {
         let now = 1_763_787_725_000; // 12:02:05
-        assert_eq!(window(now, Duration::from_secs(3600)), (1_763_784_120_000, 1_763_787_660_000));
+        assert_eq!(
+            window(now, Duration::from_secs(3600)),
+            (1_763_784_120_000, 1_763_787_660_000)
+        );
     }
 
     #[test]
     fn compare_counts_equal_different_and_missing() {
-        let ours = [c(0, 1.0, 2.0), c(60_000, 2.0, 0.3 + 0.6), c(120_000, 3.0, 1.0), c(240_000, 5.0, 1.0)];
-        let theirs = [c(0, 1.0, 2.0), c(60_000, 2.0, 0.9), c(120_000, 3.5, 1.0), c(180_000, 4.0, 1.0)];
+        let ours = [
+            c(0, 1.0, 2.0),
+            c(60_000, 2.0, 0.3 + 0.6),
+            c(120_000, 3.0, 1.0),
+            c(240_000, 5.0, 1.0),
+        ];
+        let theirs = [
+            c(0, 1.0, 2.0),
+            c(60_000, 2.0, 0.9),
+            c(120_000, 3.5, 1.0),
+            c(180_000, 4.0, 1.0),
+        ];
         let r = compare("t", &ours, &theirs);
-        assert_eq!((r.compared, r.equal, r.different), (5, 2, 1), "volume 0.3+0.6 vs 0.9 is within tolerance");
+        assert_eq!(
+            (r.compared, r.equal, r.different),
+            (5, 2, 1),
+            "volume 0.3+0.6 vs 0.9 is within tolerance"
+        );
         assert_eq!(r.missing_here, [180_000]);
         assert_eq!(r.missing_at_exchange, [240_000]);
         assert_eq!(
             r.differences,
             [
-                Difference { start_ms: 120_000, field: "open", ours: 3.0, theirs: 3.5 },
-                Difference { start_ms: 120_000, field: "high", ours: 4.0, theirs: 4.5 },
-                Difference { start_ms: 120_000, field: "low", ours: 2.0, theirs: 2.5 },
-                Difference { start_ms: 120_000, field: "close", ours: 3.0, theirs: 3.5 },
+                Difference {
+                    start_ms: 120_000,
+                    field: "open",
+                    ours: 3.0,
+                    theirs: 3.5
+                },
+                Difference {
+                    start_ms: 120_000,
+                    field: "high",
+                    ours: 4.0,
+                    theirs: 4.5
+                },
+                Difference {
+                    start_ms: 120_000,
+                    field: "low",
+                    ours: 2.0,
+                    theirs: 2.5
+                },
+                Difference {
+                    start_ms: 120_000,
+                    field: "close",
+                    ours: 3.0,
+                    theirs: 3.5
+                },
             ]
         );
         let volume_off = compare("t", &[c(0, 1.0, 1.0)], &[c(0, 1.0, 1.000001)]);

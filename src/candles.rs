@@ -9,7 +9,9 @@ use crate::exchange::bitfinex::message::TickerValues;
 
 /// The wall clock in milliseconds since the epoch, the unit of every record's times.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Where a record came from.
@@ -89,7 +91,11 @@ impl MonotonicClock {
     /// Returns how many milliseconds the tick was moved forward (0 almost always).
     pub fn stamp(&mut self, tick: &mut Tick) -> i64 {
         let last = self.last.entry(tick.symbol.clone()).or_insert(i64::MIN);
-        let shift = if tick.exchange_time <= *last { *last + 1 - tick.exchange_time } else { 0 };
+        let shift = if tick.exchange_time <= *last {
+            *last + 1 - tick.exchange_time
+        } else {
+            0
+        };
         tick.exchange_time += shift;
         *last = tick.exchange_time;
         shift
@@ -130,7 +136,11 @@ impl Side {
 impl Trade {
     /// The taker's side: Bitfinex signs the amount, negative for a sell.
     pub fn side(&self) -> Side {
-        if self.amount.is_sign_negative() { Side::Sell } else { Side::Buy }
+        if self.amount.is_sign_negative() {
+            Side::Sell
+        } else {
+            Side::Buy
+        }
     }
 
     /// Execution order: time, then id for trades that share a millisecond.
@@ -224,7 +234,14 @@ pub fn candles<'a>(trades: impl IntoIterator<Item = &'a Trade>, width_ms: i64) -
                 c.close = p;
                 c.volume += v;
             })
-            .or_insert(Candle { start_ms, open: p, high: p, low: p, close: p, volume: v });
+            .or_insert(Candle {
+                start_ms,
+                open: p,
+                high: p,
+                low: p,
+                close: p,
+                volume: v,
+            });
     }
     out.into_values().collect()
 }
@@ -250,7 +267,16 @@ mod tests {
     }
 
     fn trade(id: i64, t: i64, amount: f64, price: f64) -> Trade {
-        Trade { symbol: "t".into(), id, exchange_time: t, amount, price, source: Source::Rest, sequence: None, received_at: t }
+        Trade {
+            symbol: "t".into(),
+            id,
+            exchange_time: t,
+            amount,
+            price,
+            source: Source::Rest,
+            sequence: None,
+            received_at: t,
+        }
     }
 
     #[test]
@@ -267,8 +293,22 @@ mod tests {
         assert_eq!(
             c,
             vec![
-                Candle { start_ms: 0, open: 2.0, high: 9.0, low: 1.0, close: 1.0, volume: 3.75 },
-                Candle { start_ms: 120_000, open: 5.0, high: 5.0, low: 5.0, close: 5.0, volume: 1.0 },
+                Candle {
+                    start_ms: 0,
+                    open: 2.0,
+                    high: 9.0,
+                    low: 1.0,
+                    close: 1.0,
+                    volume: 3.75
+                },
+                Candle {
+                    start_ms: 120_000,
+                    open: 5.0,
+                    high: 5.0,
+                    low: 5.0,
+                    close: 5.0,
+                    volume: 1.0
+                },
             ]
         );
     }
@@ -290,6 +330,14 @@ mod tests {
         assert_eq!(clock.stamp(&mut b), 1);
         assert_eq!(clock.stamp(&mut c), 0);
         assert_eq!(clock.stamp(&mut d), 3);
-        assert_eq!((a.exchange_time, b.exchange_time, c.exchange_time, d.exchange_time), (1000, 1001, 1000, 1002));
+        assert_eq!(
+            (
+                a.exchange_time,
+                b.exchange_time,
+                c.exchange_time,
+                d.exchange_time
+            ),
+            (1000, 1001, 1000, 1002)
+        );
     }
 }

@@ -4,7 +4,9 @@
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
 
 use serde::de::DeserializeOwned;
 
@@ -31,7 +33,9 @@ pub enum CodecError {
     RegistryUnavailable(String),
     #[error("schema registry refused the request: {0}")]
     RegistryRejected(String),
-    #[error("not Confluent wire format ({len} bytes, first byte {first:?}); expected magic byte 0 and a 4-byte schema id")]
+    #[error(
+        "not Confluent wire format ({len} bytes, first byte {first:?}); expected magic byte 0 and a 4-byte schema id"
+    )]
     BadMagicByte { len: usize, first: Option<u8> },
     #[error("unknown schema id {id}: {reason}")]
     UnknownSchema { id: u32, reason: String },
@@ -101,7 +105,11 @@ impl Encoder {
         let strategy = |kind: RecordKind| {
             let (name, schema) = schema_of(kind);
             let schema = SuppliedSchema::new(Some(name.into()), SchemaType::Avro, schema.into());
-            SubjectNameStrategy::TopicNameStrategyWithSchema(kafka.topic_of(kind).into(), false, schema)
+            SubjectNameStrategy::TopicNameStrategyWithSchema(
+                kafka.topic_of(kind).into(),
+                false,
+                schema,
+            )
         };
         Ok(Self {
             encoder: AvroEncoder::new(sr_settings(cfg)?),
@@ -121,7 +129,10 @@ impl Encoder {
     pub async fn register(&self, kind: RecordKind) -> Result<u32, CodecError> {
         let strategy = self.strategy(kind);
         let subject = strategy.get_subject().map_err(registry_error)?;
-        let result = self.encoder.get_schema_and_id(&subject, strategy.clone()).await;
+        let result = self
+            .encoder
+            .get_schema_and_id(&subject, strategy.clone())
+            .await;
         if result.is_err() {
             // Rejections are cached by the converter; a later attempt must ask the registry again.
             self.encoder.remove_errors_from_cache();
@@ -136,7 +147,11 @@ impl Encoder {
             Record::Trade(t) => self.encoder.encode_struct(t, strategy).await,
         };
         encoded.map_err(|e| {
-            if e.retriable { CodecError::RegistryUnavailable(e.to_string()) } else { CodecError::Encode(e.to_string()) }
+            if e.retriable {
+                CodecError::RegistryUnavailable(e.to_string())
+            } else {
+                CodecError::Encode(e.to_string())
+            }
         })
     }
 }
@@ -160,7 +175,11 @@ impl Decoder {
             .timeout(cfg.timeout)
             .build()
             .map_err(|e| CodecError::RegistryRejected(e.to_string()))?;
-        Ok(Self { decoder: AvroDecoder::new(sr_settings(cfg)?), probe, cfg: cfg.clone() })
+        Ok(Self {
+            decoder: AvroDecoder::new(sr_settings(cfg)?),
+            probe,
+            cfg: cfg.clone(),
+        })
     }
 
     /// After the converter failed to fetch schema `id`: Ok when it has it after all, an unknown
@@ -172,11 +191,18 @@ impl Decoder {
         if failure.retriable {
             return Err(CodecError::RegistryUnavailable(failure.to_string()));
         }
-        let mut request = self.probe.get(format!("{}/schemas/ids/{id}", self.cfg.url.trim_end_matches('/')));
+        let mut request = self.probe.get(format!(
+            "{}/schemas/ids/{id}",
+            self.cfg.url.trim_end_matches('/')
+        ));
         if let Some(user) = &self.cfg.username {
             request = request.basic_auth(user, self.cfg.password.as_ref());
         }
-        let unavailable = |answer: String| CodecError::RegistryUnavailable(format!("schema {id}: {failure}; registry answered {answer}"));
+        let unavailable = |answer: String| {
+            CodecError::RegistryUnavailable(format!(
+                "schema {id}: {failure}; registry answered {answer}"
+            ))
+        };
         let answer = match request.send().await {
             Ok(answer) => answer,
             Err(e) => return Err(unavailable(e.to_string())),
@@ -189,13 +215,21 @@ impl Decoder {
                 Err(e) if e.retriable => Err(CodecError::RegistryUnavailable(e.to_string())),
                 Err(e) => {
                     self.decoder.remove_errors_from_cache();
-                    Err(CodecError::UnknownSchema { id, reason: e.to_string() })
+                    Err(CodecError::UnknownSchema {
+                        id,
+                        reason: e.to_string(),
+                    })
                 }
             };
         }
         let body: serde_json::Value = answer.json().await.unwrap_or_default();
-        if status == reqwest::StatusCode::NOT_FOUND && body["error_code"].as_i64() == Some(SCHEMA_NOT_FOUND) {
-            return Err(CodecError::UnknownSchema { id, reason: body["message"].as_str().unwrap_or("not found").into() });
+        if status == reqwest::StatusCode::NOT_FOUND
+            && body["error_code"].as_i64() == Some(SCHEMA_NOT_FOUND)
+        {
+            return Err(CodecError::UnknownSchema {
+                id,
+                reason: body["message"].as_str().unwrap_or("not found").into(),
+            });
         }
         Err(unavailable(format!("HTTP {status} {body}")))
     }
@@ -203,26 +237,44 @@ impl Decoder {
     pub async fn decode(&self, payload: &[u8]) -> Result<Record, CodecError> {
         let id = match payload {
             [0, a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
-            _ => return Err(CodecError::BadMagicByte { len: payload.len(), first: payload.first().copied() }),
+            _ => {
+                return Err(CodecError::BadMagicByte {
+                    len: payload.len(),
+                    first: payload.first().copied(),
+                });
+            }
         };
         // Looking the schema up on its own tells "unknown id" apart from "corrupt body".
         if let Err(e) = self.decoder.get_schema(id).await {
             self.lookup_failed(id, e).await?;
         }
-        let decoded = self
-            .decoder
-            .decode(Some(payload))
-            .await
-            .map_err(|e| CodecError::CorruptAvro { id, reason: e.to_string() })?;
+        let decoded =
+            self.decoder
+                .decode(Some(payload))
+                .await
+                .map_err(|e| CodecError::CorruptAvro {
+                    id,
+                    reason: e.to_string(),
+                })?;
         let name = decoded.name.map(|n| n.fullname(None));
         match name.as_deref() {
-            Some(TICKER_RECORD) => from_value::<Tick>(&decoded.value, TICKER_RECORD).map(Record::Tick),
-            Some(TRADE_RECORD) => from_value::<Trade>(&decoded.value, TRADE_RECORD).map(Record::Trade),
+            Some(TICKER_RECORD) => {
+                from_value::<Tick>(&decoded.value, TICKER_RECORD).map(Record::Tick)
+            }
+            Some(TRADE_RECORD) => {
+                from_value::<Trade>(&decoded.value, TRADE_RECORD).map(Record::Trade)
+            }
             _ => Err(CodecError::UnknownRecord { id, name }),
         }
     }
 }
 
-fn from_value<T: DeserializeOwned>(value: &apache_avro::types::Value, record: &str) -> Result<T, CodecError> {
-    apache_avro::from_value::<T>(value).map_err(|e| CodecError::Mismatch { record: record.into(), reason: e.to_string() })
+fn from_value<T: DeserializeOwned>(
+    value: &apache_avro::types::Value,
+    record: &str,
+) -> Result<T, CodecError> {
+    apache_avro::from_value::<T>(value).map_err(|e| CodecError::Mismatch {
+        record: record.into(),
+        reason: e.to_string(),
+    })
 }

@@ -84,9 +84,11 @@ impl Default for BitfinexConfig {
         Self {
             ws_url: "wss://api-pub.bitfinex.com/ws/2".into(),
             rest_url: "https://api-pub.bitfinex.com".into(),
-            symbols: ["tBTCUSD", "tETHUSD", "tSOLUSD", "tXRPUSD", "tLTCUSD", "tADAUSD"]
-                .map(String::from)
-                .into(),
+            symbols: [
+                "tBTCUSD", "tETHUSD", "tSOLUSD", "tXRPUSD", "tLTCUSD", "tADAUSD",
+            ]
+            .map(String::from)
+            .into(),
             mode: ExchangeMode::Websocket,
             rest_poll_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(20),
@@ -240,7 +242,11 @@ pub struct ConsumerConfig {
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
-        Self { workers: 1, shutdown_timeout: Duration::from_secs(15), retry_backoff_max: Duration::from_secs(30) }
+        Self {
+            workers: 1,
+            shutdown_timeout: Duration::from_secs(15),
+            retry_backoff_max: Duration::from_secs(30),
+        }
     }
 }
 
@@ -340,7 +346,9 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: ([0, 0, 0, 0], 9100).into() }
+        Self {
+            listen: ([0, 0, 0, 0], 9100).into(),
+        }
     }
 }
 
@@ -381,7 +389,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: "info".into() }
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
     }
 }
 
@@ -400,7 +411,11 @@ impl Settings {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             // Always TOML, whatever the file is called.
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
         }
         let env: config::Map<String, String> = env.into_iter().collect();
         builder = builder.add_source(
@@ -423,23 +438,42 @@ impl Settings {
         if b.symbols.is_empty() {
             return invalid("bitfinex.symbols is empty");
         }
-        if let Some(s) = b.symbols.iter().find(|s| !s.starts_with('t') || s.len() < 4) {
-            return invalid(&format!("bitfinex.symbols: {s:?} is not a trading symbol like tBTCUSD"));
+        if let Some(s) = b
+            .symbols
+            .iter()
+            .find(|s| !s.starts_with('t') || s.len() < 4)
+        {
+            return invalid(&format!(
+                "bitfinex.symbols: {s:?} is not a trading symbol like tBTCUSD"
+            ));
         }
         if !(1..=25).contains(&b.channels_per_connection) {
             return invalid("bitfinex.channels_per_connection must be 1..=25 (Bitfinex's limit)");
         }
         if b.connections_per_minute == 0 || b.rest_poll_interval.is_zero() {
-            return invalid("bitfinex.connections_per_minute and rest_poll_interval must be positive");
+            return invalid(
+                "bitfinex.connections_per_minute and rest_poll_interval must be positive",
+            );
         }
-        if [b.rest_tickers_per_minute, b.rest_trades_per_minute, b.rest_candles_per_minute].contains(&0) {
+        if [
+            b.rest_tickers_per_minute,
+            b.rest_trades_per_minute,
+            b.rest_candles_per_minute,
+        ]
+        .contains(&0)
+        {
             return invalid("bitfinex.rest_*_per_minute limits must be positive");
         }
-        if self.kafka.topic.is_empty() || self.kafka.trades_topic.is_empty() || self.kafka.brokers.is_empty() {
+        if self.kafka.topic.is_empty()
+            || self.kafka.trades_topic.is_empty()
+            || self.kafka.brokers.is_empty()
+        {
             return invalid("kafka.brokers, kafka.topic and kafka.trades_topic must be set");
         }
         if self.kafka.topic == self.kafka.trades_topic {
-            return invalid("kafka.topic and kafka.trades_topic must differ: each holds one record type");
+            return invalid(
+                "kafka.topic and kafka.trades_topic must differ: each holds one record type",
+            );
         }
         if self.producer.buffer == 0 {
             return invalid("producer.buffer must be positive");
@@ -463,14 +497,20 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn default_file_documents_exactly_the_builtin_defaults() {
         let from_file = Settings::load_with_env(Some(default_file()), env(&[])).unwrap();
         assert_eq!(from_file, Settings::default());
-        assert_eq!(Settings::load_with_env(None, env(&[])).unwrap(), Settings::default());
+        assert_eq!(
+            Settings::load_with_env(None, env(&[])).unwrap(),
+            Settings::default()
+        );
     }
 
     #[test]
@@ -493,7 +533,10 @@ mod tests {
         assert_eq!(s.bitfinex.mode, ExchangeMode::Rest);
         assert_eq!(s.bitfinex.rest_poll_interval, Duration::from_millis(250));
         assert_eq!(s.kafka.brokers, "a:1,b:2");
-        assert_eq!(s.kafka.producer.get("linger_ms").map(String::as_str), Some("5"));
+        assert_eq!(
+            s.kafka.producer.get("linger_ms").map(String::as_str),
+            Some("5")
+        );
         assert_eq!(s.schema_registry.password.as_deref(), Some("true"));
         assert_eq!(s.http.listen.port(), 0);
     }
@@ -511,7 +554,10 @@ mod tests {
         let s = Settings::load_with_env(Some(&file), env(&[])).unwrap();
         assert_eq!(s.kafka.producer.get("enable.idempotence").unwrap(), "false");
         assert_eq!(s.kafka.producer.get("linger.ms").unwrap(), "5");
-        assert_eq!(s.kafka.consumer.get("api.version.request").unwrap(), "false");
+        assert_eq!(
+            s.kafka.consumer.get("api.version.request").unwrap(),
+            "false"
+        );
     }
 
     #[test]

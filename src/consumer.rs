@@ -15,8 +15,8 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
-use tokio::sync::{mpsc, watch};
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 use crate::candles::RecordKind;
 use crate::codec::{CodecError, Decoder};
 use crate::config::{AssignmentStrategy, Settings};
-use crate::kafka::{consumer_config, is_closed, member_id, producer_config, start_close, FlushRequest, GroupContext};
+use crate::kafka::{
+    FlushRequest, GroupContext, consumer_config, is_closed, member_id, producer_config, start_close,
+};
 use crate::sink::influx::{InfluxSink, SinkError};
-use crate::telemetry::{metric, serve_http, Fault, Health, Liveness};
+use crate::telemetry::{Fault, Health, Liveness, metric, serve_http};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -38,7 +40,9 @@ pub enum ConsumerError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot serve /healthz and /metrics: {0}")]
     Http(#[from] std::io::Error),
-    #[error("{0} group member(s) did not finish leaving the group within consumer.shutdown_timeout")]
+    #[error(
+        "{0} group member(s) did not finish leaving the group within consumer.shutdown_timeout"
+    )]
     Close(usize),
 }
 
@@ -77,7 +81,11 @@ struct Shared {
 
 /// Runs `workers` group members until `cancel`; each then writes what it read, commits and
 /// leaves the group.
-pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) -> Result<(), ConsumerError> {
+pub async fn run(
+    settings: Settings,
+    workers: usize,
+    cancel: CancellationToken,
+) -> Result<(), ConsumerError> {
     let health = Health::default();
     let writes = health.progress("influx_writes", settings.health.max_ack_silence);
     let setup = health.fault("influx_writes");
@@ -119,7 +127,10 @@ pub async fn run(settings: Settings, workers: usize, cancel: CancellationToken) 
 
 /// One group reads every record type; each goes to its own measurement.
 fn topics(settings: &Settings) -> Vec<&str> {
-    RecordKind::ALL.iter().map(|k| settings.kafka.topic_of(*k)).collect()
+    RecordKind::ALL
+        .iter()
+        .map(|k| settings.kafka.topic_of(*k))
+        .collect()
 }
 
 struct Member {
@@ -135,13 +146,18 @@ fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
         worker: id,
         flush,
         flush_timeout: shared.settings.consumer.shutdown_timeout,
-        cooperative: shared.settings.kafka.assignment_strategy == AssignmentStrategy::CooperativeSticky,
+        cooperative: shared.settings.kafka.assignment_strategy
+            == AssignmentStrategy::CooperativeSticky,
         joined,
     };
     let consumer: StreamConsumer<GroupContext> =
         consumer_config(&shared.settings.kafka).create_with_context(context)?;
     consumer.subscribe(&topics(&shared.settings))?;
-    Ok(Member { consumer: Arc::new(consumer), flush_rx, joined: joined_rx })
+    Ok(Member {
+        consumer: Arc::new(consumer),
+        flush_rx,
+        joined: joined_rx,
+    })
 }
 
 /// Runs one member until shutdown; true when it left the group cleanly within
@@ -156,16 +172,27 @@ fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
 ///   member's JoinGroup, commit and LeaveGroup that long.
 /// - The members of a process leave one at a time while the others go on polling, so that each
 ///   of them rejoins at once when another's leaving starts a rebalance.
-async fn member(shared: Arc<Shared>, id: usize, Member { consumer, flush_rx, mut joined }: Member) -> bool {
+async fn member(
+    shared: Arc<Shared>,
+    id: usize,
+    Member {
+        consumer,
+        flush_rx,
+        mut joined,
+    }: Member,
+) -> bool {
     let (tx, rx) = mpsc::channel(shared.settings.influx.batch_size * 2);
     let timeout = shared.settings.consumer.shutdown_timeout;
-    let writer = tokio::spawn(writer::Writer::new(shared.clone(), id, consumer.clone()).run(rx, flush_rx));
+    let writer =
+        tokio::spawn(writer::Writer::new(shared.clone(), id, consumer.clone()).run(rx, flush_rx));
     let turn = async {
         shared.cancel.cancelled().await;
         let deadline = Instant::now() + timeout;
         // A quarter of the time at most, so that a coordinator that holds the join longer
         // still leaves time to close.
-        let joined = tokio::time::timeout(timeout / 4, joined.wait_for(|j| *j)).await.is_ok();
+        let joined = tokio::time::timeout(timeout / 4, joined.wait_for(|j| *j))
+            .await
+            .is_ok();
         if !joined {
             tracing::warn!(worker = id, "closing before the group answered our join");
         }
@@ -180,7 +207,11 @@ async fn member(shared: Arc<Shared>, id: usize, Member { consumer, flush_rx, mut
     if closed {
         tracing::info!(worker = id, "offsets committed, left the group");
     } else {
-        tracing::error!(worker = id, ?timeout, "Kafka did not confirm leaving the group in time");
+        tracing::error!(
+            worker = id,
+            ?timeout,
+            "Kafka did not confirm leaving the group in time"
+        );
         // Dropping an unclosed consumer blocks until it closes; nothing may wait for that.
         std::thread::spawn(move || drop(consumer));
     }
@@ -194,7 +225,12 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// for [`PAUSE_AFTER`] the member's partitions are paused and polling goes on (group membership depends on it); what
 /// arrived meanwhile is held, at most a record per partition, and handed over before the
 /// partitions resume.
-async fn poll<T>(consumer: &StreamConsumer<GroupContext>, tx: mpsc::Sender<OwnedMessage>, stop: impl std::future::Future<Output = T>, id: usize) -> T {
+async fn poll<T>(
+    consumer: &StreamConsumer<GroupContext>,
+    tx: mpsc::Sender<OwnedMessage>,
+    stop: impl std::future::Future<Output = T>,
+    id: usize,
+) -> T {
     let mut held: VecDeque<OwnedMessage> = VecDeque::new();
     tokio::pin!(stop);
     loop {
@@ -250,14 +286,25 @@ async fn poll<T>(consumer: &StreamConsumer<GroupContext>, tx: mpsc::Sender<Owned
 /// Pauses (or resumes) every partition assigned to the member. A paused partition fetches
 /// nothing more and, on resume, starts again after the last record handed to us.
 fn flow(consumer: &StreamConsumer<GroupContext>, id: usize, pause: bool) {
-    let result = consumer.assignment().and_then(|a| if pause { consumer.pause(&a) } else { consumer.resume(&a) });
+    let result = consumer.assignment().and_then(|a| {
+        if pause {
+            consumer.pause(&a)
+        } else {
+            consumer.resume(&a)
+        }
+    });
     match result {
         Ok(()) if pause => {
             metrics::counter!(metric::PAUSES).increment(1);
-            tracing::info!(worker = id, "writer behind; partitions paused, polling goes on");
+            tracing::info!(
+                worker = id,
+                "writer behind; partitions paused, polling goes on"
+            );
         }
         Ok(()) => tracing::info!(worker = id, "writer caught up; partitions resumed"),
-        Err(e) => tracing::warn!(worker = id, pause, error = %e, "cannot pause or resume partitions"),
+        Err(e) => {
+            tracing::warn!(worker = id, pause, error = %e, "cannot pause or resume partitions")
+        }
     }
 }
 
@@ -274,12 +321,24 @@ fn flow(consumer: &StreamConsumer<GroupContext>, id: usize, pause: bool) {
 /// takes a quarter of the time left at most, so that the close keeps time for a LeaveGroup queued
 /// behind a held JoinGroup (librdkafka gives a LeaveGroup 5 s). The close then waits for the
 /// answer.
-async fn close(consumer: &StreamConsumer<GroupContext>, deadline: Instant, joined: bool, id: usize) -> bool {
+async fn close(
+    consumer: &StreamConsumer<GroupContext>,
+    deadline: Instant,
+    joined: bool,
+    id: usize,
+) -> bool {
     if joined {
         consumer.unsubscribe();
         let quarter = deadline.saturating_duration_since(Instant::now()) / 4;
-        if !serve_until(consumer, Instant::now() + quarter, || member_id(consumer).is_empty()).await {
-            tracing::warn!(worker = id, "the group has not let us leave yet; closing anyway");
+        if !serve_until(consumer, Instant::now() + quarter, || {
+            member_id(consumer).is_empty()
+        })
+        .await
+        {
+            tracing::warn!(
+                worker = id,
+                "the group has not let us leave yet; closing anyway"
+            );
         }
     }
     if let Err(e) = start_close(consumer) {
@@ -290,7 +349,11 @@ async fn close(consumer: &StreamConsumer<GroupContext>, deadline: Instant, joine
 }
 
 /// Serves the consumer's callbacks until `done` holds; false if `deadline` came first.
-async fn serve_until(consumer: &StreamConsumer<GroupContext>, deadline: Instant, done: impl Fn() -> bool) -> bool {
+async fn serve_until(
+    consumer: &StreamConsumer<GroupContext>,
+    deadline: Instant,
+    done: impl Fn() -> bool,
+) -> bool {
     while !done() {
         tokio::select! {
             // Records still arriving are not stored; the next owner reads them.

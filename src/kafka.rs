@@ -5,16 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::KafkaConfig;
-use crate::telemetry::{metric, Liveness};
+use crate::telemetry::{Liveness, metric};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaStageError {
@@ -105,9 +105,16 @@ pub struct DeliveryTracker {
 impl DeliveryTracker {
     /// Returns the tracker and the task that awaits deliveries; the task ends once every clone
     /// of the tracker is dropped and all deliveries are settled.
-    pub fn new(producer: FutureProducer, acks: Arc<Liveness>) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn new(
+        producer: FutureProducer,
+        acks: Arc<Liveness>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (pending_tx, pending_rx) = mpsc::channel(4096);
-        let tracker = Self { producer, acks, pending_tx };
+        let tracker = Self {
+            producer,
+            acks,
+            pending_tx,
+        };
         let task = tokio::spawn(tracker.clone().settle(pending_rx));
         (tracker, task)
     }
@@ -115,7 +122,15 @@ impl DeliveryTracker {
     /// Enqueues one record, waiting while librdkafka's queue is full. Gives up only when
     /// `deadline` passes (shutdown), returning false.
     pub async fn send(&self, msg: &Outgoing<'_>, deadline: Option<Instant>) -> bool {
-        match enqueue(&self.producer, msg.topic, msg.key.as_bytes(), &msg.payload, deadline).await {
+        match enqueue(
+            &self.producer,
+            msg.topic,
+            msg.key.as_bytes(),
+            &msg.payload,
+            deadline,
+        )
+        .await
+        {
             Ok(Some(delivery)) => {
                 self.acks.add_pending(1);
                 metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
@@ -133,7 +148,11 @@ impl DeliveryTracker {
     }
 
     async fn settle(self, mut incoming: mpsc::Receiver<(DeliveryFuture, Arc<str>)>) {
-        let Self { producer, acks, pending_tx } = self;
+        let Self {
+            producer,
+            acks,
+            pending_tx,
+        } = self;
         // Our own sender must go, or the channel could never close.
         drop(pending_tx);
         let mut inflight = FuturesUnordered::new();
@@ -178,7 +197,9 @@ impl DeliveryTracker {
         let result = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
         match result {
             Ok(Ok(())) => Ok(()),
-            _ => Err(KafkaStageError::Undelivered(self.producer.in_flight_count().max(0) as usize)),
+            _ => Err(KafkaStageError::Undelivered(
+                self.producer.in_flight_count().max(0) as usize,
+            )),
         }
     }
 }
@@ -186,7 +207,13 @@ impl DeliveryTracker {
 async fn settled(
     delivery: DeliveryFuture,
     key: Arc<str>,
-) -> (Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>, Arc<str>) {
+) -> (
+    Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+    Arc<str>,
+) {
     (delivery.await, key)
 }
 
@@ -235,7 +262,10 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         ("auto.commit.interval.ms", "1000"),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", cfg.auto_offset_reset.librdkafka_name()),
-        ("partition.assignment.strategy", cfg.assignment_strategy.librdkafka_name()),
+        (
+            "partition.assignment.strategy",
+            cfg.assignment_strategy.librdkafka_name(),
+        ),
         ("enable.partition.eof", "false"),
         ("statistics.interval.ms", "5000"),
         ("client.id", "candlestream-consumer"),
@@ -273,7 +303,6 @@ impl rdkafka::client::ClientContext for GroupContext {
 }
 
 impl rdkafka::consumer::ConsumerContext for GroupContext {
-
     /// rust-rdkafka's default asks `rd_kafka_rebalance_protocol()` on every callback: a request
     /// to the group thread that waits without a timeout and can wait forever when the callback
     /// runs while the consumer closes (librdkafka #4041, rust-rdkafka #509). The protocol follows
@@ -290,18 +319,30 @@ impl rdkafka::consumer::ConsumerContext for GroupContext {
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.post_assign(tpl);
                 self.joined.send_replace(true);
-                let r = if self.cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                let r = if self.cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
                 ("assign", r)
             }
             RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.pre_revoke(consumer, tpl);
-                let r = if self.cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                let r = if self.cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
                 ("revoke", r)
             }
             other => {
                 tracing::error!(worker = self.worker, error = ?other, "rebalance failed; librdkafka rejoins the group");
                 // An error leaves the assignment to librdkafka; dropping it is what it expects.
-                let r = if self.cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                let r = if self.cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
                 ("error", r)
             }
         };
@@ -313,7 +354,11 @@ impl rdkafka::consumer::ConsumerContext for GroupContext {
 }
 
 impl GroupContext {
-    fn pre_revoke(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, partitions: &rdkafka::TopicPartitionList) {
+    fn pre_revoke(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        partitions: &rdkafka::TopicPartitionList,
+    ) {
         use rdkafka::consumer::{CommitMode, Consumer};
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
@@ -337,7 +382,11 @@ impl GroupContext {
 
     fn post_assign(&self, tpl: &rdkafka::TopicPartitionList) {
         // One group reads both topics: name the topic of each partition.
-        let partitions: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
+        let partitions: Vec<String> = tpl
+            .elements()
+            .iter()
+            .map(|e| format!("{}/{}", e.topic(), e.partition()))
+            .collect();
         tracing::info!(worker = self.worker, ?partitions, "partitions assigned");
     }
 }
@@ -345,7 +394,9 @@ impl GroupContext {
 /// Starts leaving the group without blocking: librdkafka revokes the assignment through the
 /// rebalance callback (served by whoever polls the consumer), commits and sends LeaveGroup.
 /// rust-rdkafka offers this only on `BaseConsumer`, which a `StreamConsumer` keeps private.
-pub fn start_close<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C) -> Result<(), KafkaError> {
+pub fn start_close<C: rdkafka::consumer::Consumer<GroupContext>>(
+    consumer: &C,
+) -> Result<(), KafkaError> {
     use rdkafka::bindings as rd;
     let rk = consumer.client().native_ptr();
     // SAFETY: `rk` is a live consumer handle; the queue handle is released before returning and

@@ -82,11 +82,19 @@ async fn main() -> anyhow::Result<()> {
     let settings = settings.context("loading configuration")?;
     match cli.command {
         Command::Audit { since, symbols } => {
-            let symbols = if symbols.is_empty() { settings.bitfinex.symbols.clone() } else { symbols };
+            let symbols = if symbols.is_empty() {
+                settings.bitfinex.symbols.clone()
+            } else {
+                symbols
+            };
             match candlestream::audit::run(&settings, &symbols, since).await {
                 Ok(reports) => {
                     print!("{}", candlestream::audit::render(&reports, since));
-                    std::process::exit(if reports.iter().all(|r| r.is_clean()) { 0 } else { 1 });
+                    std::process::exit(if reports.iter().all(|r| r.is_clean()) {
+                        0
+                    } else {
+                        1
+                    });
                 }
                 Err(e) => {
                     eprintln!("error: the audit could not run: {e}");
@@ -96,12 +104,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Producer => {
             let cancel = start(&settings);
-            candlestream::producer::run(settings, cancel).await.context("producer failed")
+            candlestream::producer::run(settings, cancel)
+                .await
+                .context("producer failed")
         }
         Command::Consumer { workers } => {
             let cancel = start(&settings);
             let workers = workers.unwrap_or(settings.consumer.workers).max(1);
-            candlestream::consumer::run(settings, workers, cancel).await.context("consumer failed")
+            candlestream::consumer::run(settings, workers, cancel)
+                .await
+                .context("consumer failed")
         }
         Command::Healthcheck { url } => {
             let port = settings.http.listen.port();
@@ -119,8 +131,14 @@ fn start(settings: &Settings) -> CancellationToken {
 }
 
 async fn healthcheck(url: &str) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?;
-    let resp = client.get(url).send().await.with_context(|| format!("GET {url}"))?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
     anyhow::ensure!(status.is_success(), "{url}: {status}: {}", body.trim());
@@ -128,7 +146,7 @@ async fn healthcheck(url: &str) -> anyhow::Result<()> {
 }
 
 async fn cancel_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),

@@ -11,9 +11,9 @@ use crate::candles::{MonotonicClock, Record, RecordKind};
 use crate::codec::{CodecError, Encoder};
 use crate::config::Settings;
 use crate::exchange::bitfinex;
-use crate::kafka::{producer_config, DeliveryTracker, KafkaStageError, Outgoing};
+use crate::kafka::{DeliveryTracker, KafkaStageError, Outgoing, producer_config};
 use crate::retry::backoff;
-use crate::telemetry::{metric, serve_http, Health};
+use crate::telemetry::{Health, metric, serve_http};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerError {
@@ -57,11 +57,19 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
         tracing::info!(schema_id, %subject, "schema registered");
     }
 
-    let producer: FutureProducer = producer_config(&settings.kafka).create().map_err(KafkaStageError::Client)?;
+    let producer: FutureProducer = producer_config(&settings.kafka)
+        .create()
+        .map_err(KafkaStageError::Client)?;
     let (tracker, settle) = DeliveryTracker::new(producer, acks);
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
     let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
-    let exchange = tokio::spawn(bitfinex::run(settings.bitfinex.clone(), rest, tx, data, cancel.clone()));
+    let exchange = tokio::spawn(bitfinex::run(
+        settings.bitfinex.clone(),
+        rest,
+        tx,
+        data,
+        cancel.clone(),
+    ));
     tracing::info!(
         topic = %settings.kafka.topic,
         trades_topic = %settings.kafka.trades_topic,
@@ -95,7 +103,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
                 continue;
             }
         };
-        let out = Outgoing { topic: settings.kafka.topic_of(record.kind()), key: record.symbol(), payload };
+        let out = Outgoing {
+            topic: settings.kafka.topic_of(record.kind()),
+            key: record.symbol(),
+            payload,
+        };
         if !tracker.send(&out, deadline).await {
             abandoned += 1 + rx.len();
             break;
@@ -104,14 +116,21 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     drop(rx);
     let _ = exchange.await;
 
-    let remaining = deadline.map_or(settings.producer.shutdown_timeout, |d| d.saturating_duration_since(Instant::now()));
+    let remaining = deadline.map_or(settings.producer.shutdown_timeout, |d| {
+        d.saturating_duration_since(Instant::now())
+    });
     let flushed = tracker.flush(remaining).await;
     drop(tracker);
-    if tokio::time::timeout(remaining.max(Duration::from_millis(100)), settle).await.is_err() {
+    if tokio::time::timeout(remaining.max(Duration::from_millis(100)), settle)
+        .await
+        .is_err()
+    {
         tracing::error!("delivery reports still outstanding at shutdown");
     }
     match (flushed, abandoned) {
-        (Ok(()), 0) => tracing::info!("producer stopped; every record read was acknowledged by Kafka"),
+        (Ok(()), 0) => {
+            tracing::info!("producer stopped; every record read was acknowledged by Kafka")
+        }
         (flushed, _) => tracing::error!(
             abandoned,
             unacknowledged = ?flushed.err(),
@@ -129,7 +148,10 @@ async fn register_schema(
     settings: &Settings,
     cancel: &CancellationToken,
 ) -> Result<Option<u32>, CodecError> {
-    let mut delays = backoff(Duration::from_millis(500), settings.producer.retry_backoff_max);
+    let mut delays = backoff(
+        Duration::from_millis(500),
+        settings.producer.retry_backoff_max,
+    );
     loop {
         match encoder.register(kind).await {
             Ok(id) => return Ok(Some(id)),
@@ -154,7 +176,10 @@ async fn encode(
     settings: &Settings,
     deadline: Option<Instant>,
 ) -> Option<Vec<u8>> {
-    let mut delays = backoff(Duration::from_millis(200), settings.producer.retry_backoff_max);
+    let mut delays = backoff(
+        Duration::from_millis(200),
+        settings.producer.retry_backoff_max,
+    );
     loop {
         match encoder.encode(record).await {
             Ok(p) => return Some(p),

@@ -24,7 +24,11 @@ mod tests {
     fn waits_grow_but_never_pass_the_cap() {
         let cap = Duration::from_secs(4);
         let waits: Vec<_> = backoff(Duration::from_millis(100), cap).take(50).collect();
-        assert!(waits.iter().all(|w| *w <= cap && *w >= Duration::from_millis(50)));
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w <= cap && *w >= Duration::from_millis(50))
+        );
         assert!(waits[0] <= Duration::from_millis(100));
         assert!(waits[49] >= cap / 2);
     }

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -51,15 +51,22 @@ pub mod metric {
 
 /// Bucket bounds of the latency histograms, in seconds: from a few milliseconds (a record
 /// written at once) to minutes (an outage held the batch).
-const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// Installs the global tracing subscriber. Safe to call more than once (tests do).
 pub fn init_logging(cfg: &LogConfig) {
     // The consumer closes before dropping, so rust-rdkafka's drop finds it closed and logs its
     // failed second close as an error; that module has nothing else worth an operator's time.
-    let quiet = "rdkafka::consumer::base_consumer=off".parse().expect("directive");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level).add_directive(quiet));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let quiet = "rdkafka::consumer::base_consumer=off"
+        .parse()
+        .expect("directive");
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&cfg.level).add_directive(quiet));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Human => builder.try_init(),
@@ -106,7 +113,8 @@ pub struct Liveness {
 
 impl Liveness {
     pub fn beat(&self) {
-        self.last_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn add_pending(&self, n: i64) {
@@ -116,7 +124,9 @@ impl Liveness {
     }
 
     pub fn pending(&self) -> i64 {
-        self.pending.as_ref().map_or(0, |p| p.load(Ordering::Relaxed))
+        self.pending
+            .as_ref()
+            .map_or(0, |p| p.load(Ordering::Relaxed))
     }
 
     fn problem(&self) -> Option<String> {
@@ -124,9 +134,14 @@ impl Liveness {
             return None;
         }
         let now = self.origin.elapsed().as_millis() as u64;
-        let silent = Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)));
-        let waiting = self.pending.as_ref().map_or(String::new(), |_| format!(" while {} wait", self.pending()));
-        (silent > self.max_silence).then(|| format!("{}: nothing for {:.0?}{waiting}", self.name, silent))
+        let silent =
+            Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)));
+        let waiting = self
+            .pending
+            .as_ref()
+            .map_or(String::new(), |_| format!(" while {} wait", self.pending()));
+        (silent > self.max_silence)
+            .then(|| format!("{}: nothing for {:.0?}{waiting}", self.name, silent))
     }
 }
 
@@ -141,7 +156,11 @@ pub struct Fault {
 impl Fault {
     /// Returns true when the fault was not set before (a transition worth logging).
     pub fn set(&self, reason: String) -> bool {
-        self.reason.lock().expect("fault lock").replace(reason).is_none()
+        self.reason
+            .lock()
+            .expect("fault lock")
+            .replace(reason)
+            .is_none()
     }
 
     /// Returns true when the fault was set (a recovery worth logging).
@@ -150,7 +169,11 @@ impl Fault {
     }
 
     fn problem(&self) -> Option<String> {
-        self.reason.lock().expect("fault lock").as_ref().map(|r| format!("{}: {r}", self.name))
+        self.reason
+            .lock()
+            .expect("fault lock")
+            .as_ref()
+            .map(|r| format!("{}: {r}", self.name))
     }
 }
 
@@ -174,12 +197,20 @@ impl Health {
 
     /// Adds a check that fails while a fault is set.
     pub fn fault(&self, name: &'static str) -> Arc<Fault> {
-        let fault = Arc::new(Fault { name, reason: std::sync::Mutex::new(None) });
+        let fault = Arc::new(Fault {
+            name,
+            reason: std::sync::Mutex::new(None),
+        });
         self.faults.lock().expect("health lock").push(fault.clone());
         fault
     }
 
-    fn add(&self, name: &'static str, max_silence: Duration, pending: Option<AtomicI64>) -> Arc<Liveness> {
+    fn add(
+        &self,
+        name: &'static str,
+        max_silence: Duration,
+        pending: Option<AtomicI64>,
+    ) -> Arc<Liveness> {
         let check = Arc::new(Liveness {
             name,
             max_silence,
@@ -193,10 +224,25 @@ impl Health {
 
     /// `Ok` when healthy, otherwise every failing check.
     pub fn status(&self) -> Result<(), Vec<String>> {
-        let mut problems: Vec<String> =
-            self.faults.lock().expect("health lock").iter().filter_map(|f| f.problem()).collect();
-        problems.extend(self.checks.lock().expect("health lock").iter().filter_map(|c| c.problem()));
-        if problems.is_empty() { Ok(()) } else { Err(problems) }
+        let mut problems: Vec<String> = self
+            .faults
+            .lock()
+            .expect("health lock")
+            .iter()
+            .filter_map(|f| f.problem())
+            .collect();
+        problems.extend(
+            self.checks
+                .lock()
+                .expect("health lock")
+                .iter()
+                .filter_map(|c| c.problem()),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 }
 
@@ -267,7 +313,10 @@ mod tests {
         let health = Health::default();
         let acks = health.progress("kafka_ack", Duration::ZERO);
         std::thread::sleep(Duration::from_millis(5));
-        assert!(health.status().is_ok(), "nothing pending, nothing to wait for");
+        assert!(
+            health.status().is_ok(),
+            "nothing pending, nothing to wait for"
+        );
         acks.add_pending(1);
         let err = health.status().unwrap_err();
         assert!(err[0].starts_with("kafka_ack"), "{err:?}");
@@ -281,7 +330,10 @@ mod tests {
         let fault = health.fault("influx_writes");
         assert!(health.status().is_ok());
         assert!(fault.set("InfluxDB rejected the credentials (HTTP 401)".into()));
-        assert!(!fault.set("again".into()), "setting a set fault is no transition");
+        assert!(
+            !fault.set("again".into()),
+            "setting a set fault is no transition"
+        );
         assert_eq!(health.status().unwrap_err(), ["influx_writes: again"]);
         assert!(fault.clear());
         assert!(!fault.clear());
@@ -295,8 +347,16 @@ mod tests {
         let text = handle.render();
         if !text.is_empty() {
             // Empty only when another test installed a recorder first.
-            assert!(text.contains("# TYPE candlestream_pipeline_latency_seconds histogram"), "{text}");
-            assert!(text.contains("candlestream_pipeline_latency_seconds_bucket{kind=\"ticker\",le=\"0.025\"} 1"), "{text}");
+            assert!(
+                text.contains("# TYPE candlestream_pipeline_latency_seconds histogram"),
+                "{text}"
+            );
+            assert!(
+                text.contains(
+                    "candlestream_pipeline_latency_seconds_bucket{kind=\"ticker\",le=\"0.025\"} 1"
+                ),
+                "{text}"
+            );
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use support::fake_trades::Trader;
 use support::pipeline::WAIT;
 use support::rig::MockPipeline;
-use support::{now_ms, settings_toml, SYMBOLS};
+use support::{SYMBOLS, now_ms, settings_toml};
 
 const MINUTE: i64 = 60_000;
 
@@ -24,14 +24,22 @@ fn audit(config: &std::path::Path, args: &[&str]) -> (i32, String) {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
 /// The counts row of `symbol`: compared, equal, different, missing here, missing at exchange.
 fn counts(output: &str, symbol: &str) -> [usize; 5] {
-    let row = output.lines().find(|l| l.starts_with(symbol)).unwrap_or_else(|| panic!("no row for {symbol}:\n{output}"));
-    let n: Vec<usize> = row.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+    let row = output
+        .lines()
+        .find(|l| l.starts_with(symbol))
+        .unwrap_or_else(|| panic!("no row for {symbol}:\n{output}"));
+    let n: Vec<usize> = row
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
     [n[0], n[1], n[2], n[3], n[4]]
 }
 
@@ -63,25 +71,55 @@ async fn audit_finds_the_exchange_candles_then_a_planted_difference_then_no_infl
     let mut total = 0;
     for s in SYMBOLS {
         let [compared, equal, different, missing_here, missing_there] = counts(&out, s);
-        assert!(compared >= 30, "{s}: 40 minutes of history, {compared} compared");
-        assert_eq!((equal, different, missing_here, missing_there), (compared, 0, 0, 0), "{s}");
+        assert!(
+            compared >= 30,
+            "{s}: 40 minutes of history, {compared} compared"
+        );
+        assert_eq!(
+            (equal, different, missing_here, missing_there),
+            (compared, 0, 0, 0),
+            "{s}"
+        );
         total += compared;
     }
-    crate::report!("AUDIT | after backfill, live trades and a dropped connection | {total} candles compared, {total} equal");
+    crate::report!(
+        "AUDIT | after backfill, live trades and a dropped connection | {total} candles compared, {total} equal"
+    );
 
     // The exchange disagrees about one close and has no candle for a minute we have.
     let candles = ex.candles("tBTCUSD");
-    let (&minute, row) = candles.iter().find(|(m, _)| **m > now - 30 * MINUTE).unwrap();
+    let (&minute, row) = candles
+        .iter()
+        .find(|(m, _)| **m > now - 30 * MINUTE)
+        .unwrap();
     let [open, close, high, low, volume] = *row;
-    ex.override_candle("tBTCUSD", minute, Some([open, close + 0.5, high.max(close + 0.5), low, volume]));
-    let hidden = *ex.candles("tETHUSD").keys().find(|m| **m > now - 30 * MINUTE).unwrap();
+    ex.override_candle(
+        "tBTCUSD",
+        minute,
+        Some([open, close + 0.5, high.max(close + 0.5), low, volume]),
+    );
+    let hidden = *ex
+        .candles("tETHUSD")
+        .keys()
+        .find(|m| **m > now - 30 * MINUTE)
+        .unwrap();
     ex.override_candle("tETHUSD", hidden, None);
-    let (code, out) = audit(config.path(), &["--since", "1h", "--symbols", "tBTCUSD,tETHUSD"]);
+    let (code, out) = audit(
+        config.path(),
+        &["--since", "1h", "--symbols", "tBTCUSD,tETHUSD"],
+    );
     println!("{out}");
     assert_eq!(code, 1, "differences found:\n{out}");
     assert_eq!(counts(&out, "tBTCUSD")[2], 1, "one different candle");
-    assert_eq!(counts(&out, "tETHUSD")[4], 1, "one minute missing at the exchange");
-    assert!(out.contains("close") && out.contains(&(close + 0.5).to_string()), "the difference is shown:\n{out}");
+    assert_eq!(
+        counts(&out, "tETHUSD")[4],
+        1,
+        "one minute missing at the exchange"
+    );
+    assert!(
+        out.contains("close") && out.contains(&(close + 0.5).to_string()),
+        "the difference is shown:\n{out}"
+    );
     assert!(!out.contains("tSOLUSD"), "--symbols limits the audit");
 
     pipeline.stop().await;

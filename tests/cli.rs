@@ -8,7 +8,8 @@ fn candlestream(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -17,7 +18,10 @@ fn producer_help_documents_the_subcommand() {
     let (ok, text) = candlestream(&["producer", "--help"], &[]);
     assert!(ok, "{text}");
     for needle in ["Bitfinex", "Avro", "--config", "SIGTERM", "CANDLESTREAM__"] {
-        assert!(text.contains(needle), "producer --help lacks {needle:?}:\n{text}");
+        assert!(
+            text.contains(needle),
+            "producer --help lacks {needle:?}:\n{text}"
+        );
     }
     let (ok, text) = candlestream(&["--help"], &[]);
     assert!(ok && text.contains("producer"), "{text}");

@@ -37,7 +37,9 @@ impl Setup {
         let topic = unique("ticks");
         let cluster = MockCluster::new(3).unwrap();
         cluster.create_topic(&topic, 3, 3).unwrap();
-        cluster.create_topic(&format!("{topic}-trades"), 3, 3).unwrap();
+        cluster
+            .create_topic(&format!("{topic}-trades"), 3, 3)
+            .unwrap();
         cluster.create_topic(&format!("{topic}-dlq"), 1, 3).unwrap();
         let registry = FakeRegistry::start().await;
         let db = topic.replace('-', "_");
@@ -54,7 +56,14 @@ impl Setup {
         settings.consumer.retry_backoff_max = Duration::from_millis(500);
         settings.consumer.shutdown_timeout = Duration::from_secs(10);
         settings.http.listen = ([127, 0, 0, 1], support::rig::free_port()).into();
-        Self { topic, cluster, registry, influx, db, settings }
+        Self {
+            topic,
+            cluster,
+            registry,
+            influx,
+            db,
+            settings,
+        }
     }
 
     /// The consumer's /healthz: status and body.
@@ -66,7 +75,11 @@ impl Setup {
     }
 
     fn dead_letters(&self) -> usize {
-        support::topic_size(&self.brokers(), &format!("{}-dlq", self.topic), &BTreeMap::new())
+        support::topic_size(
+            &self.brokers(),
+            &format!("{}-dlq", self.topic),
+            &BTreeMap::new(),
+        )
     }
 
     /// Waits until /healthz is 503 with a body containing `reason`; meanwhile nothing may be
@@ -86,7 +99,10 @@ impl Setup {
     /// Every tick arrives, nothing is dead-lettered, and /healthz is healthy again.
     async fn assert_recovered(&self, ticks: &[Tick]) {
         self.wait_for_points(ticks.len()).await;
-        eventually_async("/healthz 200 again", WAIT, || async { self.health().await.0 == 200 }).await;
+        eventually_async("/healthz 200 again", WAIT, || async {
+            self.health().await.0 == 200
+        })
+        .await;
         assert_eq!(self.dead_letters(), 0);
         self.assert_points_are(ticks).await;
     }
@@ -108,12 +124,21 @@ impl Setup {
     }
 
     async fn produce(&self, ticks: &[Tick]) {
-        produce_ticks(&self.brokers(), &self.topic, &self.registry, &BTreeMap::new(), ticks).await;
+        produce_ticks(
+            &self.brokers(),
+            &self.topic,
+            &self.registry,
+            &BTreeMap::new(),
+            ticks,
+        )
+        .await;
     }
 
     async fn wait_for_points(&self, n: usize) {
-        eventually_async(&format!("{n} points in InfluxDB"), WAIT, || async { self.influx.count(&self.db, "ticker").await >= n })
-            .await;
+        eventually_async(&format!("{n} points in InfluxDB"), WAIT, || async {
+            self.influx.count(&self.db, "ticker").await >= n
+        })
+        .await;
     }
 
     /// Every tick is exactly one point with exactly its values, and there is nothing else.
@@ -122,10 +147,20 @@ impl Setup {
         assert_eq!(rows.len(), ticks.len(), "point count");
         let by_key: BTreeMap<(String, i64), &serde_json::Map<String, serde_json::Value>> = rows
             .iter()
-            .map(|r| ((r["symbol"].as_str().unwrap().to_string(), r["time"].as_i64().unwrap()), r))
+            .map(|r| {
+                (
+                    (
+                        r["symbol"].as_str().unwrap().to_string(),
+                        r["time"].as_i64().unwrap(),
+                    ),
+                    r,
+                )
+            })
             .collect();
         for t in ticks {
-            let row = by_key.get(&(t.symbol.clone(), t.exchange_time)).unwrap_or_else(|| panic!("no point for {t:?}"));
+            let row = by_key
+                .get(&(t.symbol.clone(), t.exchange_time))
+                .unwrap_or_else(|| panic!("no point for {t:?}"));
             let fields = [
                 ("bid", t.bid),
                 ("bid_size", t.bid_size),
@@ -170,17 +205,32 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_written() {
     let good = make_ticks(&SYMBOLS, 20, START_MS, 1000);
     t.produce(&good[..30]).await;
     let producer = raw_producer(&t.brokers(), &BTreeMap::new());
-    let schema_id = t.registry.latest(&format!("{}-value", t.topic)).unwrap().0.to_be_bytes();
+    let schema_id = t
+        .registry
+        .latest(&format!("{}-value", t.topic))
+        .unwrap()
+        .0
+        .to_be_bytes();
     let valid = {
         let mut p = Vec::new();
-        let encoder = candlestream::codec::Encoder::new(&t.settings.schema_registry, &t.settings.kafka).unwrap();
-        p.extend(encoder.encode(&Record::Tick(good[0].clone())).await.unwrap());
+        let encoder =
+            candlestream::codec::Encoder::new(&t.settings.schema_registry, &t.settings.kafka)
+                .unwrap();
+        p.extend(
+            encoder
+                .encode(&Record::Tick(good[0].clone()))
+                .await
+                .unwrap(),
+        );
         p
     };
     let truncated = valid[..valid.len() - 20].to_vec();
     let poison: Vec<(&str, Vec<u8>)> = vec![
         ("bad-magic-byte", b"{\"symbol\":\"tBTCUSD\"}".to_vec()),
-        ("unknown-schema-id", [&[0u8, 0, 0, 0x7f, 0x7f][..], &valid[5..]].concat()),
+        (
+            "unknown-schema-id",
+            [&[0u8, 0, 0, 0x7f, 0x7f][..], &valid[5..]].concat(),
+        ),
         ("corrupt-avro", truncated),
         ("bad-magic-byte", vec![]),
     ];
@@ -193,18 +243,29 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_written() {
     let running = start_consumer(t.settings.clone(), 1);
     t.wait_for_points(good.len()).await;
     let dlq = format!("{}-dlq", t.topic);
-    eventually_async("dead letters", WAIT, || async { support::topic_size(&t.brokers(), &dlq, &BTreeMap::new()) >= poison.len() }).await;
+    eventually_async("dead letters", WAIT, || async {
+        support::topic_size(&t.brokers(), &dlq, &BTreeMap::new()) >= poison.len()
+    })
+    .await;
     running.stop().await;
     t.assert_points_are(&good).await;
 
     let letters = read_all(&t.brokers(), &dlq, &BTreeMap::new());
     assert_eq!(letters.len(), poison.len());
-    let mut got: Vec<(String, Vec<u8>)> =
-        letters.iter().map(|r| (r.headers[dlq_header::REASON].clone(), r.payload.clone())).collect();
-    let mut want: Vec<(String, Vec<u8>)> = poison.iter().map(|(r, p)| (r.to_string(), p.clone())).collect();
+    let mut got: Vec<(String, Vec<u8>)> = letters
+        .iter()
+        .map(|r| (r.headers[dlq_header::REASON].clone(), r.payload.clone()))
+        .collect();
+    let mut want: Vec<(String, Vec<u8>)> = poison
+        .iter()
+        .map(|(r, p)| (r.to_string(), p.clone()))
+        .collect();
     got.sort();
     want.sort();
-    assert_eq!(got, want, "the dead-letter topic holds exactly the poison, unchanged, with its reason");
+    assert_eq!(
+        got, want,
+        "the dead-letter topic holds exactly the poison, unchanged, with its reason"
+    );
     for r in &letters {
         assert_eq!(r.key.as_deref(), Some("tBTCUSD"));
         assert_eq!(r.headers[dlq_header::TOPIC], t.topic);
@@ -246,16 +307,27 @@ async fn sigkill_mid_stream_then_restart_still_gives_exactly_n() {
     t.produce(&ticks).await;
     let mut s = t.settings.clone();
     // A killed member's session must expire quickly for the group to hand its partitions on.
-    s.kafka.consumer.insert("session.timeout.ms".into(), "6000".into());
-    s.kafka.consumer.insert("heartbeat.interval.ms".into(), "500".into());
+    s.kafka
+        .consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    s.kafka
+        .consumer
+        .insert("heartbeat.interval.ms".into(), "500".into());
     s.influx.batch_size = 20;
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(config.path(), support::settings_toml(&s)).unwrap();
     let mut child = support::Process::spawn("consumer", config.path());
-    eventually_async("some points written", WAIT, || async { t.influx.count(&t.db, "ticker").await >= 100 }).await;
+    eventually_async("some points written", WAIT, || async {
+        t.influx.count(&t.db, "ticker").await >= 100
+    })
+    .await;
     child.kill();
     let mid = t.influx.count(&t.db, "ticker").await;
-    assert!(mid < ticks.len(), "killed mid-stream ({mid} of {})", ticks.len());
+    assert!(
+        mid < ticks.len(),
+        "killed mid-stream ({mid} of {})",
+        ticks.len()
+    );
     let mut child = support::Process::spawn("consumer", config.path());
     t.wait_for_points(ticks.len()).await;
     assert!(child.terminate().success(), "SIGTERM exits 0");
@@ -269,13 +341,20 @@ async fn v2_api_writes_the_same_line_protocol_with_token_org_bucket_and_gzip() {
     let ticks = make_ticks(&SYMBOLS, 50, START_MS, 1000);
     t.produce(&ticks).await;
     let running = start_consumer(t.settings.clone(), 1);
-    support::eventually("150 points in the v2 fake", WAIT, || influx2.lines().len() >= ticks.len()).await;
+    support::eventually("150 points in the v2 fake", WAIT, || {
+        influx2.lines().len() >= ticks.len()
+    })
+    .await;
     running.stop().await;
     let mut want: Vec<String> = ticks
         .iter()
         .map(|tick| {
             let mut line = String::new();
-            candlestream::sink::influx::write_line(&mut line, "ticker", &Record::Tick(tick.clone()));
+            candlestream::sink::influx::write_line(
+                &mut line,
+                "ticker",
+                &Record::Tick(tick.clone()),
+            );
             line.trim_end().to_string()
         })
         .collect();
@@ -296,8 +375,14 @@ async fn a_wrong_v2_token_holds_the_records_until_it_is_fixed() {
     t.assert_held("CANDLESTREAM__INFLUX__TOKEN").await;
     assert!(influx2.lines().is_empty());
     influx2.set_token("old-token");
-    support::eventually("every point in the v2 fake", WAIT, || influx2.lines().len() == ticks.len()).await;
-    eventually_async("/healthz 200 again", WAIT, || async { t.health().await.0 == 200 }).await;
+    support::eventually("every point in the v2 fake", WAIT, || {
+        influx2.lines().len() == ticks.len()
+    })
+    .await;
+    eventually_async("/healthz 200 again", WAIT, || async {
+        t.health().await.0 == 200
+    })
+    .await;
     running.stop().await;
     assert_eq!(t.dead_letters(), 0);
 }
@@ -305,16 +390,23 @@ async fn a_wrong_v2_token_holds_the_records_until_it_is_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_influx_credentials_hold_the_records_until_the_password_is_right() {
     let mut t = Setup::with_influx(Influx1::start_with_auth().await).await;
-    t.influx.query("", "CREATE USER writer WITH PASSWORD 'before'").await;
-    t.influx.query("", &format!("GRANT WRITE ON \"{}\" TO writer", t.db)).await;
+    t.influx
+        .query("", "CREATE USER writer WITH PASSWORD 'before'")
+        .await;
+    t.influx
+        .query("", &format!("GRANT WRITE ON \"{}\" TO writer", t.db))
+        .await;
     t.settings.influx.username = Some("writer".into());
     t.settings.influx.password = Some("after".into());
     let ticks = make_ticks(&SYMBOLS, 40, START_MS, 1000);
     t.produce(&ticks).await;
     let running = start_consumer(t.settings.clone(), 1);
-    t.assert_held("InfluxDB rejected the credentials (HTTP 401)").await;
+    t.assert_held("InfluxDB rejected the credentials (HTTP 401)")
+        .await;
     assert_eq!(t.influx.count(&t.db, "ticker").await, 0);
-    t.influx.query("", "SET PASSWORD FOR writer = 'after'").await;
+    t.influx
+        .query("", "SET PASSWORD FOR writer = 'after'")
+        .await;
     t.assert_recovered(&ticks).await;
     running.stop().await;
 }
@@ -322,7 +414,9 @@ async fn bad_influx_credentials_hold_the_records_until_the_password_is_right() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_database_holds_the_records_until_it_exists() {
     let t = Setup::new().await;
-    t.influx.query("", &format!("DROP DATABASE \"{}\"", t.db)).await;
+    t.influx
+        .query("", &format!("DROP DATABASE \"{}\"", t.db))
+        .await;
     let ticks = make_ticks(&SYMBOLS, 40, START_MS, 1000);
     t.produce(&ticks).await;
     let running = start_consumer(t.settings.clone(), 2);
@@ -342,7 +436,10 @@ async fn a_field_type_conflict_dead_letters_exactly_the_rejected_points() {
     const DAY_NS: i64 = 86_400 * 1_000_000_000;
     let week = |ms: i64| (ms * 1_000_000 - 4 * DAY_NS).div_euclid(7 * DAY_NS);
     let poisoned = week(ticks[60].exchange_time);
-    let conflict = format!("ticker,symbol=conflict bid=1i {}", poisoned * 7 * DAY_NS + 4 * DAY_NS);
+    let conflict = format!(
+        "ticker,symbol=conflict bid=1i {}",
+        poisoned * 7 * DAY_NS + 4 * DAY_NS
+    );
     let resp = reqwest::Client::new()
         .post(format!("{}/write", t.influx.url()))
         .query(&[("db", t.db.as_str())])
@@ -351,28 +448,54 @@ async fn a_field_type_conflict_dead_letters_exactly_the_rejected_points() {
         .await
         .unwrap();
     assert!(resp.status().is_success(), "{:?}", resp.text().await);
-    let (bad, good): (Vec<Tick>, Vec<Tick>) = ticks.iter().cloned().partition(|x| week(x.exchange_time) == poisoned);
+    let (bad, good): (Vec<Tick>, Vec<Tick>) = ticks
+        .iter()
+        .cloned()
+        .partition(|x| week(x.exchange_time) == poisoned);
     assert!(!bad.is_empty() && !good.is_empty());
     t.produce(&ticks).await;
     let running = start_consumer(t.settings.clone(), 1);
-    eventually_async("rejected points dead-lettered", WAIT, || async { t.dead_letters() >= bad.len() }).await;
-    eventually_async("valid points stored", WAIT, || async { t.influx.count(&t.db, "ticker").await >= good.len() }).await;
+    eventually_async("rejected points dead-lettered", WAIT, || async {
+        t.dead_letters() >= bad.len()
+    })
+    .await;
+    eventually_async("valid points stored", WAIT, || async {
+        t.influx.count(&t.db, "ticker").await >= good.len()
+    })
+    .await;
     running.stop().await;
 
     let letters = read_all(&t.brokers(), &format!("{}-dlq", t.topic), &BTreeMap::new());
-    assert_eq!(letters.len(), bad.len(), "exactly the conflicting ticks, each once");
+    assert_eq!(
+        letters.len(),
+        bad.len(),
+        "exactly the conflicting ticks, each once"
+    );
     let decoder = candlestream::codec::Decoder::new(&t.settings.schema_registry).unwrap();
     let mut got = Vec::new();
     for letter in &letters {
         assert_eq!(letter.headers[dlq_header::REASON], "influx-rejected");
-        assert!(letter.headers[dlq_header::DETAIL].contains("field type conflict"), "{:?}", letter.headers);
-        got.push(decoder.decode(&letter.payload).await.unwrap().exchange_time());
+        assert!(
+            letter.headers[dlq_header::DETAIL].contains("field type conflict"),
+            "{:?}",
+            letter.headers
+        );
+        got.push(
+            decoder
+                .decode(&letter.payload)
+                .await
+                .unwrap()
+                .exchange_time(),
+        );
     }
     got.sort();
     let mut want: Vec<i64> = bad.iter().map(|x| x.exchange_time).collect();
     want.sort();
     assert_eq!(got, want);
-    let rows = t.influx.rows(&t.db, "SELECT * FROM ticker WHERE symbol != 'conflict'").await;
+    let rows = t
+        .influx
+        .rows(&t.db, "SELECT * FROM ticker WHERE symbol != 'conflict'")
+        .await;
     assert_eq!(rows.len(), good.len(), "every other tick stored, once");
 }
 
@@ -397,7 +520,10 @@ async fn a_registry_answering_500_is_retried_not_dead_lettered() {
 fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .map_or(0.0, |v| v.parse().unwrap())
 }
 
@@ -410,12 +536,17 @@ async fn a_quiet_stream_is_written_record_by_record_and_latency_is_measured() {
     s.influx.flush_interval = Settings::default().influx.flush_interval;
     // The mock cluster answers a fetch only when fetch.wait.max.ms (500 ms) ends; a broker
     // answers as soon as data arrives. Keep the mock's share small so the writer's shows.
-    s.kafka.consumer.insert("fetch.wait.max.ms".into(), "20".into());
+    s.kafka
+        .consumer
+        .insert("fetch.wait.max.ms".into(), "20".into());
     // Its own process, so that /metrics holds only this consumer's histograms.
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(config.path(), support::settings_toml(&s)).unwrap();
     let mut child = support::Process::spawn("consumer", config.path());
-    eventually_async("consumer serving", WAIT, || async { t.health().await.0 == 200 }).await;
+    eventually_async("consumer serving", WAIT, || async {
+        t.health().await.0 == 200
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let n = 12;
@@ -426,13 +557,43 @@ async fn a_quiet_stream_is_written_record_by_record_and_latency_is_measured() {
         t.produce(&[tick]).await;
         t.wait_for_points(i + 1).await;
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", s.http.listen)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("# TYPE candlestream_pipeline_latency_seconds histogram"), "{metrics}");
-    let latency = |le: &str| sample(&metrics, &format!("candlestream_pipeline_latency_seconds_bucket{{kind=\"ticker\",le=\"{le}\"}}"));
-    assert_eq!(sample(&metrics, "candlestream_pipeline_latency_seconds_count{kind=\"ticker\"}"), n as f64);
+    let metrics = reqwest::get(format!("http://{}/metrics", s.http.listen))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("# TYPE candlestream_pipeline_latency_seconds histogram"),
+        "{metrics}"
+    );
+    let latency = |le: &str| {
+        sample(
+            &metrics,
+            &format!("candlestream_pipeline_latency_seconds_bucket{{kind=\"ticker\",le=\"{le}\"}}"),
+        )
+    };
+    assert_eq!(
+        sample(
+            &metrics,
+            "candlestream_pipeline_latency_seconds_count{kind=\"ticker\"}"
+        ),
+        n as f64
+    );
     // Written at once: no record waited for a batch to fill or a timer to fire.
     assert_eq!(latency("1"), n as f64, "{metrics}");
-    let skewed = |le: &str| sample(&metrics, &format!("candlestream_exchange_to_store_seconds_bucket{{kind=\"ticker\",le=\"{le}\"}}"));
-    assert_eq!((skewed("0.5"), skewed("2.5")), (0.0, n as f64), "exchange time is 1 s before receipt: {metrics}");
+    let skewed = |le: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "candlestream_exchange_to_store_seconds_bucket{{kind=\"ticker\",le=\"{le}\"}}"
+            ),
+        )
+    };
+    assert_eq!(
+        (skewed("0.5"), skewed("2.5")),
+        (0.0, n as f64),
+        "exchange time is 1 s before receipt: {metrics}"
+    );
     assert!(child.terminate().success());
 }

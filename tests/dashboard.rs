@@ -21,8 +21,8 @@ use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use support::fake_trades::Trader;
-use support::pipeline::{Emitter, WAIT};
 use support::now_ms;
+use support::pipeline::{Emitter, WAIT};
 use support::rig::MockPipeline;
 
 fn repo(path: &str) -> String {
@@ -45,7 +45,10 @@ fn dashboards() -> Vec<(String, Value)> {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "json") {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            out.push((name, serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()));
+            out.push((
+                name,
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap(),
+            ));
         }
     }
     assert!(!out.is_empty(), "no dashboards");
@@ -66,7 +69,10 @@ fn panels(dashboard: &Value) -> Vec<&Value> {
 }
 
 fn candle_panel(dashboard: &Value) -> &Value {
-    panels(dashboard).into_iter().find(|p| p["type"] == "candlestick").expect("a candlestick panel")
+    panels(dashboard)
+        .into_iter()
+        .find(|p| p["type"] == "candlestick")
+        .expect("a candlestick panel")
 }
 
 fn query_of(target: &Value) -> &str {
@@ -76,10 +82,19 @@ fn query_of(target: &Value) -> &str {
 /// Double-quoted identifiers of an InfluxQL text, and the names given with AS.
 fn identifiers(q: &str) -> (Vec<String>, BTreeSet<String>) {
     let parts: Vec<&str> = q.split('"').collect();
-    let idents: Vec<String> = parts.iter().skip(1).step_by(2).map(|s| s.to_string()).collect();
+    let idents: Vec<String> = parts
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|s| s.to_string())
+        .collect();
     let mut aliases = BTreeSet::new();
     for (i, ident) in parts.iter().enumerate().skip(1).step_by(2) {
-        if parts[i - 1].trim_end().to_ascii_uppercase().ends_with(" AS") {
+        if parts[i - 1]
+            .trim_end()
+            .to_ascii_uppercase()
+            .ends_with(" AS")
+        {
             aliases.insert(ident.to_string());
         }
     }
@@ -93,24 +108,45 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
     let datasources = yaml("grafana/provisioning/datasources/influxdb.yaml");
     let ds = &datasources["datasources"][0];
     let uid = ds["uid"].as_str().unwrap();
-    assert_eq!(uid, "candlestream-influxdb", "the uid the dashboards and saved links refer to");
+    assert_eq!(
+        uid, "candlestream-influxdb",
+        "the uid the dashboards and saved links refer to"
+    );
     assert_eq!(ds["type"].as_str(), Some("influxdb"));
     assert_eq!(ds["url"].as_str(), Some("http://influxdb:8086"));
     assert_eq!(ds["jsonData"]["version"].as_str(), Some("InfluxQL"));
-    assert_eq!(ds["jsonData"]["dbName"].as_str(), Some("${INFLUXDB_BUCKET}"));
-    assert_eq!(ds["jsonData"]["httpHeaderName1"].as_str(), Some("Authorization"));
-    assert_eq!(ds["secureJsonData"]["httpHeaderValue1"].as_str(), Some("Token ${INFLUXDB_TOKEN}"));
+    assert_eq!(
+        ds["jsonData"]["dbName"].as_str(),
+        Some("${INFLUXDB_BUCKET}")
+    );
+    assert_eq!(
+        ds["jsonData"]["httpHeaderName1"].as_str(),
+        Some("Authorization")
+    );
+    assert_eq!(
+        ds["secureJsonData"]["httpHeaderValue1"].as_str(),
+        Some("Token ${INFLUXDB_TOKEN}")
+    );
     let compose = yaml("docker-compose.yml");
-    let grafana_env = compose["services"]["grafana"]["environment"].as_hash().expect("grafana environment");
+    let grafana_env = compose["services"]["grafana"]["environment"]
+        .as_hash()
+        .expect("grafana environment");
     let ds_text = repo("grafana/provisioning/datasources/influxdb.yaml");
-    for var in ds_text.split("${").skip(1).map(|s| s.split('}').next().unwrap()) {
+    for var in ds_text
+        .split("${")
+        .skip(1)
+        .map(|s| s.split('}').next().unwrap())
+    {
         assert!(
             grafana_env.contains_key(&Yaml::String(var.to_string())),
             "the datasource uses ${{{var}}}, which docker-compose.yml does not pass to grafana"
         );
     }
     let providers = yaml("grafana/provisioning/dashboards/candlestream.yaml");
-    assert_eq!(providers["providers"][0]["options"]["path"].as_str(), Some("/var/lib/grafana/dashboards"));
+    assert_eq!(
+        providers["providers"][0]["options"]["path"].as_str(),
+        Some("/var/lib/grafana/dashboards")
+    );
 
     // What the consumer writes, read off its own line protocol.
     let tick = support::pipeline::make_ticks(&["tBTCUSD"], 1, 0, 0).remove(0);
@@ -128,18 +164,41 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
     let ticker = settings.influx.measurement.clone();
     let trades = settings.influx.trades_measurement.clone();
     let mut schema: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (measurement, record) in [(&ticker, Record::Tick(tick)), (&trades, Record::Trade(trade))] {
+    for (measurement, record) in [
+        (&ticker, Record::Tick(tick)),
+        (&trades, Record::Trade(trade)),
+    ] {
         let mut line = String::new();
         candlestream::sink::influx::write_line(&mut line, measurement, &record);
         let (series, fields) = line.trim_end().split_once(' ').unwrap();
         let fields = fields.rsplit_once(' ').unwrap().0;
         let names = schema.entry(measurement.clone()).or_default();
-        names.extend(series.split(',').skip(1).map(|kv| kv.split('=').next().unwrap().to_string()));
-        names.extend(fields.split(',').map(|kv| kv.split('=').next().unwrap().to_string()));
+        names.extend(
+            series
+                .split(',')
+                .skip(1)
+                .map(|kv| kv.split('=').next().unwrap().to_string()),
+        );
+        names.extend(
+            fields
+                .split(',')
+                .map(|kv| kv.split('=').next().unwrap().to_string()),
+        );
     }
-    assert!(schema[&ticker].contains("symbol") && schema[&ticker].contains("bid") && schema[&ticker].contains("last_price"));
-    let trade_names: BTreeSet<String> = TRADE_TAGS.iter().chain(&TRADE_FIELDS).map(|s| s.to_string()).collect();
-    assert_eq!(schema[&trades], trade_names, "the consumer writes the trade contract");
+    assert!(
+        schema[&ticker].contains("symbol")
+            && schema[&ticker].contains("bid")
+            && schema[&ticker].contains("last_price")
+    );
+    let trade_names: BTreeSet<String> = TRADE_TAGS
+        .iter()
+        .chain(&TRADE_FIELDS)
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        schema[&trades], trade_names,
+        "the consumer writes the trade contract"
+    );
 
     for (file, dashboard) in dashboards() {
         let mut queries = 0;
@@ -152,12 +211,24 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
                 assert_eq!(t["datasource"]["uid"], uid, "{at}");
                 // Raw InfluxQL text, so what Grafana runs is exactly what the live test runs.
                 assert_eq!(t["rawQuery"], true, "{at}");
-                assert!(!q.contains("|>") && !q.contains("from(bucket"), "Flux left in {at}");
+                assert!(
+                    !q.contains("|>") && !q.contains("from(bucket"),
+                    "Flux left in {at}"
+                );
                 assert!(q.contains("$timeFilter"), "{at}: no $timeFilter");
-                assert!(q.contains("\"symbol\" = '$symbol'"), "{at}: not filtered by $symbol");
+                assert!(
+                    q.contains("\"symbol\" = '$symbol'"),
+                    "{at}: not filtered by $symbol"
+                );
                 // Every quoted name is the measurement, one of its tags or fields, or an alias.
-                let measurement = q.split("FROM \"").nth(1).and_then(|s| s.split('"').next()).unwrap();
-                let names = schema.get(measurement).unwrap_or_else(|| panic!("{at}: unknown measurement"));
+                let measurement = q
+                    .split("FROM \"")
+                    .nth(1)
+                    .and_then(|s| s.split('"').next())
+                    .unwrap();
+                let names = schema
+                    .get(measurement)
+                    .unwrap_or_else(|| panic!("{at}: unknown measurement"));
                 let (idents, aliases) = identifiers(q);
                 for ident in idents {
                     assert!(
@@ -170,26 +241,48 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         assert!(queries > 0, "{file} has no queries");
     }
 
-    let (_, dashboard) = dashboards().into_iter().find(|(f, _)| f == "candles.json").unwrap();
+    let (_, dashboard) = dashboards()
+        .into_iter()
+        .find(|(f, _)| f == "candles.json")
+        .unwrap();
     let vars = dashboard["templating"]["list"].as_array().unwrap();
-    let symbol = vars.iter().find(|v| v["name"] == "symbol").expect("$symbol");
+    let symbol = vars
+        .iter()
+        .find(|v| v["name"] == "symbol")
+        .expect("$symbol");
     assert_eq!(symbol["datasource"]["uid"], uid);
     assert_eq!(
         symbol["query"].as_str(),
         Some(format!("SHOW TAG VALUES FROM \"{trades}\" WITH KEY = \"symbol\"").as_str())
     );
-    let timeframe = vars.iter().find(|v| v["name"] == "timeframe").expect("$timeframe");
+    let timeframe = vars
+        .iter()
+        .find(|v| v["name"] == "timeframe")
+        .expect("$timeframe");
     assert_eq!(timeframe["type"], "custom");
-    let options: Vec<&str> =
-        timeframe["options"].as_array().unwrap().iter().map(|o| o["value"].as_str().unwrap()).collect();
+    let options: Vec<&str> = timeframe["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["value"].as_str().unwrap())
+        .collect();
     assert_eq!(options, ["1m", "2m", "5m", "15m", "1h", "4h", "1d"]);
-    assert_eq!(timeframe["query"].as_str(), Some(options.join(",").as_str()));
-    assert_eq!(timeframe["current"]["value"], "2m", "2-minute candles are the default");
+    assert_eq!(
+        timeframe["query"].as_str(),
+        Some(options.join(",").as_str())
+    );
+    assert_eq!(
+        timeframe["current"]["value"], "2m",
+        "2-minute candles are the default"
+    );
 
     let candles = candle_panel(&dashboard);
     assert_eq!(candles["options"]["mode"], "candles+volume");
     for f in ["open", "high", "low", "close", "volume"] {
-        assert_eq!(candles["options"]["fields"][f], f, "candlestick field mapping of {f}");
+        assert_eq!(
+            candles["options"]["fields"][f], f,
+            "candlestick field mapping of {f}"
+        );
     }
     let targets = candles["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 1, "one query feeds the candles");
@@ -214,9 +307,15 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         ("Last price", "last_price"),
         ("24 h change", "daily_change_relative"),
     ] {
-        let p = all.iter().find(|p| p["title"] == title).unwrap_or_else(|| panic!("no {title} panel"));
+        let p = all
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no {title} panel"));
         let q = query_of(&p["targets"][0]);
-        assert!(q.contains(&format!("FROM \"{ticker}\"")) && q.contains(&format!("\"{field}\"")), "{title}: {q}");
+        assert!(
+            q.contains(&format!("FROM \"{ticker}\"")) && q.contains(&format!("\"{field}\"")),
+            "{title}: {q}"
+        );
     }
 }
 
@@ -263,18 +362,24 @@ fn make_ledger(now_ms: i64) -> Vec<LedgerTrade> {
     // (symbol, seq, mts, amount, price), ids come later in execution order.
     let mut events: Vec<(usize, usize, i64, f64, f64)> = Vec::new();
     for (s, _) in SYMBOLS.iter().enumerate() {
-        let (mut price, decimals, size) = [(97_000.0, 1, 0.5), (3_400.0, 2, 5.0), (180.0, 3, 60.0)][s];
+        let (mut price, decimals, size) =
+            [(97_000.0, 1, 0.5), (3_400.0, 2, 5.0), (180.0, 3, 60.0)][s];
         let quiet = |mts: i64| {
             // Empty minutes that differ per symbol, and for tSOLUSD the first whole 5-minute
             // window after ten minutes of trading (so whole 2-minute windows are empty too).
             let gap = ((start + 10 * MINUTE).div_euclid(5 * MINUTE) + 1) * 5 * MINUTE;
-            mts.div_euclid(MINUTE) % 7 == (s as i64 * 2 + 3) % 7 || (s == 2 && mts >= gap && mts < gap + 5 * MINUTE)
+            mts.div_euclid(MINUTE) % 7 == (s as i64 * 2 + 3) % 7
+                || (s == 2 && mts >= gap && mts < gap + 5 * MINUTE)
         };
         let mut t = start + rng.below(3_000) as i64;
         let mut seq = 0;
         while t < end {
             if !quiet(t) {
-                let burst = if rng.below(9) == 0 { 2 + rng.below(3) } else { 1 };
+                let burst = if rng.below(9) == 0 {
+                    2 + rng.below(3)
+                } else {
+                    1
+                };
                 for _ in 0..burst {
                     price = round_to(price * (1.0 + (rng.unit() - 0.5) * 0.002), decimals);
                     let amount = round_to(size * (0.0001 + rng.unit()), 8);
@@ -317,7 +422,18 @@ fn sent_ticks(sent: &[support::fake_bitfinex::Sent]) -> Vec<Tick> {
     sent.iter()
         .filter(|x| !x.rest)
         .map(|x| {
-            let [bid, bid_size, ask, ask_size, daily_change, daily_change_relative, last_price, volume, high, low] = x.values;
+            let [
+                bid,
+                bid_size,
+                ask,
+                ask_size,
+                daily_change,
+                daily_change_relative,
+                last_price,
+                volume,
+                high,
+                low,
+            ] = x.values;
             let v = candlestream::exchange::bitfinex::message::TickerValues {
                 bid,
                 bid_size,
@@ -330,8 +446,17 @@ fn sent_ticks(sent: &[support::fake_bitfinex::Sent]) -> Vec<Tick> {
                 high,
                 low,
             };
-            let t = x.exchange_time.expect("websocket ticks carry the exchange's time");
-            Tick::new(x.symbol.clone(), v, t, x.seq.map(|s| s as i64), Source::Websocket, t)
+            let t = x
+                .exchange_time
+                .expect("websocket ticks carry the exchange's time");
+            Tick::new(
+                x.symbol.clone(),
+                v,
+                t,
+                x.seq.map(|s| s as i64),
+                Source::Websocket,
+                t,
+            )
         })
         .collect()
 }
@@ -373,12 +498,17 @@ fn round_interval(ms: i64) -> i64 {
         (1_814_400_000, 604_800_000),
         (3_628_800_000, 2_592_000_000),
     ];
-    LADDER.iter().find(|(below, _)| ms < *below).map_or(31_536_000_000, |(_, r)| *r)
+    LADDER
+        .iter()
+        .find(|(below, _)| ms < *below)
+        .map_or(31_536_000_000, |(_, r)| *r)
 }
 
 fn interval_ms(text: &str) -> i64 {
     let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let n: i64 = digits.parse().unwrap_or_else(|_| panic!("interval {text:?}"));
+    let n: i64 = digits
+        .parse()
+        .unwrap_or_else(|_| panic!("interval {text:?}"));
     n * match &text[digits.len()..] {
         "ms" => 1,
         "s" | "" => 1_000,
@@ -392,7 +522,12 @@ fn interval_ms(text: &str) -> i64 {
 
 /// Grafana's text for an interval (gtime.FormatInterval): the largest whole unit.
 fn format_interval(ms: i64) -> String {
-    for (unit, size) in [("d", 1_440 * MINUTE), ("h", 60 * MINUTE), ("m", MINUTE), ("s", 1_000)] {
+    for (unit, size) in [
+        ("d", 1_440 * MINUTE),
+        ("h", 60 * MINUTE),
+        ("m", MINUTE),
+        ("s", 1_000),
+    ] {
         if ms >= size {
             return format!("{}{unit}", ms / size);
         }
@@ -410,7 +545,13 @@ fn format_interval(ms: i64) -> String {
 ///
 /// `$__interval` is the range divided by the panel's maxDataPoints, rounded by Grafana's ladder,
 /// and never below the panel's `interval` (the min interval).
-fn expand(query: &str, panel: &Value, vars: &BTreeMap<&str, String>, from_ms: i64, to_ms: i64) -> String {
+fn expand(
+    query: &str,
+    panel: &Value,
+    vars: &BTreeMap<&str, String>,
+    from_ms: i64,
+    to_ms: i64,
+) -> String {
     let resolution = panel["maxDataPoints"].as_i64().unwrap_or(1_000);
     let floor = panel["interval"].as_str().map_or(1, interval_ms);
     let interval = round_interval((to_ms - from_ms) / resolution).max(floor);
@@ -430,7 +571,9 @@ fn expand(query: &str, panel: &Value, vars: &BTreeMap<&str, String>, from_ms: i6
             let end = r.find("]]").unwrap_or(r.len());
             (&r[..end], end + 4)
         } else if let Some(r) = rest.strip_prefix('$') {
-            let end = r.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(r.len());
+            let end = r
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(r.len());
             (&r[..end], end + 1)
         } else {
             ("", 1)
@@ -443,10 +586,13 @@ fn expand(query: &str, panel: &Value, vars: &BTreeMap<&str, String>, from_ms: i6
     }
     out.push_str(rest);
 
-    out.replace("$timeFilter", &format!("time >= {from_ms}ms and time <= {to_ms}ms"))
-        .replace("$interval", &format_interval(interval))
-        .replace("$__interval_ms", &interval.to_string())
-        .replace("$__interval", &format_interval(interval))
+    out.replace(
+        "$timeFilter",
+        &format!("time >= {from_ms}ms and time <= {to_ms}ms"),
+    )
+    .replace("$interval", &format_interval(interval))
+    .replace("$__interval_ms", &interval.to_string())
+    .replace("$__interval", &format_interval(interval))
 }
 
 #[derive(Debug)]
@@ -466,22 +612,43 @@ async fn influxql(url: &str, db: &str, q: &str) -> Result<Vec<Series>, String> {
         .map_err(|e| e.to_string())?;
     let status = resp.status();
     let body: Value = resp.json().await.map_err(|e| e.to_string())?;
-    if !status.is_success() || body.get("error").is_some() || body["results"][0].get("error").is_some() {
+    if !status.is_success()
+        || body.get("error").is_some()
+        || body["results"][0].get("error").is_some()
+    {
         return Err(format!("HTTP {status}: {body}"));
     }
     let mut out = Vec::new();
-    for s in body["results"][0]["series"].as_array().into_iter().flatten() {
-        let columns: Vec<String> =
-            s["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+    for s in body["results"][0]["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let columns: Vec<String> = s["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
         let tags = s["tags"]
             .as_object()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
             .unwrap_or_default();
         let rows = s["values"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| columns.iter().cloned().zip(r.as_array().unwrap().iter().cloned()).collect())
+            .map(|r| {
+                columns
+                    .iter()
+                    .cloned()
+                    .zip(r.as_array().unwrap().iter().cloned())
+                    .collect()
+            })
             .collect();
         out.push(Series { tags, rows });
     }
@@ -507,16 +674,29 @@ impl Candle {
             && self.high == other.high
             && self.low == other.low
             && self.close == other.close
-            && (self.volume - other.volume).abs() <= 1e-9 * self.volume.abs().max(other.volume.abs())
+            && (self.volume - other.volume).abs()
+                <= 1e-9 * self.volume.abs().max(other.volume.abs())
     }
 }
 
 /// Candles straight from the ledger: epoch-aligned windows of `tf_ms`, trades in [from, to];
 /// open/close are the first/last trade by (MTS, id), volume the sum of |amount|.
-fn ledger_candles(ledger: &[LedgerTrade], symbol: &str, tf_ms: i64, from_ms: i64, to_ms: i64) -> Vec<Candle> {
+fn ledger_candles(
+    ledger: &[LedgerTrade],
+    symbol: &str,
+    tf_ms: i64,
+    from_ms: i64,
+    to_ms: i64,
+) -> Vec<Candle> {
     let mut windows: BTreeMap<i64, Vec<&LedgerTrade>> = BTreeMap::new();
-    for t in ledger.iter().filter(|t| t.symbol == symbol && t.mts >= from_ms && t.mts <= to_ms) {
-        windows.entry(t.mts.div_euclid(tf_ms) * tf_ms).or_default().push(t);
+    for t in ledger
+        .iter()
+        .filter(|t| t.symbol == symbol && t.mts >= from_ms && t.mts <= to_ms)
+    {
+        windows
+            .entry(t.mts.div_euclid(tf_ms) * tf_ms)
+            .or_default()
+            .push(t);
     }
     windows
         .into_iter()
@@ -535,11 +715,17 @@ fn ledger_candles(ledger: &[LedgerTrade], symbol: &str, tf_ms: i64, from_ms: i64
 }
 
 fn f(row: &BTreeMap<String, Value>, column: &str) -> f64 {
-    row[column].as_f64().unwrap_or_else(|| panic!("{column} is {:?} in {row:?}", row[column]))
+    row[column]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{column} is {:?} in {row:?}", row[column]))
 }
 
 fn candles_of(series: &[Series]) -> Vec<Candle> {
-    assert!(series.len() <= 1, "the candle query returned {} series", series.len());
+    assert!(
+        series.len() <= 1,
+        "the candle query returned {} series",
+        series.len()
+    );
     series
         .iter()
         .flat_map(|s| &s.rows)
@@ -567,9 +753,16 @@ async fn compare_candles(
 ) -> (usize, usize, usize) {
     let (mut compared, mut equal, mut empty) = (0, 0, 0);
     for symbol in SYMBOLS {
-        let vars = BTreeMap::from([("symbol", symbol.to_string()), ("timeframe", tf.to_string())]);
+        let vars = BTreeMap::from([
+            ("symbol", symbol.to_string()),
+            ("timeframe", tf.to_string()),
+        ]);
         let q = expand(query, panel, &vars, from_ms, to_ms);
-        let got = candles_of(&influxql(url, db, &q).await.unwrap_or_else(|e| panic!("{q}: {e}")));
+        let got = candles_of(
+            &influxql(url, db, &q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e}")),
+        );
         let want = ledger_candles(ledger, symbol, interval_ms(tf), from_ms, to_ms);
         assert_eq!(
             got.iter().map(|c| c.start).collect::<Vec<_>>(),
@@ -592,7 +785,10 @@ async fn compare_candles(
 }
 
 async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[Tick]) {
-    let (_, dashboard) = dashboards().into_iter().find(|(f, _)| f == "candles.json").unwrap();
+    let (_, dashboard) = dashboards()
+        .into_iter()
+        .find(|(f, _)| f == "candles.json")
+        .unwrap();
     let candles = candle_panel(&dashboard);
     let candle_query = query_of(&candles["targets"][0]);
     let to_ms = now_ms();
@@ -604,7 +800,10 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     // that every window is whole; the partial case is checked on its own below.
     let first = ledger.iter().map(|t| t.mts).min().unwrap();
     let from_ms = first.div_euclid(10 * MINUTE) * 10 * MINUTE;
-    assert!(to_ms - first >= 30 * MINUTE, "at least 30 minutes of trades");
+    assert!(
+        to_ms - first >= 30 * MINUTE,
+        "at least 30 minutes of trades"
+    );
 
     let symbols = SYMBOLS.join(",");
     for tf in ["1m", "2m", "5m"] {
@@ -627,8 +826,19 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     // Wide ranges run: the same candles over the last 7 days at 2m and 30 days at 1m.
     for (tf, days) in [("2m", 7), ("1m", 30)] {
         let wide_from = to_ms - days * 1_440 * MINUTE;
-        let (compared, equal, _) = compare_candles(url, db, candles, candle_query, ledger, tf, (wide_from, to_ms)).await;
-        crate::report!("DASHBOARD | {tf} over {days} days | {symbols} | {compared} candles compared, {equal} equal");
+        let (compared, equal, _) = compare_candles(
+            url,
+            db,
+            candles,
+            candle_query,
+            ledger,
+            tf,
+            (wide_from, to_ms),
+        )
+        .await;
+        crate::report!(
+            "DASHBOARD | {tf} over {days} days | {symbols} | {compared} candles compared, {equal} equal"
+        );
         assert!(compared > 0 && equal == compared);
     }
 
@@ -636,22 +846,41 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
     // first 2-minute window of tBTCUSD with trades both before and after its 30th second.
     let symbol = SYMBOLS[0];
     let whole = ledger_candles(ledger, symbol, 2 * MINUTE, from_ms, to_ms);
-    let trades_in = |a: i64, b: i64| ledger.iter().any(|t| t.symbol == symbol && t.mts >= a && t.mts < b);
+    let trades_in = |a: i64, b: i64| {
+        ledger
+            .iter()
+            .any(|t| t.symbol == symbol && t.mts >= a && t.mts < b)
+    };
     let window = whole
         .iter()
-        .find(|c| trades_in(c.start, c.start + 30_000) && trades_in(c.start + 30_000, c.start + 2 * MINUTE))
+        .find(|c| {
+            trades_in(c.start, c.start + 30_000)
+                && trades_in(c.start + 30_000, c.start + 2 * MINUTE)
+        })
         .unwrap();
     let mid = window.start + 30_000;
-    let vars = BTreeMap::from([("symbol", symbol.to_string()), ("timeframe", "2m".to_string())]);
+    let vars = BTreeMap::from([
+        ("symbol", symbol.to_string()),
+        ("timeframe", "2m".to_string()),
+    ]);
     let q = expand(candle_query, candles, &vars, mid, to_ms);
     let got = candles_of(&influxql(url, db, &q).await.unwrap());
     let partial = ledger_candles(ledger, symbol, 2 * MINUTE, mid, to_ms);
-    assert_eq!(got[0].start, window.start, "the partial window keeps its epoch-aligned start");
-    assert!(got[0].matches(&partial[0]), "partial first window: influx {:?} ledger {:?}", got[0], partial[0]);
+    assert_eq!(
+        got[0].start, window.start,
+        "the partial window keeps its epoch-aligned start"
+    );
+    assert!(
+        got[0].matches(&partial[0]),
+        "partial first window: influx {:?} ledger {:?}",
+        got[0],
+        partial[0]
+    );
     assert!(got[0].volume < window.volume && !got[0].matches(window));
     crate::report!(
         "DASHBOARD | 2m from 30 s into a window | {symbol} | first candle holds volume {} of the whole window's {}",
-        got[0].volume, window.volume
+        got[0].volume,
+        window.volume
     );
 
     // Every other target runs and returns rows, for every symbol, at the default timeframe.
@@ -663,25 +892,49 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
             }
             others += 1;
             for symbol in SYMBOLS {
-                let vars = BTreeMap::from([("symbol", symbol.to_string()), ("timeframe", "2m".to_string())]);
+                let vars = BTreeMap::from([
+                    ("symbol", symbol.to_string()),
+                    ("timeframe", "2m".to_string()),
+                ]);
                 let q = expand(query_of(t), p, &vars, from_ms, to_ms);
-                let series = influxql(url, db, &q).await.unwrap_or_else(|e| panic!("{}: {q}: {e}", p["title"]));
+                let series = influxql(url, db, &q)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {q}: {e}", p["title"]));
                 let rows: usize = series.iter().map(|s| s.rows.len()).sum();
                 assert!(rows > 0, "{}: no rows for {symbol}: {q}", p["title"]);
-                crate::report!("DASHBOARD | panel {} | {symbol} | {rows} rows | {q}", p["title"]);
+                crate::report!(
+                    "DASHBOARD | panel {} | {symbol} | {rows} rows | {q}",
+                    p["title"]
+                );
             }
         }
     }
     assert!(others >= 6, "the ticker row and the volume split");
 
     // The spread is the last ticker update's ask minus bid.
-    let spread = panels(&dashboard).into_iter().find(|p| p["title"] == "Spread").unwrap();
+    let spread = panels(&dashboard)
+        .into_iter()
+        .find(|p| p["title"] == "Spread")
+        .unwrap();
     for symbol in SYMBOLS {
         let vars = BTreeMap::from([("symbol", symbol.to_string())]);
-        let q = expand(query_of(&spread["targets"][0]), spread, &vars, from_ms, to_ms);
+        let q = expand(
+            query_of(&spread["targets"][0]),
+            spread,
+            &vars,
+            from_ms,
+            to_ms,
+        );
         let got = f(&influxql(url, db, &q).await.unwrap()[0].rows[0], "spread");
-        let last = ticks.iter().filter(|t| t.symbol == symbol).max_by_key(|t| t.exchange_time).unwrap();
-        assert!((got - (last.ask - last.bid)).abs() < 1e-9, "{symbol} spread {got}");
+        let last = ticks
+            .iter()
+            .filter(|t| t.symbol == symbol)
+            .max_by_key(|t| t.exchange_time)
+            .unwrap();
+        assert!(
+            (got - (last.ask - last.bid)).abs() < 1e-9,
+            "{symbol} spread {got}"
+        );
     }
 
     // The buy/sell split adds up per side and window to the ledger's signed amounts.
@@ -690,30 +943,56 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         .find(|p| query_of(&p["targets"][0]).contains("\"side\" fill"))
         .expect("volume split");
     for symbol in SYMBOLS {
-        let vars = BTreeMap::from([("symbol", symbol.to_string()), ("timeframe", "2m".to_string())]);
+        let vars = BTreeMap::from([
+            ("symbol", symbol.to_string()),
+            ("timeframe", "2m".to_string()),
+        ]);
         let q = expand(query_of(&split["targets"][0]), split, &vars, from_ms, to_ms);
         let mut got: BTreeMap<(String, i64), f64> = BTreeMap::new();
         for s in influxql(url, db, &q).await.unwrap() {
             for r in &s.rows {
-                got.insert((s.tags["side"].clone(), r["time"].as_i64().unwrap()), f(r, "volume"));
+                got.insert(
+                    (s.tags["side"].clone(), r["time"].as_i64().unwrap()),
+                    f(r, "volume"),
+                );
             }
         }
         let mut want: BTreeMap<(String, i64), f64> = BTreeMap::new();
         for t in ledger.iter().filter(|t| t.symbol == symbol) {
             let side = if t.amount >= 0.0 { "buy" } else { "sell" };
-            *want.entry((side.to_string(), t.mts.div_euclid(2 * MINUTE) * 2 * MINUTE)).or_default() += t.amount.abs();
+            *want
+                .entry((side.to_string(), t.mts.div_euclid(2 * MINUTE) * 2 * MINUTE))
+                .or_default() += t.amount.abs();
         }
-        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{symbol}: split windows");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{symbol}: split windows"
+        );
         for (k, w) in &want {
-            assert!((got[k] - w).abs() <= 1e-9 * w, "{symbol} {k:?}: {} vs {w}", got[k]);
+            assert!(
+                (got[k] - w).abs() <= 1e-9 * w,
+                "{symbol} {k:?}: {} vs {w}",
+                got[k]
+            );
         }
     }
 
     // The $symbol variable lists the stored symbols.
-    let var = dashboard["templating"]["list"].as_array().unwrap().iter().find(|v| v["name"] == "symbol").unwrap();
-    let series = influxql(url, db, var["query"].as_str().unwrap()).await.unwrap();
-    let listed: BTreeSet<String> =
-        series.iter().flat_map(|s| &s.rows).map(|r| r["value"].as_str().unwrap().to_string()).collect();
+    let var = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "symbol")
+        .unwrap();
+    let series = influxql(url, db, var["query"].as_str().unwrap())
+        .await
+        .unwrap();
+    let listed: BTreeSet<String> = series
+        .iter()
+        .flat_map(|s| &s.rows)
+        .map(|r| r["value"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(listed, SYMBOLS.iter().map(|s| s.to_string()).collect());
 }
 
@@ -742,11 +1021,20 @@ async fn dashboard_queries_give_the_ledger_candles_on_influxdb_1_6() {
     // The contract keeps trades of one symbol in (MTS, id) order in time, unless two trades of
     // one millisecond straddle a multiple of 1e6 ids: make sure this ledger has no such pair.
     for sym in SYMBOLS {
-        let ns: Vec<i64> =
-            ledger.iter().filter(|t| t.symbol == sym).map(|t| t.mts * 1_000_000 + t.id % 1_000_000).collect();
-        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{sym}: trade timestamps out of (MTS, id) order");
+        let ns: Vec<i64> = ledger
+            .iter()
+            .filter(|t| t.symbol == sym)
+            .map(|t| t.mts * 1_000_000 + t.id % 1_000_000)
+            .collect();
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{sym}: trade timestamps out of (MTS, id) order"
+        );
     }
-    let same_ms = ledger.windows(2).filter(|w| w[0].symbol == w[1].symbol && w[0].mts == w[1].mts).count();
+    let same_ms = ledger
+        .windows(2)
+        .filter(|w| w[0].symbol == w[1].symbol && w[0].mts == w[1].mts)
+        .count();
     let buys = ledger.iter().filter(|t| t.amount > 0.0).count();
     crate::report!(
         "DASHBOARD | fill | {} trades through the pipeline ({} backfilled, {live} live; {buys} buys, {} sells, {same_ms} sharing a millisecond with the previous one), {} ticker updates",

@@ -7,16 +7,18 @@ mod support;
 use candlestream::candles::{Record, Source, Tick};
 use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::SchemaRegistryConfig;
-use candlestream::exchange::bitfinex::message::{parse_frame, Frame, Payload, TickerValues};
+use candlestream::exchange::bitfinex::message::{Frame, Payload, TickerValues, parse_frame};
 use proptest::prelude::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         "[a-z]{0,8}".prop_map(Value::from),
         Just(json!("hb")),
         Just(json!("info")),
@@ -25,8 +27,19 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 64, 12, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..12).prop_map(Value::Array),
-            prop::collection::vec((prop_oneof![Just("event".to_string()), Just("code".to_string()), Just("chanId".to_string()), "[a-z]{1,6}"], inner), 0..6)
-                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just("event".to_string()),
+                        Just("code".to_string()),
+                        Just("chanId".to_string()),
+                        "[a-z]{1,6}"
+                    ],
+                    inner
+                ),
+                0..6
+            )
+            .prop_map(|kv| Value::Object(kv.into_iter().collect())),
         ]
     })
 }
@@ -70,14 +83,26 @@ proptest! {
     }
 }
 
-fn decode_fixture() -> &'static (tokio::runtime::Runtime, support::fake_registry::FakeRegistry, Decoder, Vec<u8>) {
-    static FIXTURE: std::sync::OnceLock<(tokio::runtime::Runtime, support::fake_registry::FakeRegistry, Decoder, Vec<u8>)> =
-        std::sync::OnceLock::new();
+fn decode_fixture() -> &'static (
+    tokio::runtime::Runtime,
+    support::fake_registry::FakeRegistry,
+    Decoder,
+    Vec<u8>,
+) {
+    static FIXTURE: std::sync::OnceLock<(
+        tokio::runtime::Runtime,
+        support::fake_registry::FakeRegistry,
+        Decoder,
+        Vec<u8>,
+    )> = std::sync::OnceLock::new();
     FIXTURE.get_or_init(|| {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (registry, decoder, valid) = rt.block_on(async {
             let registry = support::fake_registry::FakeRegistry::start().await;
-            let cfg = SchemaRegistryConfig { url: registry.url(), ..Default::default() };
+            let cfg = SchemaRegistryConfig {
+                url: registry.url(),
+                ..Default::default()
+            };
             let v = TickerValues {
                 bid: 1.0,
                 bid_size: 2.0,
@@ -91,8 +116,15 @@ fn decode_fixture() -> &'static (tokio::runtime::Runtime, support::fake_registry
                 low: 10.0,
             };
             let tick = Tick::new("tBTCUSD".into(), v, 1, Some(2), Source::Websocket, 3);
-            let kafka = candlestream::config::KafkaConfig { topic: "fuzz".into(), ..Default::default() };
-            let valid = Encoder::new(&cfg, &kafka).unwrap().encode(&Record::Tick(tick)).await.unwrap();
+            let kafka = candlestream::config::KafkaConfig {
+                topic: "fuzz".into(),
+                ..Default::default()
+            };
+            let valid = Encoder::new(&cfg, &kafka)
+                .unwrap()
+                .encode(&Record::Tick(tick))
+                .await
+                .unwrap();
             (registry, Decoder::new(&cfg).unwrap(), valid)
         });
         (rt, registry, decoder, valid)

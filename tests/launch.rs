@@ -15,7 +15,9 @@ use support::fake_registry::FakeRegistry;
 
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(tool)).find(|file| file.is_file())
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|file| file.is_file())
 }
 
 fn repo(path: &str) -> PathBuf {
@@ -30,7 +32,11 @@ struct Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ok: {}\n--- stdout\n{}--- stderr\n{}", self.ok, self.stdout, self.stderr)
+        write!(
+            f,
+            "ok: {}\n--- stdout\n{}--- stderr\n{}",
+            self.ok, self.stdout, self.stderr
+        )
     }
 }
 
@@ -45,7 +51,12 @@ impl Sandbox {
         let root = tempfile::tempdir().unwrap();
         let project = root.path().join("project");
         std::fs::create_dir_all(project.join("schemas")).unwrap();
-        for file in ["launch.sh", "avro_schema.sh", "schemas/ticker.avsc", "schemas/trade.avsc"] {
+        for file in [
+            "launch.sh",
+            "avro_schema.sh",
+            "schemas/ticker.avsc",
+            "schemas/trade.avsc",
+        ] {
             std::fs::copy(repo(file), project.join(file)).unwrap();
         }
         let bin = root.path().join("bin");
@@ -57,7 +68,10 @@ impl Sandbox {
             let found = which(tool).unwrap_or_else(|| panic!("{tool} not found"));
             std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
         }
-        let sandbox = Self { root, registry_url: registry.map(FakeRegistry::url) };
+        let sandbox = Self {
+            root,
+            registry_url: registry.map(FakeRegistry::url),
+        };
         sandbox.install_stub("docker");
         sandbox
     }
@@ -85,7 +99,8 @@ impl Sandbox {
             .env("STUB_DIR", self.root.path().join("state"))
             .env("WAIT_SECONDS", "5");
         if let Some(url) = &self.registry_url {
-            cmd.env("STUB_REGISTRY_URL", url).env("STUB_CURL", which("curl").expect("curl"));
+            cmd.env("STUB_REGISTRY_URL", url)
+                .env("STUB_CURL", which("curl").expect("curl"));
         }
         for (k, v) in env {
             cmd.env(k, v);
@@ -117,7 +132,10 @@ impl Sandbox {
 
 async fn run_async(sandbox: &Arc<Sandbox>, env: &[(&str, &str)]) -> Run {
     let sandbox = sandbox.clone();
-    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         sandbox.run(&env)
@@ -127,7 +145,10 @@ async fn run_async(sandbox: &Arc<Sandbox>, env: &[(&str, &str)]) -> Run {
 }
 
 fn topic_call<'a>(calls: &'a [String], topic: &str) -> Vec<&'a String> {
-    calls.iter().filter(|c| c.contains("kafka-topics") && c.contains(&format!("--topic {topic} "))).collect()
+    calls
+        .iter()
+        .filter(|c| c.contains("kafka-topics") && c.contains(&format!("--topic {topic} ")))
+        .collect()
 }
 
 fn schema(path: &str) -> Value {
@@ -141,7 +162,10 @@ async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
 
     let first = run_async(&sandbox, &[]).await;
     assert!(first.ok, "{first:?}");
-    assert!(first.stderr.contains("no .env"), "says the development defaults are in use: {first:?}");
+    assert!(
+        first.stderr.contains("no .env"),
+        "says the development defaults are in use: {first:?}"
+    );
     assert_eq!(
         sandbox.changes(),
         [
@@ -166,23 +190,65 @@ async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
         );
     }
     // Both schemas, through the registry's container, with the compatibility set.
-    assert_eq!(registry.subjects(), ["crypto-ticker-value", "crypto-trades-value"]);
-    for (subject, file) in [("crypto-ticker-value", "schemas/ticker.avsc"), ("crypto-trades-value", "schemas/trade.avsc")] {
+    assert_eq!(
+        registry.subjects(),
+        ["crypto-ticker-value", "crypto-trades-value"]
+    );
+    for (subject, file) in [
+        ("crypto-ticker-value", "schemas/ticker.avsc"),
+        ("crypto-trades-value", "schemas/trade.avsc"),
+    ] {
         let (_, registered) = registry.latest(subject).unwrap();
-        assert_eq!(serde_json::from_str::<Value>(&registered).unwrap(), schema(file), "{subject}");
-        assert_eq!(registry.compatibility(Some(subject)).as_deref(), Some("BACKWARD"));
+        assert_eq!(
+            serde_json::from_str::<Value>(&registered).unwrap(),
+            schema(file),
+            "{subject}"
+        );
+        assert_eq!(
+            registry.compatibility(Some(subject)).as_deref(),
+            Some("BACKWARD")
+        );
     }
-    assert!(calls.iter().any(|c| c.starts_with("docker compose exec -T schema-registry curl")), "{calls:#?}");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("docker compose exec -T schema-registry curl")),
+        "{calls:#?}"
+    );
     // The InfluxDB token travels on stdin, never on a command line.
-    assert!(calls.iter().any(|c| c.starts_with("docker compose exec -T influxdb")), "{calls:#?}");
-    assert!(!calls.iter().any(|c| c.contains("candlestream-dev-token")), "{calls:#?}");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("docker compose exec -T influxdb")),
+        "{calls:#?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.contains("candlestream-dev-token")),
+        "{calls:#?}"
+    );
     assert!(first.stdout.contains("http://localhost:3000"), "{first:?}");
 
-    let ids: Vec<u32> = registry.subjects().iter().map(|s| registry.latest(s).unwrap().0).collect();
+    let ids: Vec<u32> = registry
+        .subjects()
+        .iter()
+        .map(|s| registry.latest(s).unwrap().0)
+        .collect();
     let second = run_async(&sandbox, &[]).await;
     assert!(second.ok, "{second:?}");
-    assert_eq!(sandbox.changes().len(), 6, "the second run changed something: {:#?}", sandbox.changes());
-    assert_eq!(registry.subjects().iter().map(|s| registry.latest(s).unwrap().0).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        sandbox.changes().len(),
+        6,
+        "the second run changed something: {:#?}",
+        sandbox.changes()
+    );
+    assert_eq!(
+        registry
+            .subjects()
+            .iter()
+            .map(|s| registry.latest(s).unwrap().0)
+            .collect::<Vec<_>>(),
+        ids
+    );
     // And it went through the same motions, so it can be repeated any number of times.
     let all = sandbox.calls();
     assert_eq!(all[calls.len()..], all[..calls.len()]);
@@ -215,17 +281,36 @@ async fn the_callers_variables_win_over_dotenv() {
     )
     .await;
     assert!(run.ok, "{run:?}");
-    assert!(sandbox.changes().contains(&"scaled consumer=4".to_string()), "{:#?}", sandbox.changes());
+    assert!(
+        sandbox.changes().contains(&"scaled consumer=4".to_string()),
+        "{:#?}",
+        sandbox.changes()
+    );
     let calls = sandbox.calls();
-    assert!(calls.iter().any(|c| c.contains("--scale consumer=4 producer consumer")), "{calls:#?}");
-    assert!(!calls.iter().any(|c| c.contains("from-dotenv")), "{calls:#?}");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.contains("--scale consumer=4 producer consumer")),
+        "{calls:#?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.contains("from-dotenv")),
+        "{calls:#?}"
+    );
     for topic in ["from-shell", "dotenv-trades"] {
         let create = topic_call(&calls, topic);
         assert_eq!(create.len(), 1, "{topic}: {calls:#?}");
         assert!(create[0].contains("--partitions 3 "), "{}", create[0]);
     }
-    assert_eq!(registry.subjects(), ["dotenv-trades-value", "from-shell-value"]);
-    assert!(run.stdout.contains("(org second-wins, bucket crypto#not-a-comment)"), "{run:?}");
+    assert_eq!(
+        registry.subjects(),
+        ["dotenv-trades-value", "from-shell-value"]
+    );
+    assert!(
+        run.stdout
+            .contains("(org second-wins, bucket crypto#not-a-comment)"),
+        "{run:?}"
+    );
     assert!(!run.stderr.contains("no .env"), "{run:?}");
 }
 
@@ -234,9 +319,21 @@ const RESET: &str = "docker compose --profile app down -v";
 #[test]
 fn a_wrong_influxdb_token_org_or_bucket_stops_it_before_the_app_with_what_to_do() {
     let cases = [
-        (("STUB_INFLUX_TOKEN", "the-first-token"), ("INFLUXDB_TOKEN", "edited-token"), "rejects the token in INFLUXDB_TOKEN"),
-        (("STUB_INFLUX_ORG", "first-org"), ("INFLUXDB_ORG", "edited-org"), "no organization 'edited-org'"),
-        (("STUB_INFLUX_BUCKET", "first-bucket"), ("INFLUXDB_BUCKET", "edited"), "no bucket 'edited' in organization"),
+        (
+            ("STUB_INFLUX_TOKEN", "the-first-token"),
+            ("INFLUXDB_TOKEN", "edited-token"),
+            "rejects the token in INFLUXDB_TOKEN",
+        ),
+        (
+            ("STUB_INFLUX_ORG", "first-org"),
+            ("INFLUXDB_ORG", "edited-org"),
+            "no organization 'edited-org'",
+        ),
+        (
+            ("STUB_INFLUX_BUCKET", "first-bucket"),
+            ("INFLUXDB_BUCKET", "edited"),
+            "no bucket 'edited' in organization",
+        ),
     ];
     for (set_up_with, now, message) in cases {
         let sandbox = Sandbox::new(None);
@@ -244,9 +341,19 @@ fn a_wrong_influxdb_token_org_or_bucket_stops_it_before_the_app_with_what_to_do(
         let run = sandbox.run(&[set_up_with]);
         assert!(!run.ok, "{run:?}");
         assert!(run.stderr.contains(message), "{message}: {run:?}");
-        assert!(run.stderr.contains(RESET) && run.stderr.contains("put back"), "says what to do: {run:?}");
-        assert_eq!(sandbox.changes(), ["started the platform"], "nothing after the check");
-        assert!(!sandbox.calls().iter().any(|c| c.contains("edited-token")), "token on a command line");
+        assert!(
+            run.stderr.contains(RESET) && run.stderr.contains("put back"),
+            "says what to do: {run:?}"
+        );
+        assert_eq!(
+            sandbox.changes(),
+            ["started the platform"],
+            "nothing after the check"
+        );
+        assert!(
+            !sandbox.calls().iter().any(|c| c.contains("edited-token")),
+            "token on a command line"
+        );
     }
 }
 
@@ -264,11 +371,18 @@ fn a_stopped_daemon_and_a_denied_socket_are_told_apart() {
     let sandbox = Sandbox::new(None);
     let run = sandbox.run(&[("STUB_INFO", "down")]);
     assert!(!run.ok);
-    assert!(run.stderr.contains("the Docker daemon is not reachable"), "{run:?}");
+    assert!(
+        run.stderr.contains("the Docker daemon is not reachable"),
+        "{run:?}"
+    );
 
     let run = sandbox.run(&[("STUB_INFO", "denied")]);
     assert!(!run.ok);
-    assert!(run.stderr.contains("permission denied on the Docker socket"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("permission denied on the Docker socket"),
+        "{run:?}"
+    );
     assert!(run.stderr.contains("docker group"), "{run:?}");
     assert!(!run.stderr.contains("not reachable"), "{run:?}");
     assert_eq!(sandbox.calls(), ["docker info", "docker info"]);
@@ -279,14 +393,24 @@ fn compose_v2_is_required() {
     let sandbox = Sandbox::new(None);
     let run = sandbox.run(&[("STUB_COMPOSE", "none")]);
     assert!(!run.ok);
-    assert!(run.stderr.contains("Docker Compose v2 is missing"), "{run:?}");
+    assert!(
+        run.stderr.contains("Docker Compose v2 is missing"),
+        "{run:?}"
+    );
 
     // Only the old Python docker-compose: refused, with the reason.
     sandbox.install_stub("docker-compose");
     let run = sandbox.run(&[("STUB_COMPOSE", "none")]);
     assert!(!run.ok);
-    assert!(run.stderr.contains("found docker-compose 1.29.2, but candlestream needs Docker Compose v2"), "{run:?}");
-    assert!(run.stderr.contains("KeyError: 'ContainerConfig'"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("found docker-compose 1.29.2, but candlestream needs Docker Compose v2"),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.contains("KeyError: 'ContainerConfig'"),
+        "{run:?}"
+    );
     assert!(sandbox.changes().is_empty());
 
     // A standalone docker-compose that is v2 is fine: it gets as far as the health checks.
@@ -297,8 +421,16 @@ fn compose_v2_is_required() {
         ("HEALTH_TIMEOUT", "1"),
     ]);
     assert!(!run.ok);
-    assert!(run.stderr.contains("zookeeper is 'starting' after 1s; see: docker-compose logs zookeeper"), "{run:?}");
-    assert!(sandbox.calls().contains(&"docker-compose up -d".to_string()));
+    assert!(
+        run.stderr
+            .contains("zookeeper is 'starting' after 1s; see: docker-compose logs zookeeper"),
+        "{run:?}"
+    );
+    assert!(
+        sandbox
+            .calls()
+            .contains(&"docker-compose up -d".to_string())
+    );
 }
 
 #[test]
@@ -307,7 +439,11 @@ fn a_service_that_never_turns_healthy_is_named_with_where_to_look() {
     let started = std::time::Instant::now();
     let run = sandbox.run(&[("STUB_UNHEALTHY", "broker_2"), ("HEALTH_TIMEOUT", "1")]);
     assert!(!run.ok);
-    assert!(run.stderr.contains("broker_2 is 'starting' after 1s; see: docker compose logs broker_2"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("broker_2 is 'starting' after 1s; see: docker compose logs broker_2"),
+        "{run:?}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert_eq!(sandbox.changes(), ["started the platform"]);
 }
@@ -319,7 +455,11 @@ async fn topic_creation_is_retried_while_the_brokers_register() {
     let run = run_async(&sandbox, &[("STUB_TOPIC_FAILURES", "1")]).await;
     assert!(run.ok, "{run:?}");
     assert_eq!(topic_call(&sandbox.calls(), "crypto-ticker").len(), 2);
-    assert!(sandbox.changes().contains(&"created topic crypto-ticker".to_string()));
+    assert!(
+        sandbox
+            .changes()
+            .contains(&"created topic crypto-ticker".to_string())
+    );
 }
 
 #[test]
@@ -327,6 +467,10 @@ fn bad_numbers_are_refused_before_anything_starts() {
     let sandbox = Sandbox::new(None);
     let run = sandbox.run(&[("CONSUMER_REPLICAS", "four")]);
     assert!(!run.ok);
-    assert!(run.stderr.contains("CONSUMER_REPLICAS must be a positive whole number, not 'four'"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("CONSUMER_REPLICAS must be a positive whole number, not 'four'"),
+        "{run:?}"
+    );
     assert!(sandbox.changes().is_empty());
 }

@@ -13,9 +13,9 @@ use rdkafka::mocking::MockCluster;
 
 use support::fake_bitfinex::FakeBitfinex;
 use support::fake_registry::FakeRegistry;
-use support::pipeline::*;
 use support::fake_trades::Trader;
-use support::{eventually, settings, unique, SYMBOLS};
+use support::pipeline::*;
+use support::{SYMBOLS, eventually, settings, unique};
 
 const PARTITIONS: i32 = 3;
 
@@ -33,18 +33,36 @@ impl Setup {
         let topic = unique("ticks");
         let cluster = MockCluster::new(3).unwrap();
         cluster.create_topic(&topic, PARTITIONS, 3).unwrap();
-        cluster.create_topic(&format!("{topic}-trades"), PARTITIONS, 3).unwrap();
+        cluster
+            .create_topic(&format!("{topic}-trades"), PARTITIONS, 3)
+            .unwrap();
         let exchange = FakeBitfinex::start().await;
         let registry = FakeRegistry::start().await;
         let settings = settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
-        Self { topic, cluster, exchange, registry, settings }
+        Self {
+            topic,
+            cluster,
+            exchange,
+            registry,
+            settings,
+        }
     }
 
     /// Stops the producer once everything sent is in Kafka; checks the topic holds exactly that.
     async fn finish(&self, running: Running) -> Vec<support::Record> {
         let brokers = self.cluster.bootstrap_servers();
-        let records = stop_when_delivered(running, &self.exchange, &brokers, &self.topic, &BTreeMap::new()).await;
-        assert_exactly_sent(&self.exchange.sent(), &decode_all(&self.registry, &records).await);
+        let records = stop_when_delivered(
+            running,
+            &self.exchange,
+            &brokers,
+            &self.topic,
+            &BTreeMap::new(),
+        )
+        .await;
+        assert_exactly_sent(
+            &self.exchange.sent(),
+            &decode_all(&self.registry, &records).await,
+        );
         records
     }
 }
@@ -66,10 +84,16 @@ async fn every_update_arrives_across_restart_and_abrupt_close() {
     ex.wait_subscribed(&SYMBOLS, WAIT).await;
     emitted += emit_rounds(ex, 20).await;
     assert_eq!(emitted, 180, "every emit reached a subscribed client");
-    assert!(ex.ws_connections() >= 3, "reconnected after 20051 and after the close");
+    assert!(
+        ex.ws_connections() >= 3,
+        "reconnected after 20051 and after the close"
+    );
     let records = t.finish(running).await;
     assert_one_partition_per_symbol(&records, PARTITIONS);
-    assert!(t.registry.subjects().contains(&value_subject(&t.topic)), "schema under <topic>-value");
+    assert!(
+        t.registry.subjects().contains(&value_subject(&t.topic)),
+        "schema under <topic>-value"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +102,10 @@ async fn rest_fills_in_while_websocket_is_down_and_stops_when_it_is_back() {
     let ex = &t.exchange;
     ex.set_accepting(false);
     let running = start(t.settings.clone());
-    eventually("REST polls while the websocket is refused", WAIT, || ex.rest_requests() >= 5).await;
+    eventually("REST polls while the websocket is refused", WAIT, || {
+        ex.rest_requests() >= 5
+    })
+    .await;
     assert_eq!(ex.ws_connections(), 0);
     ex.set_accepting(true);
     ex.wait_subscribed(&SYMBOLS, WAIT).await;
@@ -87,12 +114,23 @@ async fn rest_fills_in_while_websocket_is_down_and_stops_when_it_is_back() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let polls = ex.rest_requests();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(ex.rest_requests(), polls, "REST keeps polling with the websocket back");
+    assert_eq!(
+        ex.rest_requests(),
+        polls,
+        "REST keeps polling with the websocket back"
+    );
     let sent = ex.sent();
     assert!(sent.iter().any(|s| s.rest) && sent.iter().any(|s| !s.rest));
     let records = t.finish(running).await;
-    for tick in decode_all(&t.registry, &records).await.iter().filter(|t| t.source == Source::Rest) {
-        assert_eq!(tick.exchange_time, tick.received_at, "REST ticks carry their receive time");
+    for tick in decode_all(&t.registry, &records)
+        .await
+        .iter()
+        .filter(|t| t.source == Source::Rest)
+    {
+        assert_eq!(
+            tick.exchange_time, tick.received_at,
+            "REST ticks carry their receive time"
+        );
         assert_eq!(tick.sequence, None);
     }
 }
@@ -110,14 +148,20 @@ async fn rest_mode_never_opens_a_websocket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_follow_the_exchange() {
     let mut t = Setup::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     t.settings.http.listen = ([127, 0, 0, 1], port).into();
     t.settings.health.max_exchange_silence = Duration::from_millis(800);
     t.settings.bitfinex.rest_url = "http://127.0.0.1:9".into();
     let running = start(t.settings.clone());
     let ex = &t.exchange;
     let get = |path: &'static str| async move {
-        let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+        let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     };
     let until_status = |want: u16| async move {
@@ -135,12 +179,22 @@ async fn health_and_metrics_follow_the_exchange() {
     ex.wait_subscribed(&SYMBOLS, WAIT).await;
     emit_rounds(ex, 3).await;
     let brokers = t.cluster.bootstrap_servers();
-    eventually("ticks acknowledged", WAIT, || support::topic_size(&brokers, &t.topic, &BTreeMap::new()) >= 9).await;
+    eventually("ticks acknowledged", WAIT, || {
+        support::topic_size(&brokers, &t.topic, &BTreeMap::new()) >= 9
+    })
+    .await;
     assert_eq!(get("/healthz").await.0, 200);
     let (status, metrics) = get("/metrics").await;
     assert_eq!(status, 200);
-    for name in ["candlestream_kafka_produced_total", "candlestream_exchange_frames_total", "candlestream_ticks_received_total"] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    for name in [
+        "candlestream_kafka_produced_total",
+        "candlestream_exchange_frames_total",
+        "candlestream_ticks_received_total",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
 
     // The websocket is refused and REST answers nothing: no exchange data, so unhealthy.
@@ -168,11 +222,18 @@ async fn maintenance_garbage_and_oversized_frames_lose_nothing() {
     // Garbage and odd frames do not cost the connection.
     for raw in include_str!("fixtures/bitfinex/ws-odd-frames.jsonl").lines() {
         let v: serde_json::Value = serde_json::from_str(raw).unwrap();
-        let text = v.get("raw").map_or_else(|| v["frame"].to_string(), |r| r.as_str().unwrap().to_string());
+        let text = v.get("raw").map_or_else(
+            || v["frame"].to_string(),
+            |r| r.as_str().unwrap().to_string(),
+        );
         ex.send_raw(&text).await;
     }
     emit_rounds(ex, 5).await;
-    assert_eq!(ex.ws_connections(), 1, "odd frames must not force a reconnect");
+    assert_eq!(
+        ex.ws_connections(),
+        1,
+        "odd frames must not force a reconnect"
+    );
 
     // 20060 pauses, 20061 makes the client unsubscribe and subscribe again on the same socket.
     ex.maintenance_start().await;
@@ -183,9 +244,19 @@ async fn maintenance_garbage_and_oversized_frames_lose_nothing() {
     assert_eq!(ex.ws_connections(), 1);
 
     // An oversized frame is refused by the client, which reconnects.
-    caught_up(ex, &t.cluster.bootstrap_servers(), &t.topic, &BTreeMap::new()).await;
-    ex.send_raw(&format!("[1,\"{}\"]", "x".repeat(2 << 20))).await;
-    eventually("reconnect after an oversized frame", WAIT, || ex.ws_connections() == 2).await;
+    caught_up(
+        ex,
+        &t.cluster.bootstrap_servers(),
+        &t.topic,
+        &BTreeMap::new(),
+    )
+    .await;
+    ex.send_raw(&format!("[1,\"{}\"]", "x".repeat(2 << 20)))
+        .await;
+    eventually("reconnect after an oversized frame", WAIT, || {
+        ex.ws_connections() == 2
+    })
+    .await;
     ex.wait_subscribed(&SYMBOLS, WAIT).await;
     emit_rounds(ex, 5).await;
     t.finish(running).await;
@@ -200,7 +271,11 @@ async fn symbols_beyond_25_channels_get_their_own_connection() {
     let running = start(t.settings.clone());
     t.exchange.wait_subscribed(&symbols, WAIT).await;
     t.exchange.wait_trades_subscribed(&symbols, WAIT).await;
-    assert_eq!(t.exchange.ws_connections(), 3, "60 channels (ticker and trades of 30 symbols) need three connections of at most 25");
+    assert_eq!(
+        t.exchange.ws_connections(),
+        3,
+        "60 channels (ticker and trades of 30 symbols) need three connections of at most 25"
+    );
     for sym in &symbols {
         assert!(t.exchange.emit(sym).await.is_some());
     }
@@ -217,18 +292,30 @@ async fn trades_off_streams_tickers_only() {
     let symbols: Vec<String> = t.settings.bitfinex.symbols.clone();
     let symbols: Vec<&str> = symbols.iter().map(String::as_str).collect();
     let now = support::now_ms();
-    t.exchange.preload_history("tC00USD", now - 60_000, now - 1_000, 10);
+    t.exchange
+        .preload_history("tC00USD", now - 60_000, now - 1_000, 10);
     let running = start(t.settings.clone());
     t.exchange.wait_subscribed(&symbols, WAIT).await;
     t.exchange.execute("tC00USD", 5).await;
     assert!(t.exchange.emit("tC00USD").await.is_some());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(t.exchange.ws_connections(), 1, "25 ticker channels fit one connection");
+    assert_eq!(
+        t.exchange.ws_connections(),
+        1,
+        "25 ticker channels fit one connection"
+    );
     assert!(t.exchange.trades_subscribed().is_empty());
     assert_eq!(t.exchange.rest_requests_by("trades"), 0);
     t.finish(running).await;
     let trades_topic = t.settings.kafka.trades_topic.clone();
-    assert_eq!(support::topic_size(&t.cluster.bootstrap_servers(), &trades_topic, &BTreeMap::new()), 0);
+    assert_eq!(
+        support::topic_size(
+            &t.cluster.bootstrap_servers(),
+            &trades_topic,
+            &BTreeMap::new()
+        ),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,17 +378,43 @@ async fn every_trade_once_across_te_tu_snapshots_and_reconnects() {
     running.stop().await;
     let records = support::read_all(&brokers, &topic, &BTreeMap::new());
     let trades = decode_trades(&t.registry, &records).await;
-    let mut got: Vec<(String, i64, i64, u64, u64)> =
-        trades.iter().map(|x| (x.symbol.clone(), x.id, x.exchange_time, x.amount.to_bits(), x.price.to_bits())).collect();
-    let mut want: Vec<(String, i64, i64, u64, u64)> =
-        ledger.iter().map(|x| (x.symbol.clone(), x.id, x.mts, x.amount.to_bits(), x.price.to_bits())).collect();
+    let mut got: Vec<(String, i64, i64, u64, u64)> = trades
+        .iter()
+        .map(|x| {
+            (
+                x.symbol.clone(),
+                x.id,
+                x.exchange_time,
+                x.amount.to_bits(),
+                x.price.to_bits(),
+            )
+        })
+        .collect();
+    let mut want: Vec<(String, i64, i64, u64, u64)> = ledger
+        .iter()
+        .map(|x| {
+            (
+                x.symbol.clone(),
+                x.id,
+                x.mts,
+                x.amount.to_bits(),
+                x.price.to_bits(),
+            )
+        })
+        .collect();
     got.sort();
     want.sort();
     assert_eq!(got.len(), want.len(), "trades in Kafka vs executed");
     assert_eq!(got, want, "the trades topic holds exactly the ledger");
-    assert!(trades.iter().any(|x| x.source == Source::Rest) && trades.iter().any(|x| x.source == Source::Websocket));
+    assert!(
+        trades.iter().any(|x| x.source == Source::Rest)
+            && trades.iter().any(|x| x.source == Source::Websocket)
+    );
     assert_one_partition_per_symbol(&records, PARTITIONS);
-    assert!(t.registry.subjects().contains(&value_subject(&topic)), "trade schema under <trades_topic>-value");
+    assert!(
+        t.registry.subjects().contains(&value_subject(&topic)),
+        "trade schema under <trades_topic>-value"
+    );
 }
 
 /// Bitfinex answers 429 or error 11010 when a client asks too often: the producer waits and asks
@@ -335,12 +448,24 @@ async fn rate_limited_rest_backs_off_and_loses_nothing() {
     let requests_before = ex.rest_requests_by("trades");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let per_second = (ex.rest_requests_by("trades") - requests_before) as f64 / 4.0;
-    assert!(per_second <= 1.0, "the limiter keeps trade requests near 0.5/s, saw {per_second}/s");
+    assert!(
+        per_second <= 1.0,
+        "the limiter keeps trade requests near 0.5/s, saw {per_second}/s"
+    );
     running.stop().await;
-    let trades = decode_trades(&t.registry, &support::read_all(&brokers, &topic, &BTreeMap::new())).await;
+    let trades = decode_trades(
+        &t.registry,
+        &support::read_all(&brokers, &topic, &BTreeMap::new()),
+    )
+    .await;
     let mut got: Vec<i64> = trades.iter().map(|x| x.id).collect();
     got.sort();
     let mut want: Vec<i64> = ledger.iter().map(|x| x.id).collect();
     want.sort();
-    assert_eq!(got, want, "every trade once, despite {} refusals", ex.rate_limited());
+    assert_eq!(
+        got,
+        want,
+        "every trade once, despite {} refusals",
+        ex.rate_limited()
+    );
 }

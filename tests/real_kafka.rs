@@ -13,9 +13,9 @@ use std::time::Duration;
 use support::fake_bitfinex::FakeBitfinex;
 use support::fake_registry::FakeRegistry;
 use support::influx1::Influx1;
-use support::kafka09::{client_overrides, producer_overrides, KafkaCluster};
+use support::kafka09::{KafkaCluster, client_overrides, producer_overrides};
 use support::pipeline::*;
-use support::{eventually, settings, unique, SYMBOLS};
+use support::{SYMBOLS, eventually, settings, unique};
 
 /// One cluster at a time: each is four JVMs on a two-core machine.
 static CLUSTER: Mutex<()> = Mutex::new(());
@@ -23,7 +23,9 @@ static CLUSTER: Mutex<()> = Mutex::new(());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_writes_every_update_through_a_replicated_cluster() {
     let _one_at_a_time = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await.unwrap();
+    let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3))
+        .await
+        .unwrap();
     let topic = unique("ticks");
     cluster.create_topic(&topic, 3, 3, 2);
     assert!(cluster.describe(&topic).contains("min.insync.replicas=2"));
@@ -36,7 +38,14 @@ async fn producer_writes_every_update_through_a_replicated_cluster() {
     let running = start(s);
     exchange.wait_subscribed(&SYMBOLS, WAIT).await;
     assert_eq!(emit_rounds(&exchange, 50).await, 150);
-    let records = stop_when_delivered(running, &exchange, &cluster.bootstrap(), &topic, &client_overrides()).await;
+    let records = stop_when_delivered(
+        running,
+        &exchange,
+        &cluster.bootstrap(),
+        &topic,
+        &client_overrides(),
+    )
+    .await;
     let ticks = decode_all(&registry, &records).await;
     assert_exactly_sent(&exchange.sent(), &ticks);
     assert_one_partition_per_symbol(&records, 3);
@@ -56,13 +65,23 @@ async fn two_members_of_one_process_always_finish_closing() {
     let (cluster, influx, ticks) = (&rig.cluster, &rig.influx, &rig.ticks);
     // Records to write, so that a revoke has a batch to flush and offsets to commit.
     let records = make_ticks(&SYMBOLS, 40, 1_763_787_600_000, 1000);
-    produce_ticks(&cluster.bootstrap(), ticks, &rig.registry, &producer_overrides(), &records).await;
+    produce_ticks(
+        &cluster.bootstrap(),
+        ticks,
+        &rig.registry,
+        &producer_overrides(),
+        &records,
+    )
+    .await;
     let end = end_offsets(&cluster.bootstrap(), ticks, 4);
     assert_eq!(end.iter().sum::<i64>(), records.len() as i64);
 
     let limit = Settings::default().consumer.shutdown_timeout;
     let mut report = Vec::new();
-    for strategy in [AssignmentStrategy::CooperativeSticky, AssignmentStrategy::Range] {
+    for strategy in [
+        AssignmentStrategy::CooperativeSticky,
+        AssignmentStrategy::Range,
+    ] {
         let (mut took, mut complete) = (Vec::new(), 0);
         // Rounds of concurrent groups keep the test short; each group is one process's two members.
         for _round in 0..3 {
@@ -73,24 +92,38 @@ async fn two_members_of_one_process_always_finish_closing() {
                 let db = s.influx.database.clone();
                 // 0.5 s to 5.9 s: before, during and after the rebalance the second member's
                 // join starts (members learn of it by heartbeat, every 3 s).
-                groups.push((Duration::from_millis(500 + 600 * i), s.kafka.group_id.clone(), db, start_consumer(s, 2)));
+                groups.push((
+                    Duration::from_millis(500 + 600 * i),
+                    s.kafka.group_id.clone(),
+                    db,
+                    start_consumer(s, 2),
+                ));
             }
-            let stops = groups.into_iter().map(|(stop_after, group, db, running)| async move {
-                tokio::time::sleep(stop_after).await;
-                let started = std::time::Instant::now();
-                running.stop().await;
-                (started.elapsed(), group, db)
-            });
+            let stops = groups
+                .into_iter()
+                .map(|(stop_after, group, db, running)| async move {
+                    tokio::time::sleep(stop_after).await;
+                    let started = std::time::Instant::now();
+                    running.stop().await;
+                    (started.elapsed(), group, db)
+                });
             for (elapsed, group, db) in futures::future::join_all(stops).await {
                 took.push(elapsed);
                 // Each member left with a LeaveGroup: none is left for the coordinator to wait
                 // for in the next rebalance until its session times out.
-                assert_eq!(group_members(&cluster.bootstrap(), &group), Vec::<String>::new(), "{group} after {elapsed:?}");
+                assert_eq!(
+                    group_members(&cluster.bootstrap(), &group),
+                    Vec::<String>::new(),
+                    "{group} after {elapsed:?}"
+                );
                 // Nothing is committed that InfluxDB did not acknowledge.
                 let committed = committed_offsets(&cluster.bootstrap(), &group, ticks, 4);
                 let written = written_per_partition(influx, &db, 4).await;
                 for ((c, w), e) in committed.iter().zip(&written).zip(&end) {
-                    assert!(*c <= *w && *w <= *e, "{group}: committed {committed:?}, written {written:?}, end {end:?}");
+                    assert!(
+                        *c <= *w && *w <= *e,
+                        "{group}: committed {committed:?}, written {written:?}, end {end:?}"
+                    );
                 }
                 complete += usize::from(committed.iter().zip(&end).all(|(c, e)| (*c).max(0) == *e));
             }
@@ -105,9 +138,16 @@ async fn two_members_of_one_process_always_finish_closing() {
         assert!(took.iter().all(|t| *t < limit), "{strategy:?}: {took:?}");
         // Most closes came after the members had read and written everything: the loop closed
         // working members, not idle ones.
-        assert!(complete * 2 >= took.len(), "{strategy:?}: only {complete} of {} groups committed everything", took.len());
+        assert!(
+            complete * 2 >= took.len(),
+            "{strategy:?}: only {complete} of {} groups committed everything",
+            took.len()
+        );
     }
-    crate::report!("CLOSES | two members of one process, real 0.9 coordinator | {} | limit {limit:?}", report.join(" | "));
+    crate::report!(
+        "CLOSES | two members of one process, real 0.9 coordinator | {} | limit {limit:?}",
+        report.join(" | ")
+    );
 }
 
 /// A member stopped while the coordinator still holds its first JoinGroup (waiting for the
@@ -121,7 +161,10 @@ async fn a_member_stopped_during_its_first_join_leaves_no_member_behind() {
     let group = unique("join-g");
     let stable = start_consumer(rig.group_settings(&group).await, 1);
     let bootstrap = rig.cluster.bootstrap();
-    eventually("the first member joined", WAIT, || group_members(&bootstrap, &group).len() == 1).await;
+    eventually("the first member joined", WAIT, || {
+        group_members(&bootstrap, &group).len() == 1
+    })
+    .await;
     // Past a heartbeat: the group is stable.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let newcomer = start_consumer(rig.group_settings(&group).await, 1);
@@ -129,7 +172,11 @@ async fn a_member_stopped_during_its_first_join_leaves_no_member_behind() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     newcomer.stop().await;
     let members = group_members(&bootstrap, &group);
-    assert_eq!(members.len(), 1, "only the stable member is left: {members:?}");
+    assert_eq!(
+        members.len(),
+        1,
+        "only the stable member is left: {members:?}"
+    );
     stable.stop().await;
     assert_eq!(group_members(&bootstrap, &group), Vec::<String>::new());
 }
@@ -146,13 +193,21 @@ struct GroupRig {
 
 impl GroupRig {
     async fn start() -> Self {
-        let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await.unwrap();
+        let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3))
+            .await
+            .unwrap();
         let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
         let registry = FakeRegistry::start().await;
         let (ticks, trades) = (unique("group"), unique("group-trades"));
         cluster.create_topic(&ticks, 4, 3, 2);
         cluster.create_topic(&trades, 2, 3, 2);
-        Self { cluster, influx, registry, ticks, trades }
+        Self {
+            cluster,
+            influx,
+            registry,
+            ticks,
+            trades,
+        }
     }
 
     /// Consumer settings for `group`, writing to a database of its own.
@@ -162,8 +217,11 @@ impl GroupRig {
         (s.kafka.consumer, s.kafka.producer) = (client_overrides(), producer_overrides());
         // The longest session 0.9 allows (librdkafka's default of 45 s is over its limit): a
         // member the coordinator waits for would hold a close past the limit.
-        s.kafka.consumer.insert("session.timeout.ms".into(), "30000".into());
-        (s.kafka.topic, s.kafka.trades_topic, s.kafka.group_id) = (self.ticks.clone(), self.trades.clone(), group.into());
+        s.kafka
+            .consumer
+            .insert("session.timeout.ms".into(), "30000".into());
+        (s.kafka.topic, s.kafka.trades_topic, s.kafka.group_id) =
+            (self.ticks.clone(), self.trades.clone(), group.into());
         s.schema_registry.url = self.registry.url();
         let db = group.replace('-', "_");
         self.influx.create_database(&db).await;
@@ -177,7 +235,12 @@ impl GroupRig {
 async fn written_per_partition(influx: &Influx1, db: &str, partitions: i32) -> Vec<i64> {
     let mut written = vec![0; partitions as usize];
     for symbol in SYMBOLS {
-        let rows = influx.rows(db, &format!("SELECT count(last_price) FROM ticker WHERE symbol = '{symbol}'")).await;
+        let rows = influx
+            .rows(
+                db,
+                &format!("SELECT count(last_price) FROM ticker WHERE symbol = '{symbol}'"),
+            )
+            .await;
         let n = rows.first().and_then(|r| r["count"].as_i64()).unwrap_or(0);
         written[support::java_partition(symbol.as_bytes(), partitions) as usize] += n;
     }
@@ -187,14 +250,27 @@ async fn written_per_partition(influx: &Influx1, db: &str, partitions: i32) -> V
 /// The members the coordinator holds in `group`, by client host and id.
 fn group_members(brokers: &str, group: &str) -> Vec<String> {
     use rdkafka::consumer::Consumer;
-    let list = support::reader(brokers, &client_overrides()).fetch_group_list(Some(group), Duration::from_secs(10)).unwrap();
-    list.groups().iter().flat_map(|g| g.members()).map(|m| format!("{} {}", m.client_host(), m.id())).collect()
+    let list = support::reader(brokers, &client_overrides())
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .unwrap();
+    list.groups()
+        .iter()
+        .flat_map(|g| g.members())
+        .map(|m| format!("{} {}", m.client_host(), m.id()))
+        .collect()
 }
 
 fn end_offsets(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
     use rdkafka::consumer::Consumer;
     let consumer = support::reader(brokers, &client_overrides());
-    (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).collect()
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect()
 }
 
 /// The group's committed offset per partition; negative where it committed none.
@@ -205,6 +281,17 @@ fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: i32) -
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    (0..partitions).map(|p| committed.find_partition(topic, p).unwrap().offset().to_raw().unwrap_or(-1)).collect()
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            committed
+                .find_partition(topic, p)
+                .unwrap()
+                .offset()
+                .to_raw()
+                .unwrap_or(-1)
+        })
+        .collect()
 }

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use candlestream::config::ExchangeMode;
 
 use support::fake_trades::Trader;
-use support::pipeline::{start, start_consumer, WAIT};
-use support::rig::{until, Rig, CLUSTER};
-use support::{now_ms, settings_toml, Process, SYMBOLS};
+use support::pipeline::{WAIT, start, start_consumer};
+use support::rig::{CLUSTER, Rig, until};
+use support::{Process, SYMBOLS, now_ms, settings_toml};
 
 /// History executed before the producer starts, per symbol.
 const HISTORY: usize = 400;
@@ -24,7 +24,8 @@ const HISTORY: usize = 400;
 fn preload(rig: &Rig, minutes: i64) {
     let now = now_ms();
     for s in SYMBOLS {
-        rig.exchange.preload_history(s, now - minutes * 60_000, now - 1_000, HISTORY);
+        rig.exchange
+            .preload_history(s, now - minutes * 60_000, now - 1_000, HISTORY);
     }
 }
 
@@ -49,7 +50,11 @@ async fn every_trade_once_through_disconnects_and_kills() {
     // No REST polling while a socket is down: only the snapshot's gap repair can close gaps.
     rig.settings.bitfinex.rest_poll_interval = Duration::from_secs(3600);
     let producer_config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(producer_config.path(), settings_toml(&rig.producer_settings())).unwrap();
+    std::fs::write(
+        producer_config.path(),
+        settings_toml(&rig.producer_settings()),
+    )
+    .unwrap();
     let consumer_config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(consumer_config.path(), settings_toml(&rig.settings)).unwrap();
     let mut consumer = Process::spawn("consumer", consumer_config.path());
@@ -76,8 +81,14 @@ async fn every_trade_once_through_disconnects_and_kills() {
     ex.set_accepting(true);
     let back = Instant::now();
     ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
-    let repaired = until(WAIT, || async { metric(&rig, "candlestream_trades_repaired_total").await > 0.0 }).await;
-    assert!(repaired.is_some(), "the gap after the long drop was repaired from REST history");
+    let repaired = until(WAIT, || async {
+        metric(&rig, "candlestream_trades_repaired_total").await > 0.0
+    })
+    .await;
+    assert!(
+        repaired.is_some(),
+        "the gap after the long drop was repaired from REST history"
+    );
     let recovery = back.elapsed();
 
     // SIGKILL the producer while trading goes on; the restart's backfill closes the gap.
@@ -121,10 +132,23 @@ async fn rest_mode_brings_every_trade() {
     let trader = Trader::start(&rig.exchange, &SYMBOLS, 2, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let live = trader.stop().await;
-    assert_eq!(rig.exchange.ws_connections(), 0, "no websocket in rest mode");
-    assert!(rig.exchange.rate_limited() > 0, "some requests were refused and retried");
-    rig.assert_trades_exact(&format!("trades, mode = rest: backfill of {} + {live} live, 429/11010 now and then", SYMBOLS.len() * HISTORY), None)
-        .await;
+    assert_eq!(
+        rig.exchange.ws_connections(),
+        0,
+        "no websocket in rest mode"
+    );
+    assert!(
+        rig.exchange.rate_limited() > 0,
+        "some requests were refused and retried"
+    );
+    rig.assert_trades_exact(
+        &format!(
+            "trades, mode = rest: backfill of {} + {live} live, 429/11010 now and then",
+            SYMBOLS.len() * HISTORY
+        ),
+        None,
+    )
+    .await;
     producer.stop().await;
     consumer.stop().await;
 }

@@ -16,11 +16,11 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
 
-use super::{dlq_header, Shared};
+use super::{Shared, dlq_header};
 use crate::candles::{Record, RecordKind};
 use crate::kafka::{FlushRequest, GroupContext};
 use crate::retry::backoff;
-use crate::sink::influx::{write_line, SinkError};
+use crate::sink::influx::{SinkError, write_line};
 use crate::telemetry::metric;
 
 /// A partition of one of the topics read.
@@ -96,11 +96,25 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn new(shared: Arc<Shared>, id: usize, consumer: Arc<StreamConsumer<GroupContext>>) -> Self {
-        Self { shared, id, consumer, batch: Batch::default(), deadline: None }
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        id: usize,
+        consumer: Arc<StreamConsumer<GroupContext>>,
+    ) -> Self {
+        Self {
+            shared,
+            id,
+            consumer,
+            batch: Batch::default(),
+            deadline: None,
+        }
     }
 
-    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<OwnedMessage>, mut flush_rx: mpsc::Receiver<FlushRequest>) {
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<OwnedMessage>,
+        mut flush_rx: mpsc::Receiver<FlushRequest>,
+    ) {
         let cancel = self.shared.cancel.clone();
         loop {
             tokio::select! {
@@ -154,7 +168,12 @@ impl Writer {
         let max = self.shared.settings.consumer.retry_backoff_max;
         let mut delays = backoff(Duration::from_millis(200), max);
         loop {
-            match self.shared.decoder.decode(record.payload().unwrap_or_default()).await {
+            match self
+                .shared
+                .decoder
+                .decode(record.payload().unwrap_or_default())
+                .await
+            {
                 Ok(decoded) => {
                     let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
                     self.batch.push(measurement, &decoded, record);
@@ -186,12 +205,30 @@ impl Writer {
         let kafka = &self.shared.settings.kafka;
         let (partition, offset) = (record.partition().to_string(), record.offset().to_string());
         let headers = OwnedHeaders::new()
-            .insert(Header { key: dlq_header::REASON, value: Some(reason) })
-            .insert(Header { key: dlq_header::DETAIL, value: Some(detail) })
-            .insert(Header { key: dlq_header::TOPIC, value: Some(record.topic()) })
-            .insert(Header { key: dlq_header::PARTITION, value: Some(&partition) })
-            .insert(Header { key: dlq_header::OFFSET, value: Some(&offset) });
-        let mut delays = backoff(Duration::from_millis(200), self.shared.settings.consumer.retry_backoff_max);
+            .insert(Header {
+                key: dlq_header::REASON,
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: dlq_header::DETAIL,
+                value: Some(detail),
+            })
+            .insert(Header {
+                key: dlq_header::TOPIC,
+                value: Some(record.topic()),
+            })
+            .insert(Header {
+                key: dlq_header::PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: dlq_header::OFFSET,
+                value: Some(&offset),
+            });
+        let mut delays = backoff(
+            Duration::from_millis(200),
+            self.shared.settings.consumer.retry_backoff_max,
+        );
         loop {
             let mut out = FutureRecord::to(&kafka.dlq_topic).headers(headers.clone());
             if let Some(k) = record.key() {
@@ -202,12 +239,15 @@ impl Writer {
             }
             match self.shared.dlq.send(out, Duration::from_secs(5)).await {
                 Ok(_) => {
-                    metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string()).increment(1);
+                    metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string())
+                        .increment(1);
                     tracing::warn!(worker = self.id, reason, detail, partition, offset, dlq = %kafka.dlq_topic, "record sent to the dead-letter topic");
                     return true;
                 }
                 Err((e, _)) if !self.past_deadline() => {
-                    let wait = delays.next().unwrap_or(self.shared.settings.consumer.retry_backoff_max);
+                    let wait = delays
+                        .next()
+                        .unwrap_or(self.shared.settings.consumer.retry_backoff_max);
                     tracing::error!(worker = self.id, error = %e, ?wait, "cannot write to the dead-letter topic; retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -222,9 +262,15 @@ impl Writer {
             return;
         }
         let mut batch = std::mem::take(&mut self.batch);
-        self.shared.writes.add_pending(-(batch.records.len() as i64));
+        self.shared
+            .writes
+            .add_pending(-(batch.records.len() as i64));
         let Some(rejected) = self.write(&batch).await else {
-            tracing::error!(worker = self.id, points = batch.records.len(), "shutdown deadline passed before InfluxDB took the batch; its offsets stay uncommitted and the records will be read again");
+            tracing::error!(
+                worker = self.id,
+                points = batch.records.len(),
+                "shutdown deadline passed before InfluxDB took the batch; its offsets stay uncommitted and the records will be read again"
+            );
             return;
         };
         for (i, reason) in rejected {
@@ -259,7 +305,14 @@ impl Writer {
                 Err(e) if range.len() == 1 => rejected.push((range.start, e.to_string())),
                 Err(e) => {
                     if range.len() == batch.points.len() {
-                        let first_line = batch.lines.lines().next().unwrap_or_default().chars().take(300).collect::<String>();
+                        let first_line = batch
+                            .lines
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .chars()
+                            .take(300)
+                            .collect::<String>();
                         tracing::error!(worker = self.id, error = %e, points = range.len(), %first_line, "InfluxDB rejected points; splitting the batch to find them");
                     }
                     let mid = range.start + range.len() / 2;
@@ -272,14 +325,19 @@ impl Writer {
     }
 
     /// One write, retried while the error can pass. None when shutdown's deadline passed.
-    async fn write_range(&self, batch: &Batch, range: &Range<usize>) -> Option<Result<(), SinkError>> {
+    async fn write_range(
+        &self,
+        batch: &Batch,
+        range: &Range<usize>,
+    ) -> Option<Result<(), SinkError>> {
         let max = self.shared.settings.consumer.retry_backoff_max;
         let mut delays = backoff(Duration::from_millis(200), max);
         loop {
             let started = Instant::now();
             let error = match self.shared.sink.write(batch.lines_of(range)).await {
                 Ok(()) => {
-                    metrics::histogram!(metric::WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(metric::WRITE_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
                     if self.shared.setup.clear() {
                         tracing::info!(worker = self.id, "InfluxDB accepts writes again");
                     }
@@ -315,8 +373,10 @@ impl Writer {
         let now = crate::candles::now_ms();
         for p in points {
             let kind = p.kind.label();
-            metrics::histogram!(metric::PIPELINE_LATENCY, "kind" => kind).record((now - p.received_at) as f64 / 1000.0);
-            metrics::histogram!(metric::EXCHANGE_TO_STORE, "kind" => kind).record((now - p.exchange_time) as f64 / 1000.0);
+            metrics::histogram!(metric::PIPELINE_LATENCY, "kind" => kind)
+                .record((now - p.received_at) as f64 / 1000.0);
+            metrics::histogram!(metric::EXCHANGE_TO_STORE, "kind" => kind)
+                .record((now - p.exchange_time) as f64 / 1000.0);
         }
         metrics::counter!(metric::POINTS_WRITTEN).increment(points.len() as u64);
         self.shared.writes.beat();

@@ -11,8 +11,8 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 
-use flate2::write::GzEncoder;
 use flate2::Compression;
+use flate2::write::GzEncoder;
 use influxdb2::api::write::TimestampPrecision;
 use influxdb2::models::WriteDataPoint;
 
@@ -26,7 +26,12 @@ pub enum SinkError {
     /// Credentials, database, bucket or org are wrong: no record is at fault, and a retry
     /// succeeds once someone fixes the setup.
     #[error("{what} (HTTP {status}): {body}; {fix}")]
-    Misconfigured { what: &'static str, status: u16, body: String, fix: String },
+    Misconfigured {
+        what: &'static str,
+        status: u16,
+        body: String,
+        fix: String,
+    },
     /// InfluxDB refused some of the points for their content (type conflict, unparsable line,
     /// outside the retention policy); InfluxDB 1.x stored the others.
     #[error("InfluxDB rejected points with HTTP {status}: {body}")]
@@ -39,7 +44,10 @@ impl SinkError {
     /// Outages and setup faults are held and retried; only rejected content is not: the same
     /// points would be refused again.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SinkError::Unavailable(_) | SinkError::Misconfigured { .. })
+        matches!(
+            self,
+            SinkError::Unavailable(_) | SinkError::Misconfigured { .. }
+        )
     }
 }
 
@@ -76,7 +84,11 @@ fn tick_fields(out: &mut String, tick: &Tick) -> i64 {
 
 fn trade_fields(out: &mut String, trade: &Trade) -> i64 {
     let _ = write!(out, ",side={} id={}i", trade.side().as_str(), trade.id);
-    float_fields(out, ',', &[("price", trade.price), ("amount", trade.amount.abs())]);
+    float_fields(
+        out,
+        ',',
+        &[("price", trade.price), ("amount", trade.amount.abs())],
+    );
     trade.exchange_time * NS_PER_MS + trade.id.rem_euclid(NS_PER_MS)
 }
 
@@ -115,8 +127,19 @@ impl WriteDataPoint for Lines {
 }
 
 pub enum InfluxSink {
-    V1 { http: reqwest::Client, write_url: String, database: String, auth: Option<(String, Option<String>)>, fixes: Fixes },
-    V2 { client: influxdb2::Client, bucket: String, timeout: std::time::Duration, fixes: Fixes },
+    V1 {
+        http: reqwest::Client,
+        write_url: String,
+        database: String,
+        auth: Option<(String, Option<String>)>,
+        fixes: Fixes,
+    },
+    V2 {
+        client: influxdb2::Client,
+        bucket: String,
+        timeout: std::time::Duration,
+        fixes: Fixes,
+    },
 }
 
 /// What an operator should check, per setup fault, in this API's terms.
@@ -134,14 +157,20 @@ impl Fixes {
                     cfg.username.as_deref().unwrap_or(""),
                     cfg.database
                 ),
-                missing: format!("create database {:?} (CREATE DATABASE) or fix influx.database", cfg.database),
+                missing: format!(
+                    "create database {:?} (CREATE DATABASE) or fix influx.database",
+                    cfg.database
+                ),
             },
             InfluxApi::V2 => Self {
                 credentials: format!(
                     "check CANDLESTREAM__INFLUX__TOKEN: it must be valid and allowed to write to bucket {:?} of org {:?}",
                     cfg.bucket, cfg.org
                 ),
-                missing: format!("create org {:?} and bucket {:?}, or fix influx.org and influx.bucket", cfg.org, cfg.bucket),
+                missing: format!(
+                    "create org {:?} and bucket {:?}, or fix influx.org and influx.bucket",
+                    cfg.org, cfg.bucket
+                ),
             },
         }
     }
@@ -149,13 +178,24 @@ impl Fixes {
     /// 5xx, 429 and 408 pass by themselves; 400, 413 and 422 are about the points sent; every
     /// other answer is about the setup.
     fn classify(&self, status: u16, body: String) -> SinkError {
-        let misconfigured = |what, fix: &String| SinkError::Misconfigured { what, status, body: body.clone(), fix: fix.clone() };
+        let misconfigured = |what, fix: &String| SinkError::Misconfigured {
+            what,
+            status,
+            body: body.clone(),
+            fix: fix.clone(),
+        };
         match status {
             500.. | 429 | 408 => SinkError::Unavailable(format!("HTTP {status}: {body}")),
             400 | 413 | 422 => SinkError::Rejected { status, body },
             401 | 403 => misconfigured("InfluxDB rejected the credentials", &self.credentials),
-            404 => misconfigured("InfluxDB has no such database, bucket or org", &self.missing),
-            _ => misconfigured("InfluxDB refused the write", &"check influx.url and influx.api".to_string()),
+            404 => misconfigured(
+                "InfluxDB has no such database, bucket or org",
+                &self.missing,
+            ),
+            _ => misconfigured(
+                "InfluxDB refused the write",
+                &"check influx.url and influx.api".to_string(),
+            ),
         }
     }
 }
@@ -164,7 +204,10 @@ impl InfluxSink {
     pub fn new(cfg: &InfluxConfig) -> Result<Self, SinkError> {
         let base = cfg.url.trim_end_matches('/');
         if !base.starts_with("http://") && !base.starts_with("https://") {
-            return Err(SinkError::Config(format!("influx.url {:?} is not an http(s) URL", cfg.url)));
+            return Err(SinkError::Config(format!(
+                "influx.url {:?} is not an http(s) URL",
+                cfg.url
+            )));
         }
         Ok(match cfg.api {
             InfluxApi::V1 => InfluxSink::V1 {
@@ -179,13 +222,20 @@ impl InfluxSink {
             },
             InfluxApi::V2 => {
                 let token = cfg.token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
-                    SinkError::Config("influx.api = \"v2\" needs a token: set CANDLESTREAM__INFLUX__TOKEN".into())
+                    SinkError::Config(
+                        "influx.api = \"v2\" needs a token: set CANDLESTREAM__INFLUX__TOKEN".into(),
+                    )
                 })?;
                 let client = influxdb2::ClientBuilder::new(base, cfg.org.clone(), token)
                     .gzip(true)
                     .build()
                     .map_err(|e| SinkError::Config(e.to_string()))?;
-                InfluxSink::V2 { client, bucket: cfg.bucket.clone(), timeout: cfg.timeout, fixes: Fixes::new(cfg) }
+                InfluxSink::V2 {
+                    client,
+                    bucket: cfg.bucket.clone(),
+                    timeout: cfg.timeout,
+                    fixes: Fixes::new(cfg),
+                }
             }
         })
     }
@@ -193,9 +243,17 @@ impl InfluxSink {
     /// Writes newline-terminated line protocol with nanosecond timestamps, gzip-compressed.
     pub async fn write(&self, lines: &str) -> Result<(), SinkError> {
         match self {
-            InfluxSink::V1 { http, write_url, database, auth, fixes } => {
-                let mut gz = GzEncoder::new(Vec::with_capacity(lines.len() / 4), Compression::fast());
-                gz.write_all(lines.as_bytes()).map_err(|e| SinkError::Config(e.to_string()))?;
+            InfluxSink::V1 {
+                http,
+                write_url,
+                database,
+                auth,
+                fixes,
+            } => {
+                let mut gz =
+                    GzEncoder::new(Vec::with_capacity(lines.len() / 4), Compression::fast());
+                gz.write_all(lines.as_bytes())
+                    .map_err(|e| SinkError::Config(e.to_string()))?;
                 let body = gz.finish().map_err(|e| SinkError::Config(e.to_string()))?;
                 let mut req = http
                     .post(write_url)
@@ -206,7 +264,10 @@ impl InfluxSink {
                 if let Some((user, password)) = auth {
                     req = req.basic_auth(user, password.as_ref());
                 }
-                let resp = req.send().await.map_err(|e| SinkError::Unavailable(e.to_string()))?;
+                let resp = req
+                    .send()
+                    .await
+                    .map_err(|e| SinkError::Unavailable(e.to_string()))?;
                 let status = resp.status();
                 if status.is_success() {
                     return Ok(());
@@ -214,13 +275,23 @@ impl InfluxSink {
                 let body = resp.text().await.unwrap_or_default();
                 Err(fixes.classify(status.as_u16(), body))
             }
-            InfluxSink::V2 { client, bucket, timeout, fixes } => {
+            InfluxSink::V2 {
+                client,
+                bucket,
+                timeout,
+                fixes,
+            } => {
                 let points = futures::stream::iter([Lines(lines.to_string())]);
-                let write = client.write_with_precision(bucket, points, TimestampPrecision::Nanoseconds);
+                let write =
+                    client.write_with_precision(bucket, points, TimestampPrecision::Nanoseconds);
                 match tokio::time::timeout(*timeout, write).await {
-                    Err(_) => Err(SinkError::Unavailable(format!("write timed out after {timeout:?}"))),
+                    Err(_) => Err(SinkError::Unavailable(format!(
+                        "write timed out after {timeout:?}"
+                    ))),
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(influxdb2::RequestError::Http { status, text })) => Err(fixes.classify(status.as_u16(), text)),
+                    Ok(Err(influxdb2::RequestError::Http { status, text })) => {
+                        Err(fixes.classify(status.as_u16(), text))
+                    }
                     Ok(Err(e)) => Err(SinkError::Unavailable(e.to_string())),
                 }
             }
@@ -269,7 +340,11 @@ mod tests {
     #[test]
     fn trades_sharing_a_millisecond_are_distinct_points_in_id_order() {
         let mut out = String::new();
-        for (id, amount) in [(1_781_554_001, 0.0125), (1_781_554_002, -0.3), (1_781_554_003, 1e-8)] {
+        for (id, amount) in [
+            (1_781_554_001, 0.0125),
+            (1_781_554_002, -0.3),
+            (1_781_554_003, 1e-8),
+        ] {
             write_line(&mut out, "trades", &Record::Trade(trade(id, amount)));
         }
         assert_eq!(
@@ -303,33 +378,74 @@ mod tests {
 
     #[test]
     fn floats_round_trip_through_their_text() {
-        for v in [0.1 + 0.2, 1e-300, 123_456_789.123_456_79, -0.0, 5e15, 1.7976931348623157e308] {
+        for v in [
+            0.1 + 0.2,
+            1e-300,
+            123_456_789.123_456_79,
+            -0.0,
+            5e15,
+            1.7976931348623157e308,
+        ] {
             let mut t = tick("x");
             t.bid = v;
             let mut out = String::new();
             write_line(&mut out, "m", &Record::Tick(t));
-            let text = out.split(' ').nth(1).unwrap().split(',').next().unwrap().trim_start_matches("bid=");
+            let text = out
+                .split(' ')
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .trim_start_matches("bid=");
             assert!(!text.contains('e'), "{text}");
-            assert_eq!(text.parse::<f64>().unwrap().to_bits(), v.to_bits(), "{text}");
+            assert_eq!(
+                text.parse::<f64>().unwrap().to_bits(),
+                v.to_bits(),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn setup_faults_are_held_and_only_content_is_rejected() {
-        let v1 = Fixes::new(&InfluxConfig { api: InfluxApi::V1, database: "crypto".into(), ..Default::default() });
+        let v1 = Fixes::new(&InfluxConfig {
+            api: InfluxApi::V1,
+            database: "crypto".into(),
+            ..Default::default()
+        });
         assert!(v1.classify(503, String::new()).is_retryable());
         assert!(v1.classify(429, String::new()).is_retryable());
         let conflict = v1.classify(400, "partial write: field type conflict: dropped=1".into());
-        assert!(matches!(conflict, SinkError::Rejected { status: 400, .. }) && !conflict.is_retryable());
+        assert!(
+            matches!(conflict, SinkError::Rejected { status: 400, .. }) && !conflict.is_retryable()
+        );
         let auth = v1.classify(401, r#"{"error":"authorization failed"}"#.into());
         assert!(auth.is_retryable());
-        assert!(auth.to_string().contains("InfluxDB rejected the credentials (HTTP 401)"), "{auth}");
-        assert!(auth.to_string().contains("CANDLESTREAM__INFLUX__PASSWORD"), "{auth}");
+        assert!(
+            auth.to_string()
+                .contains("InfluxDB rejected the credentials (HTTP 401)"),
+            "{auth}"
+        );
+        assert!(
+            auth.to_string().contains("CANDLESTREAM__INFLUX__PASSWORD"),
+            "{auth}"
+        );
         let missing = v1.classify(404, r#"{"error":"database not found: \"crypto\""}"#.into());
-        assert!(missing.is_retryable() && missing.to_string().contains("CREATE DATABASE"), "{missing}");
+        assert!(
+            missing.is_retryable() && missing.to_string().contains("CREATE DATABASE"),
+            "{missing}"
+        );
         let v2 = Fixes::new(&InfluxConfig::default());
         let auth = v2.classify(401, "unauthorized access".into());
-        assert!(auth.is_retryable() && auth.to_string().contains("CANDLESTREAM__INFLUX__TOKEN"), "{auth}");
-        assert!(v2.classify(404, "bucket not found".into()).to_string().contains("influx.bucket"));
+        assert!(
+            auth.is_retryable() && auth.to_string().contains("CANDLESTREAM__INFLUX__TOKEN"),
+            "{auth}"
+        );
+        assert!(
+            v2.classify(404, "bucket not found".into())
+                .to_string()
+                .contains("influx.bucket")
+        );
     }
 }

@@ -14,13 +14,13 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_util::sync::CancellationToken;
 
 use super::fake_trades::{self, TradeBook, TradeSettings};
@@ -46,7 +46,10 @@ impl Sent {
 }
 
 enum Command {
-    Update { symbol: String, done: oneshot::Sender<Option<Sent>> },
+    Update {
+        symbol: String,
+        done: oneshot::Sender<Option<Sent>>,
+    },
     Raw(String),
     Info(u32, oneshot::Sender<()>),
     /// Closes TCP without a websocket close frame, after flushing what was sent.
@@ -57,9 +60,16 @@ enum Command {
     Silence(oneshot::Sender<()>),
     /// `te` frames for trades just executed, on trades channel `chan`; answers whether they went
     /// out.
-    TradesExecuted { chan: u64, trades: Vec<Trade>, done: oneshot::Sender<bool> },
+    TradesExecuted {
+        chan: u64,
+        trades: Vec<Trade>,
+        done: oneshot::Sender<bool>,
+    },
     /// The deferred `tu` frames repeating trades already sent as `te` on `chan`.
-    TradesUpdated { chan: u64, trades: Vec<Trade> },
+    TradesUpdated {
+        chan: u64,
+        trades: Vec<Trade>,
+    },
 }
 
 /// The kind of a channel a client subscribed to.
@@ -163,9 +173,17 @@ impl FakeBitfinex {
             .with_state(inner.clone());
         let token = stop.clone();
         tokio::spawn(async move {
-            axum::serve(rest, app).with_graceful_shutdown(token.cancelled_owned()).await.unwrap();
+            axum::serve(rest, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .unwrap();
         });
-        Self { ws_addr, rest_addr, inner, stop }
+        Self {
+            ws_addr,
+            rest_addr,
+            inner,
+            stop,
+        }
     }
 
     pub fn ws_url(&self) -> String {
@@ -197,7 +215,15 @@ impl FakeBitfinex {
 
     /// Symbols with a live ticker subscription, sorted.
     pub fn subscribed(&self) -> Vec<String> {
-        let mut s: Vec<String> = self.inner.exchange.lock().unwrap().subs.keys().cloned().collect();
+        let mut s: Vec<String> = self
+            .inner
+            .exchange
+            .lock()
+            .unwrap()
+            .subs
+            .keys()
+            .cloned()
+            .collect();
         s.sort();
         s
     }
@@ -224,7 +250,15 @@ impl FakeBitfinex {
     }
 
     async fn broadcast(&self, make: impl Fn(oneshot::Sender<()>) -> Command) {
-        let conns: Vec<_> = self.inner.exchange.lock().unwrap().conns.values().cloned().collect();
+        let conns: Vec<_> = self
+            .inner
+            .exchange
+            .lock()
+            .unwrap()
+            .conns
+            .values()
+            .cloned()
+            .collect();
         for conn in conns {
             let (tx, rx) = oneshot::channel();
             if conn.send(make(tx)).await.is_ok() {
@@ -270,7 +304,15 @@ impl FakeBitfinex {
 
     /// Sends a raw text frame on every connection.
     pub async fn send_raw(&self, text: &str) {
-        let conns: Vec<_> = self.inner.exchange.lock().unwrap().conns.values().cloned().collect();
+        let conns: Vec<_> = self
+            .inner
+            .exchange
+            .lock()
+            .unwrap()
+            .conns
+            .values()
+            .cloned()
+            .collect();
         for conn in conns {
             let _ = conn.send(Command::Raw(text.to_string())).await;
         }
@@ -299,7 +341,12 @@ impl ExchangeHandle {
             ex.conns.get(&sub.conn)?.clone()
         };
         let (done, rx) = oneshot::channel();
-        conn.send(Command::Update { symbol: symbol.into(), done }).await.ok()?;
+        conn.send(Command::Update {
+            symbol: symbol.into(),
+            done,
+        })
+        .await
+        .ok()?;
         rx.await.ok().flatten()
     }
 
@@ -322,9 +369,15 @@ impl ExchangeHandle {
             };
             (trades, target)
         };
-        let Some((chan, conn)) = target.filter(|_| !trades.is_empty()) else { return trades };
+        let Some((chan, conn)) = target.filter(|_| !trades.is_empty()) else {
+            return trades;
+        };
         let (done, rx) = oneshot::channel();
-        let cmd = Command::TradesExecuted { chan, trades: trades.clone(), done };
+        let cmd = Command::TradesExecuted {
+            chan,
+            trades: trades.clone(),
+            done,
+        };
         let queued = conn.send(cmd).await.is_ok();
         drop(order);
         if queued && rx.await.unwrap_or(false) {
@@ -333,7 +386,12 @@ impl ExchangeHandle {
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 // Fails when the connection is gone by then: the `tu` is simply not sent.
-                let _ = conn.send(Command::TradesUpdated { chan, trades: again }).await;
+                let _ = conn
+                    .send(Command::TradesUpdated {
+                        chan,
+                        trades: again,
+                    })
+                    .await;
             });
         }
         trades
@@ -341,7 +399,10 @@ impl ExchangeHandle {
 }
 
 pub(super) fn wall_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 impl Drop for FakeBitfinex {
@@ -353,10 +414,15 @@ impl Drop for FakeBitfinex {
 impl Inner {
     fn next_time(&self) -> u64 {
         let step = self.time_step_ms;
-        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         let prev = self
             .clock
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(step.map_or(wall.max(last + 1), |s| last + s)))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(step.map_or(wall.max(last + 1), |s| last + s))
+            })
             .unwrap();
         step.map_or(wall.max(prev + 1), |s| prev + s)
     }
@@ -370,7 +436,18 @@ fn values(symbol: &str, n: u64) -> [f64; 10] {
         _ => 100.0,
     };
     let last = base + (n % 97) as f64 * 1.5 - (n % 13) as f64 * 0.25;
-    [last - 0.5, 1.0 + n as f64 * 0.01, last + 0.5, 2.0, -12.5, -0.0012, last, 1000.0 + n as f64, base + 200.0, base - 200.0]
+    [
+        last - 0.5,
+        1.0 + n as f64 * 0.01,
+        last + 0.5,
+        2.0,
+        -12.5,
+        -0.0012,
+        last,
+        1000.0 + n as f64,
+        base + 200.0,
+        base - 200.0,
+    ]
 }
 
 async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: CancellationToken) {
@@ -396,12 +473,21 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
             Err(e)
         }
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else { return };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
     inner.ws_connections.fetch_add(1, Ordering::SeqCst);
     let conn = inner.next_conn.fetch_add(1, Ordering::SeqCst);
     let (tx, mut rx) = mpsc::channel(64);
     inner.exchange.lock().unwrap().conns.insert(conn, tx);
-    let mut c = Conn { inner: inner.clone(), conn, seq: 0, flags: 0, chans: HashMap::new(), silent: false };
+    let mut c = Conn {
+        inner: inner.clone(),
+        conn,
+        seq: 0,
+        flags: 0,
+        chans: HashMap::new(),
+        silent: false,
+    };
     let hello = json!({"event":"info","version":2,"serverId":"fake-0001","platform":{"status":1}});
     let _ = ws.send(Message::text(hello.to_string())).await;
     let mut hb = tokio::time::interval(inner.heartbeat);
@@ -494,7 +580,11 @@ impl Conn {
         if self.silent {
             return None;
         }
-        let chan = *self.chans.iter().find(|(_, (k, s))| *k == Channel::Ticker && *s == symbol)?.0;
+        let chan = *self
+            .chans
+            .iter()
+            .find(|(_, (k, s))| *k == Channel::Ticker && *s == symbol)?
+            .0;
         let n = {
             let mut ex = self.inner.exchange.lock().unwrap();
             let n = ex.prices.entry(symbol.to_string()).or_insert(0);
@@ -509,7 +599,10 @@ impl Conn {
         }
         let mut frame = self.with_trailer(json!([chan, payload]));
         if extra {
-            frame.as_array_mut().unwrap().extend([json!({"added": true}), json!(42)]);
+            frame
+                .as_array_mut()
+                .unwrap()
+                .extend([json!({"added": true}), json!(42)]);
         }
         let arr = frame.as_array().unwrap();
         ws.send(Message::text(frame.to_string())).await.ok()?;
@@ -534,21 +627,31 @@ impl Conn {
         for trade in trades {
             let mut frame = self.with_trailer(json!([chan, kind, trade.to_json(extra)]));
             if extra {
-                frame.as_array_mut().unwrap().extend([json!({"added": true}), json!(42)]);
+                frame
+                    .as_array_mut()
+                    .unwrap()
+                    .extend([json!({"added": true}), json!(42)]);
             }
             if ws.send(Message::text(frame.to_string())).await.is_err() {
                 return false;
             }
             self.inner.trades.count_frame(kind);
             if kind == "te" {
-                self.inner.exchange.lock().unwrap().book.record_sent(trade.clone());
+                self.inner
+                    .exchange
+                    .lock()
+                    .unwrap()
+                    .book
+                    .record_sent(trade.clone());
             }
         }
         true
     }
 
     async fn on_client(&mut self, text: &str, ws: &mut Ws) -> Result<(), ()> {
-        let Ok(msg) = serde_json::from_str::<Value>(text) else { return Ok(()) };
+        let Ok(msg) = serde_json::from_str::<Value>(text) else {
+            return Ok(());
+        };
         let mut snapshot = None;
         let reply = match msg["event"].as_str() {
             Some("conf") => {
@@ -556,7 +659,11 @@ impl Conn {
                 json!({"event":"conf","status":"OK","flags":self.flags})
             }
             Some("subscribe") if msg["channel"] == "ticker" || msg["channel"] == "trades" => {
-                let kind = if msg["channel"] == "ticker" { Channel::Ticker } else { Channel::Trades };
+                let kind = if msg["channel"] == "ticker" {
+                    Channel::Ticker
+                } else {
+                    Channel::Trades
+                };
                 let name = kind.name();
                 let symbol = msg["symbol"].as_str().unwrap_or_default().to_string();
                 if self.chans.values().any(|(k, s)| *k == kind && *s == symbol) {
@@ -564,7 +671,10 @@ impl Conn {
                 } else {
                     let chan = self.inner.next_chan.fetch_add(1, Ordering::SeqCst);
                     self.chans.insert(chan, (kind, symbol.clone()));
-                    let sub = Subscription { conn: self.conn, chan_id: chan };
+                    let sub = Subscription {
+                        conn: self.conn,
+                        chan_id: chan,
+                    };
                     let mut ex = self.inner.exchange.lock().unwrap();
                     match kind {
                         Channel::Ticker => {
@@ -572,7 +682,10 @@ impl Conn {
                         }
                         Channel::Trades => {
                             // Under the same lock as the subscription: see `ExchangeHandle::execute`.
-                            snapshot = Some((chan, ex.book.snapshot(&symbol, self.inner.trades.snapshot_len())));
+                            snapshot = Some((
+                                chan,
+                                ex.book.snapshot(&symbol, self.inner.trades.snapshot_len()),
+                            ));
                             ex.trade_subs.insert(symbol.clone(), sub);
                         }
                     }
@@ -588,7 +701,10 @@ impl Conn {
                         Channel::Ticker => &mut ex.subs,
                         Channel::Trades => &mut ex.trade_subs,
                     };
-                    if subs.get(&symbol).is_some_and(|s| s.chan_id == chan && s.conn == self.conn) {
+                    if subs
+                        .get(&symbol)
+                        .is_some_and(|s| s.chan_id == chan && s.conn == self.conn)
+                    {
                         subs.remove(&symbol);
                     }
                     json!({"event":"unsubscribed","status":"OK","chanId":chan})
@@ -599,7 +715,9 @@ impl Conn {
             Some("ping") => json!({"event":"pong","ts":0,"cid":msg["cid"]}),
             _ => json!({"event":"error","msg":"unknown event","code":10000}),
         };
-        ws.send(Message::text(reply.to_string())).await.map_err(|_| ())?;
+        ws.send(Message::text(reply.to_string()))
+            .await
+            .map_err(|_| ())?;
         if let Some((chan, trades)) = snapshot
             && !self.silent
         {
@@ -607,9 +725,14 @@ impl Conn {
             let rows: Vec<Value> = trades.iter().map(|t| t.to_json(extra)).collect();
             let mut frame = self.with_trailer(json!([chan, rows]));
             if extra {
-                frame.as_array_mut().unwrap().extend([json!({"added": true}), json!(42)]);
+                frame
+                    .as_array_mut()
+                    .unwrap()
+                    .extend([json!({"added": true}), json!(42)]);
             }
-            ws.send(Message::text(frame.to_string())).await.map_err(|_| ())?;
+            ws.send(Message::text(frame.to_string()))
+                .await
+                .map_err(|_| ())?;
         }
         Ok(())
     }
@@ -631,7 +754,13 @@ async fn tickers(State(inner): State<Arc<Inner>>, Query(q): Query<TickersQuery>)
             *n
         };
         let v = values(symbol, n);
-        ex.sent.push(Sent { symbol: symbol.to_string(), values: v, exchange_time: None, seq: None, rest: true });
+        ex.sent.push(Sent {
+            symbol: symbol.to_string(),
+            values: v,
+            exchange_time: None,
+            seq: None,
+            rest: true,
+        });
         let mut row = vec![json!(symbol)];
         row.extend(v.iter().map(|x| json!(x)));
         out.push(Value::Array(row));

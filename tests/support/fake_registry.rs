@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
@@ -41,11 +41,19 @@ pub struct FakeRegistry {
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 fn reply(status: StatusCode, body: Value) -> Response {
-    (status, [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], body.to_string()).into_response()
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn not_found(code: u32, message: &str) -> Response {
-    reply(StatusCode::NOT_FOUND, json!({"error_code": code, "message": message}))
+    reply(
+        StatusCode::NOT_FOUND,
+        json!({"error_code": code, "message": message}),
+    )
 }
 
 impl FakeRegistry {
@@ -56,25 +64,39 @@ impl FakeRegistry {
     /// Binds `port` (0 = any), so a test can start the registry late on a port it chose.
     pub async fn start_on(port: u16) -> Self {
         let shared = Shared {
-            registry: Arc::new(Mutex::new(Registry { compatibility: "BACKWARD".into(), ..Default::default() })),
+            registry: Arc::new(Mutex::new(Registry {
+                compatibility: "BACKWARD".into(),
+                ..Default::default()
+            })),
             outage: Arc::new(AtomicU16::new(0)),
         };
         let app = Router::new()
             .route("/subjects", get(list_subjects))
             .route("/subjects/{subject}", post(lookup))
-            .route("/subjects/{subject}/versions", post(register).get(list_versions))
+            .route(
+                "/subjects/{subject}/versions",
+                post(register).get(list_versions),
+            )
             .route("/subjects/{subject}/versions/{version}", get(version))
             .route("/schemas/ids/{id}", get(by_id))
             .route("/config", get(get_config).put(put_config))
-            .route("/config/{subject}", get(get_subject_config).put(put_subject_config))
+            .route(
+                "/config/{subject}",
+                get(get_subject_config).put(put_subject_config),
+            )
             .layer(axum::middleware::from_fn_with_state(shared.clone(), outage))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind registry");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind registry");
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await.unwrap();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .unwrap();
         });
         Self { addr, shared, stop }
     }
@@ -101,7 +123,14 @@ impl FakeRegistry {
     }
 
     pub fn subjects(&self) -> Vec<String> {
-        self.shared.registry.lock().unwrap().subjects.keys().cloned().collect()
+        self.shared
+            .registry
+            .lock()
+            .unwrap()
+            .subjects
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn latest(&self, subject: &str) -> Option<(u32, String)> {
@@ -134,7 +163,10 @@ async fn outage(
         0 => {}
         status => {
             let status = StatusCode::from_u16(status).expect("HTTP status");
-            return reply(status, json!({"error_code": status.as_u16() as u32 * 100 + 1, "message": "outage"}));
+            return reply(
+                status,
+                json!({"error_code": status.as_u16() as u32 * 100 + 1, "message": "outage"}),
+            );
         }
     }
     next.run(req).await
@@ -142,7 +174,9 @@ async fn outage(
 
 /// Canonical form for comparing schemas: parsed JSON, so whitespace does not matter.
 fn canonical(schema: &str) -> String {
-    serde_json::from_str::<Value>(schema).map(|v| v.to_string()).unwrap_or_else(|_| schema.to_string())
+    serde_json::from_str::<Value>(schema)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| schema.to_string())
 }
 
 /// Returns (id, version); an identical schema keeps its id, as in the real registry.
@@ -165,7 +199,10 @@ fn register_schema(r: &mut Registry, subject: &str, schema: &str) -> (u32, usize
 
 fn schema_of(body: &Value) -> Result<String, Box<Response>> {
     let schema = body.get("schema").and_then(Value::as_str);
-    let kind = body.get("schemaType").and_then(Value::as_str).unwrap_or("AVRO");
+    let kind = body
+        .get("schemaType")
+        .and_then(Value::as_str)
+        .unwrap_or("AVRO");
     match schema {
         Some(s) if kind == "AVRO" && serde_json::from_str::<Value>(s).is_ok() => Ok(s.to_string()),
         _ => Err(Box::new(reply(
@@ -175,7 +212,11 @@ fn schema_of(body: &Value) -> Result<String, Box<Response>> {
     }
 }
 
-async fn register(State(s): State<Shared>, Path(subject): Path<String>, Json(body): Json<Value>) -> Response {
+async fn register(
+    State(s): State<Shared>,
+    Path(subject): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
     let schema = match schema_of(&body) {
         Ok(s) => s,
         Err(r) => return *r,
@@ -184,14 +225,23 @@ async fn register(State(s): State<Shared>, Path(subject): Path<String>, Json(bod
     reply(StatusCode::OK, json!({"id": id}))
 }
 
-async fn lookup(State(s): State<Shared>, Path(subject): Path<String>, Json(body): Json<Value>) -> Response {
+async fn lookup(
+    State(s): State<Shared>,
+    Path(subject): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
     let schema = match schema_of(&body) {
         Ok(s) => canonical(&s),
         Err(r) => return *r,
     };
     let r = s.registry.lock().unwrap();
-    let Some(versions) = r.subjects.get(&subject) else { return not_found(40401, "Subject not found.") };
-    match versions.iter().position(|id| r.schemas[*id as usize - 1] == schema) {
+    let Some(versions) = r.subjects.get(&subject) else {
+        return not_found(40401, "Subject not found.");
+    };
+    match versions
+        .iter()
+        .position(|id| r.schemas[*id as usize - 1] == schema)
+    {
         Some(pos) => reply(
             StatusCode::OK,
             json!({"subject": subject, "id": versions[pos], "version": pos + 1, "schema": schema}),
@@ -201,7 +251,17 @@ async fn lookup(State(s): State<Shared>, Path(subject): Path<String>, Json(body)
 }
 
 async fn list_subjects(State(s): State<Shared>) -> Response {
-    reply(StatusCode::OK, json!(s.registry.lock().unwrap().subjects.keys().collect::<Vec<_>>()))
+    reply(
+        StatusCode::OK,
+        json!(
+            s.registry
+                .lock()
+                .unwrap()
+                .subjects
+                .keys()
+                .collect::<Vec<_>>()
+        ),
+    )
 }
 
 async fn list_versions(State(s): State<Shared>, Path(subject): Path<String>) -> Response {
@@ -211,12 +271,21 @@ async fn list_versions(State(s): State<Shared>, Path(subject): Path<String>) -> 
     }
 }
 
-async fn version(State(s): State<Shared>, Path((subject, version)): Path<(String, String)>) -> Response {
+async fn version(
+    State(s): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Response {
     let r = s.registry.lock().unwrap();
-    let Some(versions) = r.subjects.get(&subject) else { return not_found(40401, "Subject not found.") };
+    let Some(versions) = r.subjects.get(&subject) else {
+        return not_found(40401, "Subject not found.");
+    };
     let index = match version.as_str() {
         "latest" => versions.len().checked_sub(1),
-        v => v.parse::<usize>().ok().and_then(|v| v.checked_sub(1)).filter(|i| *i < versions.len()),
+        v => v
+            .parse::<usize>()
+            .ok()
+            .and_then(|v| v.checked_sub(1))
+            .filter(|i| *i < versions.len()),
     };
     match index {
         Some(i) => {
@@ -238,8 +307,15 @@ async fn by_id(State(s): State<Shared>, Path(id): Path<u32>) -> Response {
     }
 }
 
-const LEVELS: &[&str] =
-    &["NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"];
+const LEVELS: &[&str] = &[
+    "NONE",
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+];
 
 fn level_of(body: &Value) -> Result<String, Box<Response>> {
     match body.get("compatibility").and_then(Value::as_str) {
@@ -252,7 +328,10 @@ fn level_of(body: &Value) -> Result<String, Box<Response>> {
 }
 
 async fn get_config(State(s): State<Shared>) -> Response {
-    reply(StatusCode::OK, json!({"compatibilityLevel": s.registry.lock().unwrap().compatibility}))
+    reply(
+        StatusCode::OK,
+        json!({"compatibilityLevel": s.registry.lock().unwrap().compatibility}),
+    )
 }
 
 async fn put_config(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
@@ -266,9 +345,18 @@ async fn put_config(State(s): State<Shared>, Json(body): Json<Value>) -> Respons
 }
 
 async fn get_subject_config(State(s): State<Shared>, Path(subject): Path<String>) -> Response {
-    match s.registry.lock().unwrap().subject_compatibility.get(&subject) {
+    match s
+        .registry
+        .lock()
+        .unwrap()
+        .subject_compatibility
+        .get(&subject)
+    {
         Some(level) => reply(StatusCode::OK, json!({"compatibilityLevel": level})),
-        None => not_found(40408, "Subject does not have subject-level compatibility configured"),
+        None => not_found(
+            40408,
+            "Subject does not have subject-level compatibility configured",
+        ),
     }
 }
 
@@ -279,7 +367,11 @@ async fn put_subject_config(
 ) -> Response {
     match level_of(&body) {
         Ok(level) => {
-            s.registry.lock().unwrap().subject_compatibility.insert(subject, level.clone());
+            s.registry
+                .lock()
+                .unwrap()
+                .subject_compatibility
+                .insert(subject, level.clone());
             reply(StatusCode::OK, json!({"compatibility": level}))
         }
         Err(r) => *r,

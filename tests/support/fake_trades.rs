@@ -7,15 +7,15 @@
 //! prints and parses back to the same `f64`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,9 @@ impl Trade {
     pub fn to_json(&self, extra: bool) -> Value {
         let mut row = json!([self.id, self.mts, number(self.amount), number(self.price)]);
         if extra {
-            row.as_array_mut().unwrap().extend([json!(null), json!("NEW_FIELD"), json!([1, 2])]);
+            row.as_array_mut()
+                .unwrap()
+                .extend([json!(null), json!("NEW_FIELD"), json!([1, 2])]);
         }
         row
     }
@@ -48,7 +50,11 @@ impl Trade {
 
 /// A whole value as a JSON integer, as Bitfinex writes it (`97321`, not `97321.0`).
 fn number(x: f64) -> Value {
-    if x.fract() == 0.0 && x.abs() < 9.0e15 { json!(x as i64) } else { json!(x) }
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
 }
 
 /// Trade ids start here (the fixtures' ids are about 1.78e9).
@@ -57,8 +63,20 @@ const FIRST_ID: i64 = 1_790_000_001;
 const GROUP_SIZES: [usize; 8] = [1, 3, 1, 2, 1, 4, 1, 2];
 /// Amount magnitudes in 1e-8 units: 0.0125, 2.05031, 0.3, 0.00062, 1.5, 0.01, 0.104, 0.00001,
 /// 0.0481, 0.2, 0.000731, 0.12345678.
-const AMOUNT_UNITS: [i64; 12] =
-    [1_250_000, 205_031_000, 30_000_000, 62_000, 150_000_000, 1_000_000, 10_400_000, 1_000, 4_810_000, 20_000_000, 73_100, 12_345_678];
+const AMOUNT_UNITS: [i64; 12] = [
+    1_250_000,
+    205_031_000,
+    30_000_000,
+    62_000,
+    150_000_000,
+    1_000_000,
+    10_400_000,
+    1_000,
+    4_810_000,
+    20_000_000,
+    73_100,
+    12_345_678,
+];
 const MINUTE_MS: i64 = 60_000;
 pub const HIST_LIMIT_MAX: usize = 10_000;
 pub const TRADES_LIMIT_DEFAULT: usize = 125;
@@ -92,7 +110,12 @@ impl TradeBook {
     /// Executes `count` trades of `symbol` as taker orders of 1-4 fills each; every order gets
     /// its own millisecond, from `mts_of(order index, order count)` but never earlier than the
     /// previous trade's.
-    fn generate(&mut self, symbol: &str, count: usize, mut mts_of: impl FnMut(usize, usize) -> i64) -> Vec<Trade> {
+    fn generate(
+        &mut self,
+        symbol: &str,
+        count: usize,
+        mut mts_of: impl FnMut(usize, usize) -> i64,
+    ) -> Vec<Trade> {
         let mut sizes = Vec::new();
         let mut left = count;
         let mut order = self.orders;
@@ -126,7 +149,8 @@ impl TradeBook {
                 let n = self.per_symbol.entry(symbol.to_string()).or_insert(0);
                 let k = *n;
                 *n += 1;
-                let units = AMOUNT_UNITS[(k % AMOUNT_UNITS.len() as u64) as usize] + (k / AMOUNT_UNITS.len() as u64 % 100) as i64 * 1_000;
+                let units = AMOUNT_UNITS[(k % AMOUNT_UNITS.len() as u64) as usize]
+                    + (k / AMOUNT_UNITS.len() as u64 % 100) as i64 * 1_000;
                 let step = if sell { -fill_step } else { fill_step };
                 let cents = order_cents + j as i64 * step;
                 let signed_units = if sell { -units } else { units };
@@ -150,23 +174,43 @@ impl TradeBook {
     }
 
     fn preload(&mut self, symbol: &str, from_ms: i64, to_ms: i64, count: usize) -> Vec<Trade> {
-        assert!(!self.live, "preload_history must be called before live trading");
-        assert!(from_ms <= to_ms, "preload_history: from_ms {from_ms} > to_ms {to_ms}");
+        assert!(
+            !self.live,
+            "preload_history must be called before live trading"
+        );
+        assert!(
+            from_ms <= to_ms,
+            "preload_history: from_ms {from_ms} > to_ms {to_ms}"
+        );
         let span = to_ms - from_ms;
         // `generate` keeps MTS from going backwards; history is put in as if it had happened
         // apart, so ask for the window's own times here.
         let last = self.last_mts;
         self.last_mts = from_ms - 1;
         let trades = self.generate(symbol, count, |g, groups| {
-            if groups <= 1 { from_ms } else { from_ms + (span as i128 * g as i128 / (groups as i128 - 1)) as i64 }
+            if groups <= 1 {
+                from_ms
+            } else {
+                from_ms + (span as i128 * g as i128 / (groups as i128 - 1)) as i64
+            }
         });
         self.last_mts = self.last_mts.max(last);
         trades
     }
 
     fn load(&mut self, trades: Vec<Trade>) {
-        self.next_id = trades.iter().map(|t| t.id + 1).max().unwrap_or(0).max(self.next_id);
-        self.last_mts = trades.iter().map(|t| t.mts).max().unwrap_or(0).max(self.last_mts);
+        self.next_id = trades
+            .iter()
+            .map(|t| t.id + 1)
+            .max()
+            .unwrap_or(0)
+            .max(self.next_id);
+        self.last_mts = trades
+            .iter()
+            .map(|t| t.mts)
+            .max()
+            .unwrap_or(0)
+            .max(self.last_mts);
         self.ledger = trades;
     }
 
@@ -182,12 +226,19 @@ impl TradeBook {
     }
 
     fn trades_hist(&self, symbol: &str, q: &HistQuery) -> Vec<Value> {
-        let mut mine: Vec<&Trade> = self.ledger.iter().filter(|t| t.symbol == symbol && q.contains(t.mts)).collect();
+        let mut mine: Vec<&Trade> = self
+            .ledger
+            .iter()
+            .filter(|t| t.symbol == symbol && q.contains(t.mts))
+            .collect();
         mine.sort_by_key(|t| t.key());
         if !q.oldest_first() {
             mine.reverse();
         }
-        mine.into_iter().take(q.limit(TRADES_LIMIT_DEFAULT)).map(|t| t.to_json(false)).collect()
+        mine.into_iter()
+            .take(q.limit(TRADES_LIMIT_DEFAULT))
+            .map(|t| t.to_json(false))
+            .collect()
     }
 
     /// 1-minute candles `[MTS, OPEN, CLOSE, HIGH, LOW, VOLUME]` computed from the ledger, with
@@ -200,14 +251,18 @@ impl TradeBook {
             let minute = t.mts - t.mts.rem_euclid(MINUTE_MS);
             // Volume summed in whole 1e-8 units, so it is the exact decimal sum.
             let units = (t.amount.abs() * 1e8).round() as i64;
-            let e = minutes.entry(minute).or_insert(([t.price, t.price, t.price, t.price], 0));
+            let e = minutes
+                .entry(minute)
+                .or_insert(([t.price, t.price, t.price, t.price], 0));
             e.0[1] = t.price;
             e.0[2] = e.0[2].max(t.price);
             e.0[3] = e.0[3].min(t.price);
             e.1 += units;
         }
-        let mut rows: BTreeMap<i64, [f64; 5]> =
-            minutes.into_iter().map(|(m, (p, units))| (m, [p[0], p[1], p[2], p[3], units as f64 / 1e8])).collect();
+        let mut rows: BTreeMap<i64, [f64; 5]> = minutes
+            .into_iter()
+            .map(|(m, (p, units))| (m, [p[0], p[1], p[2], p[3], units as f64 / 1e8]))
+            .collect();
         for ((s, minute), row) in &self.overrides {
             if s == symbol {
                 match row {
@@ -221,13 +276,23 @@ impl TradeBook {
 
     fn candles_hist(&self, symbol: &str, q: &HistQuery) -> Vec<Value> {
         let rows = self.candles(symbol);
-        let mut rows: Vec<(i64, [f64; 5])> = rows.into_iter().filter(|(m, _)| q.contains(*m)).collect();
+        let mut rows: Vec<(i64, [f64; 5])> =
+            rows.into_iter().filter(|(m, _)| q.contains(*m)).collect();
         if !q.oldest_first() {
             rows.reverse();
         }
         rows.into_iter()
             .take(q.limit(CANDLES_LIMIT_DEFAULT))
-            .map(|(m, r)| json!([m, number(r[0]), number(r[1]), number(r[2]), number(r[3]), number(r[4])]))
+            .map(|(m, r)| {
+                json!([
+                    m,
+                    number(r[0]),
+                    number(r[1]),
+                    number(r[2]),
+                    number(r[3]),
+                    number(r[4])
+                ])
+            })
             .collect()
     }
 }
@@ -275,7 +340,11 @@ impl TradeSettings {
     }
 
     pub(super) fn count_frame(&self, kind: &str) {
-        let counter = if kind == "te" { &self.te_frames } else { &self.tu_frames };
+        let counter = if kind == "te" {
+            &self.te_frames
+        } else {
+            &self.tu_frames
+        };
         counter.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -288,7 +357,11 @@ impl TradeSettings {
         }
         let refusal = self.rate_limited.fetch_add(1, Ordering::SeqCst) + 1;
         // Bitfinex answers its rate limit with either status; the 11010 body is what counts.
-        let status = if refusal % 2 == 1 { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::INTERNAL_SERVER_ERROR };
+        let status = if refusal % 2 == 1 {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
         Some((status, Json(json!(["error", 11010, "ratelimit: error"]))).into_response())
     }
 }
@@ -308,8 +381,19 @@ impl FakeBitfinex {
     /// from before the test; nothing is sent. Panics once live trading ([`FakeBitfinex::execute`])
     /// has begun. Ids increase with MTS within each call; preloading a second symbol over the
     /// same window gives it higher ids than the first symbol's.
-    pub fn preload_history(&self, symbol: &str, from_ms: i64, to_ms: i64, count: usize) -> Vec<Trade> {
-        self.inner.exchange.lock().unwrap().book.preload(symbol, from_ms, to_ms, count)
+    pub fn preload_history(
+        &self,
+        symbol: &str,
+        from_ms: i64,
+        to_ms: i64,
+        count: usize,
+    ) -> Vec<Trade> {
+        self.inner
+            .exchange
+            .lock()
+            .unwrap()
+            .book
+            .preload(symbol, from_ms, to_ms, count)
     }
 
     /// Replaces the ledger with exactly these trades (e.g. a fixture's); later trades get higher
@@ -330,7 +414,15 @@ impl FakeBitfinex {
 
     /// Symbols with a live trades subscription, sorted.
     pub fn trades_subscribed(&self) -> Vec<String> {
-        let mut s: Vec<String> = self.inner.exchange.lock().unwrap().trade_subs.keys().cloned().collect();
+        let mut s: Vec<String> = self
+            .inner
+            .exchange
+            .lock()
+            .unwrap()
+            .trade_subs
+            .keys()
+            .cloned()
+            .collect();
         s.sort();
         s
     }
@@ -338,7 +430,10 @@ impl FakeBitfinex {
     /// Waits until every symbol has a live trades subscription.
     pub async fn wait_trades_subscribed(&self, symbols: &[&str], timeout: Duration) {
         let what = format!("trades subscriptions of {symbols:?}");
-        super::eventually(&what, timeout, || super::fake_bitfinex::covers(&self.trades_subscribed(), symbols)).await;
+        super::eventually(&what, timeout, || {
+            super::fake_bitfinex::covers(&self.trades_subscribed(), symbols)
+        })
+        .await;
     }
 
     /// How many trades a trades snapshot holds at most (default 30).
@@ -348,14 +443,20 @@ impl FakeBitfinex {
 
     /// How long after `te` the same trade is sent again as `tu` (default 100 ms).
     pub fn set_tu_delay(&self, d: Duration) {
-        self.inner.trades.tu_delay_ns.store(d.as_nanos() as u64, Ordering::SeqCst);
+        self.inner
+            .trades
+            .tu_delay_ns
+            .store(d.as_nanos() as u64, Ordering::SeqCst);
     }
 
     /// `Some(n)`: every n-th request to the two hist endpoints (counted together) is refused with
     /// `["error",11010,"ratelimit: error"]`, as HTTP 429 for the 1st, 3rd, … refusal and HTTP 500
     /// for the 2nd, 4th, …. `None` (or `Some(0)`): never.
     pub fn set_rate_limit_every(&self, n: Option<u64>) {
-        self.inner.trades.rate_limit_every.store(n.unwrap_or(0), Ordering::SeqCst);
+        self.inner
+            .trades
+            .rate_limit_every
+            .store(n.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// Requests received by `"tickers"`, `"trades"` or `"candles"` (refused ones included); 0 for
@@ -379,7 +480,13 @@ impl FakeBitfinex {
     /// minute's row. `minute_ms` is rounded down to its minute.
     pub fn override_candle(&self, symbol: &str, minute_ms: i64, row: Option<[f64; 5]>) {
         let minute = minute_ms - minute_ms.rem_euclid(MINUTE_MS);
-        self.inner.exchange.lock().unwrap().book.overrides.insert((symbol.to_string(), minute), row);
+        self.inner
+            .exchange
+            .lock()
+            .unwrap()
+            .book
+            .overrides
+            .insert((symbol.to_string(), minute), row);
     }
 
     /// The 1-minute candles the endpoint would answer for `symbol`, overrides applied, by minute:
@@ -391,7 +498,10 @@ impl FakeBitfinex {
     /// Numbers of `te` and `tu` frames sent over websocket so far.
     pub fn trade_frames_sent(&self) -> (u64, u64) {
         let t = &self.inner.trades;
-        (t.te_frames.load(Ordering::SeqCst), t.tu_frames.load(Ordering::SeqCst))
+        (
+            t.te_frames.load(Ordering::SeqCst),
+            t.tu_frames.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -413,12 +523,17 @@ impl HistQuery {
     }
 
     fn limit(&self, default: usize) -> usize {
-        self.limit.map_or(default, |l| l.clamp(1, HIST_LIMIT_MAX as i64) as usize)
+        self.limit
+            .map_or(default, |l| l.clamp(1, HIST_LIMIT_MAX as i64) as usize)
     }
 }
 
 /// `GET /v2/trades/{symbol}/hist?start=&end=&limit=&sort=`
-pub(super) async fn trades_hist(State(inner): State<Arc<Inner>>, Path(symbol): Path<String>, Query(q): Query<HistQuery>) -> Response {
+pub(super) async fn trades_hist(
+    State(inner): State<Arc<Inner>>,
+    Path(symbol): Path<String>,
+    Query(q): Query<HistQuery>,
+) -> Response {
     inner.trades.trades_requests.fetch_add(1, Ordering::SeqCst);
     if let Some(refusal) = inner.trades.refuse() {
         return refusal;
@@ -428,17 +543,38 @@ pub(super) async fn trades_hist(State(inner): State<Arc<Inner>>, Path(symbol): P
 }
 
 /// `GET /v2/candles/trade:1m:{symbol}/hist?start=&end=&limit=&sort=`
-pub(super) async fn candles_hist(State(inner): State<Arc<Inner>>, Path(key): Path<String>, Query(q): Query<HistQuery>) -> Response {
+pub(super) async fn candles_hist(
+    State(inner): State<Arc<Inner>>,
+    Path(key): Path<String>,
+    Query(q): Query<HistQuery>,
+) -> Response {
     inner.trades.candles_requests.fetch_add(1, Ordering::SeqCst);
     if let Some(refusal) = inner.trades.refuse() {
         return refusal;
     }
     let symbol = match key.split(':').collect::<Vec<_>>()[..] {
         ["trade", "1m", symbol] if !symbol.is_empty() => symbol.to_string(),
-        ["trade", _, _] => return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!(["error", 10020, "time_interval: invalid"]))).into_response(),
-        _ => return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!(["error", 10020, "key: invalid"]))).into_response(),
+        ["trade", _, _] => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!(["error", 10020, "time_interval: invalid"])),
+            )
+                .into_response();
+        }
+        _ => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!(["error", 10020, "key: invalid"])),
+            )
+                .into_response();
+        }
     };
-    let rows = inner.exchange.lock().unwrap().book.candles_hist(&symbol, &q);
+    let rows = inner
+        .exchange
+        .lock()
+        .unwrap()
+        .book
+        .candles_hist(&symbol, &q);
     Json(Value::Array(rows)).into_response()
 }
 
@@ -450,7 +586,12 @@ pub struct Trader {
 }
 
 impl Trader {
-    pub fn start(exchange: &FakeBitfinex, symbols: &[&str], per_round: usize, pause: Duration) -> Self {
+    pub fn start(
+        exchange: &FakeBitfinex,
+        symbols: &[&str],
+        per_round: usize,
+        pause: Duration,
+    ) -> Self {
         let stop = CancellationToken::new();
         let token = stop.clone();
         let exchange = exchange.handle();

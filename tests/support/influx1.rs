@@ -16,7 +16,11 @@ pub struct Influx1 {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Influx1 {
@@ -27,14 +31,24 @@ impl Influx1 {
     /// With `[http] auth-enabled = true`; the test's queries use an admin created at start
     /// (InfluxDB lets anyone create the first admin).
     pub async fn start_with_auth() -> Self {
-        let mut influx = tokio::task::spawn_blocking(|| Self::start_with(true)).await.unwrap();
-        influx.query("", "CREATE USER admin WITH PASSWORD 'admin-pw' WITH ALL PRIVILEGES").await;
+        let mut influx = tokio::task::spawn_blocking(|| Self::start_with(true))
+            .await
+            .unwrap();
+        influx
+            .query(
+                "",
+                "CREATE USER admin WITH PASSWORD 'admin-pw' WITH ALL PRIVILEGES",
+            )
+            .await;
         influx.admin = Some(("admin".into(), "admin-pw".into()));
         influx
     }
 
     fn start_with(auth: bool) -> Self {
-        let dir = tempfile::Builder::new().prefix("influx1-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("influx1-")
+            .tempdir()
+            .unwrap();
         let (port, rpc) = (free_port(), free_port());
         let d = dir.path().display();
         std::fs::write(
@@ -50,7 +64,12 @@ impl Influx1 {
             ),
         )
         .unwrap();
-        let mut influx = Self { dir, port, child: None, admin: None };
+        let mut influx = Self {
+            dir,
+            port,
+            child: None,
+            admin: None,
+        };
         influx.start_again();
         influx
     }
@@ -74,7 +93,11 @@ impl Influx1 {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "influxd did not open port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "influxd did not open port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -88,7 +111,9 @@ impl Influx1 {
     }
 
     pub async fn query(&self, db: &str, q: &str) -> Value {
-        let mut request = reqwest::Client::new().post(format!("{}/query", self.url())).query(&[("db", db), ("q", q), ("epoch", "ms")]);
+        let mut request = reqwest::Client::new()
+            .post(format!("{}/query", self.url()))
+            .query(&[("db", db), ("q", q), ("epoch", "ms")]);
         if let Some((user, password)) = &self.admin {
             request = request.basic_auth(user, Some(password));
         }
@@ -115,11 +140,25 @@ impl Influx1 {
     pub async fn rows(&self, db: &str, q: &str) -> Vec<serde_json::Map<String, Value>> {
         let body = self.query(db, q).await;
         let mut out = Vec::new();
-        for series in body["results"][0]["series"].as_array().into_iter().flatten() {
-            let columns: Vec<String> =
-                series["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+        for series in body["results"][0]["series"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let columns: Vec<String> = series["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect();
             for row in series["values"].as_array().unwrap() {
-                out.push(columns.iter().cloned().zip(row.as_array().unwrap().iter().cloned()).collect());
+                out.push(
+                    columns
+                        .iter()
+                        .cloned()
+                        .zip(row.as_array().unwrap().iter().cloned())
+                        .collect(),
+                );
             }
         }
         out
@@ -127,7 +166,11 @@ impl Influx1 {
 
     /// Ticker points in `measurement`.
     pub async fn count(&self, db: &str, measurement: &str) -> usize {
-        self.count_of(db, &format!("SELECT count(last_price) FROM \"{measurement}\"")).await
+        self.count_of(
+            db,
+            &format!("SELECT count(last_price) FROM \"{measurement}\""),
+        )
+        .await
     }
 
     /// Trade points in the default trades measurement.

@@ -23,10 +23,13 @@ pub struct KafkaCluster {
 /// Settings every client of a 0.9 broker needs. They live here, not in production code: the
 /// clusters candlestream targets answer ApiVersion requests and support idempotence.
 pub fn client_overrides() -> BTreeMap<String, String> {
-    [("api.version.request", "false"), ("broker.version.fallback", "0.9.0.1")]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    [
+        ("api.version.request", "false"),
+        ("broker.version.fallback", "0.9.0.1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// Producer settings for 0.9: no idempotence, and a codec 0.9 brokers read.
@@ -50,24 +53,47 @@ fn kafka_home() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl KafkaCluster {
     /// Starts ZooKeeper and `brokers` brokers and waits until all have registered.
     pub fn start(brokers: usize) -> Self {
         let home = kafka_home();
-        let dir = tempfile::Builder::new().prefix("kafka09-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("kafka09-")
+            .tempdir()
+            .unwrap();
         let zk_port = free_port();
         let zk_conf = dir.path().join("zookeeper.properties");
         std::fs::write(
             &zk_conf,
-            format!("dataDir={}\nclientPort={zk_port}\nclientPortAddress=127.0.0.1\nmaxClientCnxns=0\n", dir.path().join("zk").display()),
+            format!(
+                "dataDir={}\nclientPort={zk_port}\nclientPortAddress=127.0.0.1\nmaxClientCnxns=0\n",
+                dir.path().join("zk").display()
+            ),
         )
         .unwrap();
-        let zk = spawn(&home, dir.path(), "zookeeper", "zookeeper-server-start.sh", &zk_conf);
+        let zk = spawn(
+            &home,
+            dir.path(),
+            "zookeeper",
+            "zookeeper-server-start.sh",
+            &zk_conf,
+        );
         let ports: Vec<u16> = (0..brokers).map(|_| free_port()).collect();
-        let mut cluster = Self { home, dir, zk, zk_port, ports, brokers: Vec::new() };
+        let mut cluster = Self {
+            home,
+            dir,
+            zk,
+            zk_port,
+            ports,
+            brokers: Vec::new(),
+        };
         cluster.wait_for_port(zk_port, Duration::from_secs(30));
         for i in 0..brokers {
             let child = cluster.spawn_broker(i);
@@ -80,7 +106,11 @@ impl KafkaCluster {
     }
 
     pub fn bootstrap(&self) -> String {
-        self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn zookeeper(&self) -> String {
@@ -106,13 +136,23 @@ impl KafkaCluster {
             ),
         )
         .unwrap();
-        spawn(&self.home, self.dir.path(), &format!("broker-{i}"), "kafka-server-start.sh", &conf)
+        spawn(
+            &self.home,
+            self.dir.path(),
+            &format!("broker-{i}"),
+            "kafka-server-start.sh",
+            &conf,
+        )
     }
 
     fn wait_for_port(&self, port: u16, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "port {port} did not open; see {}", self.dir.path().display());
+            assert!(
+                Instant::now() < deadline,
+                "port {port} did not open; see {}",
+                self.dir.path().display()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -144,13 +184,28 @@ impl KafkaCluster {
     /// every partition has a leader and a full ISR.
     pub fn create_topic(&self, topic: &str, partitions: u32, replication: usize, min_isr: usize) {
         let out = Command::new(self.home.join("bin/kafka-topics.sh"))
-            .args(["--zookeeper", &self.zookeeper(), "--create", "--topic", topic])
-            .args(["--partitions", &partitions.to_string(), "--replication-factor", &replication.to_string()])
+            .args([
+                "--zookeeper",
+                &self.zookeeper(),
+                "--create",
+                "--topic",
+                topic,
+            ])
+            .args([
+                "--partitions",
+                &partitions.to_string(),
+                "--replication-factor",
+                &replication.to_string(),
+            ])
             .args(["--config", &format!("min.insync.replicas={min_isr}")])
             .envs(java_env(self.dir.path()))
             .output()
             .expect("kafka-topics.sh");
-        assert!(out.status.success(), "create topic: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "create topic: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let d = self.describe(topic);
@@ -169,7 +224,13 @@ impl KafkaCluster {
 
     pub fn describe(&self, topic: &str) -> String {
         let out = Command::new(self.home.join("bin/kafka-topics.sh"))
-            .args(["--zookeeper", &self.zookeeper(), "--describe", "--topic", topic])
+            .args([
+                "--zookeeper",
+                &self.zookeeper(),
+                "--describe",
+                "--topic",
+                topic,
+            ])
             .envs(java_env(self.dir.path()))
             .output()
             .expect("kafka-topics.sh");
@@ -222,7 +283,10 @@ fn java_env(dir: &Path) -> Vec<(&'static str, String)> {
         ("KAFKA_GC_LOG_OPTS", " ".into()),
         ("KAFKA_JMX_OPTS", " ".into()),
         ("KAFKA_HEAP_OPTS", "-Xmx256m -Xms64m".into()),
-        ("KAFKA_JVM_PERFORMANCE_OPTS", "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true".into()),
+        (
+            "KAFKA_JVM_PERFORMANCE_OPTS",
+            "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true".into(),
+        ),
         ("LOG_DIR", dir.join("logs").display().to_string()),
     ]
 }

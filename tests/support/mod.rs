@@ -29,11 +29,20 @@ pub const SYMBOLS: [&str; 3] = ["tBTCUSD", "tETHUSD", "tSOLUSD"];
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Settings pointing at the fakes, with short timers so faults resolve quickly.
-pub fn settings(exchange: &FakeBitfinex, registry: &FakeRegistry, brokers: &str, topic: &str) -> Settings {
+pub fn settings(
+    exchange: &FakeBitfinex,
+    registry: &FakeRegistry,
+    brokers: &str,
+    topic: &str,
+) -> Settings {
     let mut s = Settings::default();
     s.bitfinex.ws_url = exchange.ws_url();
     s.bitfinex.rest_url = exchange.rest_url();
@@ -73,7 +82,11 @@ pub fn reader(brokers: &str, client_overrides: &BTreeMap<String, String>) -> Bas
 
 /// A consumer in `group` that never joins it (no subscribe) nor commits: it can ask for the
 /// group's committed offsets.
-pub fn group_reader(brokers: &str, group: &str, client_overrides: &BTreeMap<String, String>) -> BaseConsumer {
+pub fn group_reader(
+    brokers: &str,
+    group: &str,
+    client_overrides: &BTreeMap<String, String>,
+) -> BaseConsumer {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -86,17 +99,27 @@ pub fn group_reader(brokers: &str, group: &str, client_overrides: &BTreeMap<Stri
 
 /// Number of records in `topic` (sum of high watermarks; nothing is deleted in tests). Retries
 /// while a partition has no leader, as after a broker was killed.
-pub fn topic_size(brokers: &str, topic: &str, client_overrides: &BTreeMap<String, String>) -> usize {
+pub fn topic_size(
+    brokers: &str,
+    topic: &str,
+    client_overrides: &BTreeMap<String, String>,
+) -> usize {
     let consumer = reader(brokers, client_overrides);
     let mut attempts = 0;
     loop {
-        let size = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).and_then(|metadata| {
-            metadata.topics()[0]
-                .partitions()
-                .iter()
-                .map(|p| consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).map(|(low, high)| (high - low) as usize))
-                .sum::<Result<usize, _>>()
-        });
+        let size = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .and_then(|metadata| {
+                metadata.topics()[0]
+                    .partitions()
+                    .iter()
+                    .map(|p| {
+                        consumer
+                            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                            .map(|(low, high)| (high - low) as usize)
+                    })
+                    .sum::<Result<usize, _>>()
+            });
         match size {
             Ok(n) => return n,
             Err(e) if attempts < 10 => {
@@ -110,7 +133,11 @@ pub fn topic_size(brokers: &str, topic: &str, client_overrides: &BTreeMap<String
 }
 
 /// Every record of a topic.
-pub fn read_all(brokers: &str, topic: &str, client_overrides: &BTreeMap<String, String>) -> Vec<Record> {
+pub fn read_all(
+    brokers: &str,
+    topic: &str,
+    client_overrides: &BTreeMap<String, String>,
+) -> Vec<Record> {
     let n = topic_size(brokers, topic, client_overrides);
     let records = read_topic(brokers, topic, client_overrides, n, Duration::from_secs(30));
     assert_eq!(records.len(), n, "could not read back all of {topic}");
@@ -126,12 +153,15 @@ pub fn read_topic(
     timeout: Duration,
 ) -> Vec<Record> {
     let consumer = reader(brokers, client_overrides);
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
     let partitions = metadata.topics()[0].partitions().len() as i32;
     assert!(partitions > 0, "topic {topic} has no partitions");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let deadline = std::time::Instant::now() + timeout;
@@ -142,7 +172,12 @@ pub fn read_topic(
                 .headers()
                 .map(|h| {
                     h.iter()
-                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -199,7 +234,10 @@ pub use candlestream::candles::now_ms;
 pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -212,15 +250,28 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// The keys tests set, as a config file for running the `candlestream` binary.
 pub fn settings_toml(s: &Settings) -> String {
-    let table = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("\"{k}\" = \"{v}\"\n")).collect::<String>();
-    let symbols = s.bitfinex.symbols.iter().map(|x| format!("\"{x}\"")).collect::<Vec<_>>().join(", ");
+    let table = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+            .collect::<String>()
+    };
+    let symbols = s
+        .bitfinex
+        .symbols
+        .iter()
+        .map(|x| format!("\"{x}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let d = |d: Duration| format!("\"{}ms\"", d.as_millis());
     format!(
         "[bitfinex]\nws_url = \"{}\"\nrest_url = \"{}\"\nsymbols = [{symbols}]\nrest_poll_interval = {}\n\
@@ -239,7 +290,11 @@ pub fn settings_toml(s: &Settings) -> String {
         d(s.bitfinex.heartbeat_timeout),
         d(s.bitfinex.reconnect_backoff_min),
         d(s.bitfinex.reconnect_backoff_max),
-        if s.bitfinex.mode == candlestream::config::ExchangeMode::Rest { "rest" } else { "websocket" },
+        if s.bitfinex.mode == candlestream::config::ExchangeMode::Rest {
+            "rest"
+        } else {
+            "websocket"
+        },
         s.bitfinex.trades,
         d(s.bitfinex.backfill),
         s.bitfinex.rest_trades_per_minute,
@@ -285,7 +340,10 @@ impl Process {
     /// SIGTERM, then waits for the exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.0.id().to_string();
-        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         self.0.wait().unwrap()
     }
 }

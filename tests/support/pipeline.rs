@@ -13,10 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::fake_bitfinex::{FakeBitfinex, Sent};
 use super::fake_registry::FakeRegistry;
-use super::{eventually, java_partition, read_all, topic_size, Record, SYMBOLS};
+use super::{Record, SYMBOLS, eventually, java_partition, read_all, topic_size};
 
 pub const WAIT: Duration = Duration::from_secs(20);
-
 
 /// A producer or consumer running in this process.
 pub struct Running {
@@ -28,14 +27,20 @@ pub fn start(settings: Settings) -> Running {
     candlestream::telemetry::init_logging(&settings.log);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(producer::run(settings, cancel.clone()));
-    let task = tokio::spawn(async move { task.await.unwrap().map_err(|e: ProducerError| e.to_string()) });
+    let task = tokio::spawn(async move {
+        task.await
+            .unwrap()
+            .map_err(|e: ProducerError| e.to_string())
+    });
     Running { cancel, task }
 }
 
 impl Running {
     pub async fn stop(self) {
         self.cancel.cancel();
-        let result = tokio::time::timeout(WAIT, self.task).await.expect("producer stops in time");
+        let result = tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("producer stops in time");
         result.expect("no panic").expect("clean shutdown");
     }
 }
@@ -43,7 +48,11 @@ impl Running {
 pub fn start_consumer(settings: Settings, workers: usize) -> Running {
     candlestream::telemetry::init_logging(&settings.log);
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(candlestream::consumer::run(settings, workers, cancel.clone()));
+    let task = tokio::spawn(candlestream::consumer::run(
+        settings,
+        workers,
+        cancel.clone(),
+    ));
     let task = tokio::spawn(async move { task.await.unwrap().map_err(|e| e.to_string()) });
     Running { cancel, task }
 }
@@ -67,7 +76,14 @@ pub fn make_ticks(symbols: &[&str], n: usize, start_ms: i64, step_ms: i64) -> Ve
                 low: price - 10.0,
             };
             let t = start_ms + i as i64 * step_ms + j as i64;
-            out.push(Tick::new(s.to_string(), v, t, Some(i as i64), Source::Websocket, t + 5));
+            out.push(Tick::new(
+                s.to_string(),
+                v,
+                t,
+                Some(i as i64),
+                Source::Websocket,
+                t + 5,
+            ));
         }
     }
     out
@@ -84,32 +100,55 @@ pub async fn produce_ticks(
     let encoder = encoder(registry, topic);
     let producer = raw_producer(brokers, overrides);
     for t in ticks {
-        let payload = encoder.encode(&candles::Record::Tick(t.clone())).await.unwrap();
+        let payload = encoder
+            .encode(&candles::Record::Tick(t.clone()))
+            .await
+            .unwrap();
         produce_raw(&producer, topic, Some(t.symbol.as_bytes()), &payload).await;
     }
 }
 
 /// An encoder that registers the ticker schema under `<topic>-value`.
 pub fn encoder(registry: &FakeRegistry, topic: &str) -> Encoder {
-    let sr = candlestream::config::SchemaRegistryConfig { url: registry.url(), ..Default::default() };
-    let kafka = candlestream::config::KafkaConfig { topic: topic.into(), ..Default::default() };
+    let sr = candlestream::config::SchemaRegistryConfig {
+        url: registry.url(),
+        ..Default::default()
+    };
+    let kafka = candlestream::config::KafkaConfig {
+        topic: topic.into(),
+        ..Default::default()
+    };
     Encoder::new(&sr, &kafka).unwrap()
 }
 
-pub fn raw_producer(brokers: &str, overrides: &BTreeMap<String, String>) -> rdkafka::producer::FutureProducer {
-    let mut cfg = candlestream::config::KafkaConfig { brokers: brokers.into(), ..Default::default() };
+pub fn raw_producer(
+    brokers: &str,
+    overrides: &BTreeMap<String, String>,
+) -> rdkafka::producer::FutureProducer {
+    let mut cfg = candlestream::config::KafkaConfig {
+        brokers: brokers.into(),
+        ..Default::default()
+    };
     cfg.producer = overrides.clone();
     candlestream::kafka::producer_config(&cfg).create().unwrap()
 }
 
-pub async fn produce_raw(producer: &rdkafka::producer::FutureProducer, topic: &str, key: Option<&[u8]>, payload: &[u8]) {
+pub async fn produce_raw(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+) {
     let mut record = rdkafka::producer::FutureRecord::to(topic).payload(payload);
     if let Some(k) = key {
         record = record.key(k);
     }
-    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
 }
-
 
 pub async fn emit_rounds(exchange: &FakeBitfinex, rounds: usize) -> usize {
     let mut n = 0;
@@ -123,9 +162,17 @@ pub async fn emit_rounds(exchange: &FakeBitfinex, rounds: usize) -> usize {
 
 /// Waits until Kafka holds everything the exchange sent so far: a quiet point at which cutting
 /// the connection cannot lose frames still on the wire, which no client could save.
-pub async fn caught_up(exchange: &FakeBitfinex, brokers: &str, topic: &str, overrides: &BTreeMap<String, String>) {
+pub async fn caught_up(
+    exchange: &FakeBitfinex,
+    brokers: &str,
+    topic: &str,
+    overrides: &BTreeMap<String, String>,
+) {
     let sent = exchange.sent().len();
-    eventually("the client caught up with the exchange", WAIT, || topic_size(brokers, topic, overrides) >= sent).await;
+    eventually("the client caught up with the exchange", WAIT, || {
+        topic_size(brokers, topic, overrides) >= sent
+    })
+    .await;
 }
 
 /// Stops the producer once what was sent so far is in Kafka (frames still unread in the socket at
@@ -151,7 +198,10 @@ pub async fn decode_records(registry: &FakeRegistry, records: &[Record]) -> Vec<
     .unwrap();
     let mut out = Vec::new();
     for r in records {
-        let record = decoder.decode(&r.payload).await.expect("every record decodes through the registry");
+        let record = decoder
+            .decode(&r.payload)
+            .await
+            .expect("every record decodes through the registry");
         assert_eq!(r.key.as_deref(), Some(record.symbol()), "key is the symbol");
         out.push(record);
     }
@@ -160,12 +210,30 @@ pub async fn decode_records(registry: &FakeRegistry, records: &[Record]) -> Vec<
 
 pub async fn decode_all(registry: &FakeRegistry, records: &[Record]) -> Vec<Tick> {
     let decoded = decode_records(registry, records).await;
-    decoded.into_iter().map(|r| if let candles::Record::Tick(t) = r { t } else { panic!("a trade among the ticks") }).collect()
+    decoded
+        .into_iter()
+        .map(|r| {
+            if let candles::Record::Tick(t) = r {
+                t
+            } else {
+                panic!("a trade among the ticks")
+            }
+        })
+        .collect()
 }
 
 pub async fn decode_trades(registry: &FakeRegistry, records: &[Record]) -> Vec<candles::Trade> {
     let decoded = decode_records(registry, records).await;
-    decoded.into_iter().map(|r| if let candles::Record::Trade(t) = r { t } else { panic!("a tick among the trades") }).collect()
+    decoded
+        .into_iter()
+        .map(|r| {
+            if let candles::Record::Trade(t) = r {
+                t
+            } else {
+                panic!("a tick among the trades")
+            }
+        })
+        .collect()
 }
 
 /// (symbol, volume bits, source): volume is unique per symbol and update in the fake.
@@ -176,7 +244,11 @@ pub fn sent_identity(s: &Sent) -> Identity {
 }
 
 pub fn tick_identity(t: &Tick) -> Identity {
-    (t.symbol.clone(), t.volume.to_bits(), t.source == Source::Rest)
+    (
+        t.symbol.clone(),
+        t.volume.to_bits(),
+        t.source == Source::Rest,
+    )
 }
 
 /// Every sent update is in the topic exactly once, with the values and times that were sent.
@@ -187,14 +259,30 @@ pub fn assert_exactly_sent(sent: &[Sent], ticks: &[Tick]) {
     got.sort();
     assert_eq!(got.len(), want.len(), "record count");
     assert_eq!(got, want, "records differ from what the exchange sent");
-    let by_identity: BTreeMap<Identity, &Tick> = ticks.iter().map(|t| (tick_identity(t), t)).collect();
+    let by_identity: BTreeMap<Identity, &Tick> =
+        ticks.iter().map(|t| (tick_identity(t), t)).collect();
     for s in sent {
         let t = by_identity[&sent_identity(s)];
-        let got = [t.bid, t.bid_size, t.ask, t.ask_size, t.daily_change, t.daily_change_relative, t.last_price, t.volume, t.high, t.low];
+        let got = [
+            t.bid,
+            t.bid_size,
+            t.ask,
+            t.ask_size,
+            t.daily_change,
+            t.daily_change_relative,
+            t.last_price,
+            t.volume,
+            t.high,
+            t.low,
+        ];
         assert_eq!(got, s.values, "values of {s:?}");
         if let Some(ts) = s.exchange_time {
             // Exact, unless it shared a millisecond with a REST tick and was moved forward.
-            assert!((ts..ts + 50).contains(&t.exchange_time), "exchange time {} for sent {ts}", t.exchange_time);
+            assert!(
+                (ts..ts + 50).contains(&t.exchange_time),
+                "exchange time {} for sent {ts}",
+                t.exchange_time
+            );
             assert_eq!(t.sequence, s.seq.map(|x| x as i64));
         }
     }
@@ -203,15 +291,21 @@ pub fn assert_exactly_sent(sent: &[Sent], ticks: &[Tick]) {
 pub fn assert_one_partition_per_symbol(records: &[Record], partitions_in_topic: i32) {
     let mut partitions: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
     for r in records {
-        partitions.entry(r.key.clone().unwrap()).or_default().insert(r.partition);
+        partitions
+            .entry(r.key.clone().unwrap())
+            .or_default()
+            .insert(r.partition);
     }
     for (symbol, parts) in partitions {
         assert_eq!(parts.len(), 1, "{symbol} spread over {parts:?}");
         let expected = java_partition(symbol.as_bytes(), partitions_in_topic);
-        assert_eq!(parts.first(), Some(&expected), "{symbol} not where Java's murmur2 puts it");
+        assert_eq!(
+            parts.first(),
+            Some(&expected),
+            "{symbol} not where Java's murmur2 puts it"
+        );
     }
 }
-
 
 /// Emits rounds of updates in the background until stopped; the fake records what it sent.
 pub struct Emitter {

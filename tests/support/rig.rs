@@ -12,7 +12,7 @@ use candlestream::config::Settings;
 use super::fake_bitfinex::FakeBitfinex;
 use super::fake_registry::FakeRegistry;
 use super::influx1::Influx1;
-use super::kafka09::{client_overrides, producer_overrides, KafkaCluster};
+use super::kafka09::{KafkaCluster, client_overrides, producer_overrides};
 use super::{eventually_async, settings, topic_size, unique};
 
 /// One cluster at a time: each is four JVMs on a two-core machine.
@@ -33,7 +33,11 @@ pub struct Rig {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Rig {
@@ -42,7 +46,9 @@ impl Rig {
     }
 
     pub async fn with_registry(registry: FakeRegistry) -> Self {
-        let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await.unwrap();
+        let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3))
+            .await
+            .unwrap();
         let topic = unique("ticks");
         cluster.create_topic(&topic, 3, 3, 2);
         cluster.create_topic(&format!("{topic}-trades"), 3, 3, 2);
@@ -54,12 +60,25 @@ impl Rig {
         let mut s = settings(&exchange, &registry, &cluster.bootstrap(), &topic);
         s.kafka.producer = producer_overrides();
         s.kafka.consumer = client_overrides();
-        s.kafka.consumer.insert("session.timeout.ms".into(), "6000".into());
-        s.kafka.consumer.insert("heartbeat.interval.ms".into(), "500".into());
+        s.kafka
+            .consumer
+            .insert("session.timeout.ms".into(), "6000".into());
+        s.kafka
+            .consumer
+            .insert("heartbeat.interval.ms".into(), "500".into());
         s.health.max_ack_silence = Duration::from_secs(3);
         influx.configure(&mut s, &db);
         s.consumer.retry_backoff_max = Duration::from_secs(1);
-        Self { cluster, topic, influx, db, exchange, _registry: registry, settings: s, producer_port: free_port() }
+        Self {
+            cluster,
+            topic,
+            influx,
+            db,
+            exchange,
+            _registry: registry,
+            settings: s,
+            producer_port: free_port(),
+        }
     }
 
     pub fn producer_settings(&self) -> Settings {
@@ -76,14 +95,26 @@ impl Rig {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.producer_port)).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.producer_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Records Kafka acknowledged to the producer, from its /metrics.
     pub async fn produced(&self) -> u64 {
         let metrics = self.metrics().await;
-        let line = metrics.lines().find(|l| l.starts_with("candlestream_kafka_produced_total")).unwrap_or("x 0");
-        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap_or(0.0) as u64
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("candlestream_kafka_produced_total"))
+            .unwrap_or("x 0");
+        line.rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap_or(0.0) as u64
     }
 
     pub async fn stored(&self) -> usize {
@@ -95,15 +126,30 @@ impl Rig {
     /// `injected` counts records the test wrote to the topic itself (poison), not duplicates.
     pub async fn assert_exact(&self, scenario: &str, recovery: Option<Duration>, injected: usize) {
         let sent = self.exchange.sent();
-        eventually_async("every sent tick stored", STORE_WAIT, || async { self.stored().await >= sent.len() }).await;
+        eventually_async("every sent tick stored", STORE_WAIT, || async {
+            self.stored().await >= sent.len()
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rows = self.influx.rows(&self.db, "SELECT symbol, last_price, volume FROM ticker").await;
+        let rows = self
+            .influx
+            .rows(&self.db, "SELECT symbol, last_price, volume FROM ticker")
+            .await;
         // Volume is unique per symbol and update in the fake exchange.
         let stored: BTreeMap<(String, u64), (i64, f64)> = rows
             .iter()
             .map(|r| {
-                let key = (r["symbol"].as_str().unwrap().to_string(), r["volume"].as_f64().unwrap().to_bits());
-                (key, (r["time"].as_i64().unwrap(), r["last_price"].as_f64().unwrap()))
+                let key = (
+                    r["symbol"].as_str().unwrap().to_string(),
+                    r["volume"].as_f64().unwrap().to_bits(),
+                );
+                (
+                    key,
+                    (
+                        r["time"].as_i64().unwrap(),
+                        r["last_price"].as_f64().unwrap(),
+                    ),
+                )
             })
             .collect();
         for s in &sent {
@@ -143,7 +189,6 @@ where
     None
 }
 
-
 impl Rig {
     pub fn trades_topic(&self) -> String {
         self.settings.kafka.trades_topic.clone()
@@ -155,23 +200,48 @@ impl Rig {
     pub async fn assert_trades_exact(&self, scenario: &str, recovery: Option<Duration>) -> usize {
         let ledger = self.exchange.ledger();
         let wait = STORE_WAIT * 2;
-        eventually_async("every executed trade stored", wait, || async { self.influx.count_trades(&self.db).await >= ledger.len() }).await;
+        eventually_async("every executed trade stored", wait, || async {
+            self.influx.count_trades(&self.db).await >= ledger.len()
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rows = self.influx.rows(&self.db, "SELECT symbol, side, id, price, amount FROM trades").await;
-        let stored: BTreeMap<i64, &serde_json::Map<String, serde_json::Value>> =
-            rows.iter().map(|r| (r["id"].as_i64().expect("integer id"), r)).collect();
-        assert_eq!(stored.len(), rows.len(), "{scenario}: two points share a trade id");
+        let rows = self
+            .influx
+            .rows(
+                &self.db,
+                "SELECT symbol, side, id, price, amount FROM trades",
+            )
+            .await;
+        let stored: BTreeMap<i64, &serde_json::Map<String, serde_json::Value>> = rows
+            .iter()
+            .map(|r| (r["id"].as_i64().expect("integer id"), r))
+            .collect();
+        assert_eq!(
+            stored.len(),
+            rows.len(),
+            "{scenario}: two points share a trade id"
+        );
         for t in &ledger {
-            let r = stored.get(&t.id).unwrap_or_else(|| panic!("{scenario}: {t:?} not in InfluxDB"));
+            let r = stored
+                .get(&t.id)
+                .unwrap_or_else(|| panic!("{scenario}: {t:?} not in InfluxDB"));
             let side = if t.amount < 0.0 { "sell" } else { "buy" };
             assert_eq!(r["symbol"].as_str(), Some(t.symbol.as_str()), "{t:?}");
             assert_eq!(r["side"].as_str(), Some(side), "{t:?}");
             assert_eq!(r["price"].as_f64(), Some(t.price), "{t:?}");
             assert_eq!(r["amount"].as_f64(), Some(t.amount.abs()), "{t:?}");
-            assert_eq!(r["time"].as_i64(), Some(t.mts), "{t:?}: stored in the exchange's millisecond");
+            assert_eq!(
+                r["time"].as_i64(),
+                Some(t.mts),
+                "{t:?}: stored in the exchange's millisecond"
+            );
         }
         assert_eq!(rows.len(), ledger.len(), "{scenario}: stored vs executed");
-        let in_kafka = topic_size(&self.cluster.bootstrap(), &self.trades_topic(), &client_overrides());
+        let in_kafka = topic_size(
+            &self.cluster.bootstrap(),
+            &self.trades_topic(),
+            &client_overrides(),
+        );
         crate::report!(
             "RELIABILITY | {scenario} | executed {} | stored {} | duplicates in Kafka {} | duplicates in InfluxDB 0 | recovery {}",
             ledger.len(),
@@ -202,7 +272,11 @@ impl MockPipeline {
     pub async fn start(history: impl FnOnce(&FakeBitfinex)) -> Self {
         let topic = unique("pipe");
         let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
-        for t in [topic.clone(), format!("{topic}-trades"), format!("{topic}-dlq")] {
+        for t in [
+            topic.clone(),
+            format!("{topic}-trades"),
+            format!("{topic}-dlq"),
+        ] {
             cluster.create_topic(&t, 3, 3).unwrap();
         }
         let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
@@ -215,15 +289,29 @@ impl MockPipeline {
         influx.configure(&mut s, &db);
         let consumer = super::pipeline::start_consumer(s.clone(), 1);
         let producer = super::pipeline::start(s.clone());
-        Self { _cluster: cluster, influx, db, exchange, _registry: registry, settings: s, producer, consumer }
+        Self {
+            _cluster: cluster,
+            influx,
+            db,
+            exchange,
+            _registry: registry,
+            settings: s,
+            producer,
+            consumer,
+        }
     }
 
     /// Waits until InfluxDB holds every trade executed and every ticker update sent so far.
     pub async fn wait_stored(&self) {
         let (trades, ticks) = (self.exchange.ledger().len(), self.exchange.sent().len());
-        eventually_async("every trade and ticker update stored", STORE_WAIT, || async {
-            self.influx.count_trades(&self.db).await >= trades && self.influx.count(&self.db, "ticker").await >= ticks
-        })
+        eventually_async(
+            "every trade and ticker update stored",
+            STORE_WAIT,
+            || async {
+                self.influx.count_trades(&self.db).await >= trades
+                    && self.influx.count(&self.db, "ticker").await >= ticks
+            },
+        )
         .await;
     }
 

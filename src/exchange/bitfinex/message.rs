@@ -5,8 +5,8 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 
 /// Info code: the server is restarting; reconnect now.
 pub const INFO_RECONNECT: u32 = 20051;
@@ -153,17 +153,30 @@ impl TradeValues {
         if raw.len() < 4 {
             return Err(TradeError::TooShort(raw.len()));
         }
-        let number = |i: usize| raw[i].filter(|x| x.is_finite()).ok_or(TradeError::Invalid(i));
+        let number = |i: usize| {
+            raw[i]
+                .filter(|x| x.is_finite())
+                .ok_or(TradeError::Invalid(i))
+        };
         let integer = |i: usize| {
             number(i).and_then(|x| {
-                if x.fract() == 0.0 && x > 0.0 && x < MAX_EXACT_INT { Ok(x as i64) } else { Err(TradeError::Invalid(i)) }
+                if x.fract() == 0.0 && x > 0.0 && x < MAX_EXACT_INT {
+                    Ok(x as i64)
+                } else {
+                    Err(TradeError::Invalid(i))
+                }
             })
         };
         let price = number(3)?;
         if price <= 0.0 {
             return Err(TradeError::Invalid(3));
         }
-        Ok(Self { id: integer(0)?, mts: integer(1)?, amount: number(2)?, price })
+        Ok(Self {
+            id: integer(0)?,
+            mts: integer(1)?,
+            amount: number(2)?,
+            price,
+        })
     }
 }
 
@@ -198,19 +211,25 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
                     Some(Elem::Number(_)) => Err(TradeError::NotAnArray),
                     None => return Err(de::Error::invalid_length(2, &self)),
                 };
-                if s == "te" { Payload::TradeExecuted(trade) } else { Payload::TradeUpdated(trade) }
+                if s == "te" {
+                    Payload::TradeExecuted(trade)
+                } else {
+                    Payload::TradeUpdated(trade)
+                }
             }
             RawPayload::Text(s) => Payload::Other(s),
             // A snapshot is an array of arrays, a ticker an array of numbers that may grow
             // nested fields at its end.
-            RawPayload::Values(v) if v.is_empty() || matches!(v[0], Elem::Array(_)) => Payload::Trades(
-                v.into_iter()
-                    .map(|e| match e {
-                        Elem::Array(values) => TradeValues::from_raw(&values),
-                        Elem::Number(_) => Err(TradeError::NotAnArray),
-                    })
-                    .collect(),
-            ),
+            RawPayload::Values(v) if v.is_empty() || matches!(v[0], Elem::Array(_)) => {
+                Payload::Trades(
+                    v.into_iter()
+                        .map(|e| match e {
+                            Elem::Array(values) => TradeValues::from_raw(&values),
+                            Elem::Number(_) => Err(TradeError::NotAnArray),
+                        })
+                        .collect(),
+                )
+            }
             RawPayload::Values(v) => Payload::Ticker(
                 v.into_iter()
                     .map(|e| match e {
@@ -221,10 +240,19 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
             ),
         };
         // Other channels put more arrays here, so read loosely and keep only numbers.
-        let seq_no = seq.next_element::<serde_json::Value>()?.and_then(|v| v.as_u64());
-        let timestamp_ms = seq.next_element::<serde_json::Value>()?.and_then(|v| v.as_i64());
+        let seq_no = seq
+            .next_element::<serde_json::Value>()?
+            .and_then(|v| v.as_u64());
+        let timestamp_ms = seq
+            .next_element::<serde_json::Value>()?
+            .and_then(|v| v.as_i64());
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(ChannelMessage { chan_id, payload, seq: seq_no, timestamp_ms })
+        Ok(ChannelMessage {
+            chan_id,
+            payload,
+            seq: seq_no,
+            timestamp_ms,
+        })
     }
 }
 
@@ -322,7 +350,9 @@ impl TickerValues {
         }
         let mut v = [0.0; TICKER_FIELDS];
         for (i, slot) in v.iter_mut().enumerate() {
-            *slot = raw[i].filter(|x| x.is_finite()).ok_or(TickerError::Missing(i))?;
+            *slot = raw[i]
+                .filter(|x| x.is_finite())
+                .ok_or(TickerError::Missing(i))?;
         }
         Ok(Self {
             bid: v[0],
@@ -355,8 +385,9 @@ impl<'de> Deserialize<'de> for RestTicker {
                 f.write_str("a REST ticker [SYMBOL, BID, …]")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RestTicker, A::Error> {
-                let symbol: String =
-                    seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let symbol: String = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
                 let mut values = Vec::with_capacity(TICKER_FIELDS);
                 // Funding tickers carry non-numeric fields further on; keep only the numbers.
                 while let Some(v) = seq.next_element::<serde_json::Value>()? {
@@ -387,10 +418,15 @@ pub fn parse_rest(body: &str) -> Result<RestAnswer, serde_json::Error> {
     let items: Vec<Value> = serde_json::from_str(body)?;
     if items.first().is_some_and(|v| v == "error") {
         let code = items.get(1).and_then(Value::as_i64);
-        let msg = items.get(2).map_or(String::new(), |v| v.as_str().map_or(v.to_string(), str::to_string));
+        let msg = items.get(2).map_or(String::new(), |v| {
+            v.as_str().map_or(v.to_string(), str::to_string)
+        });
         return Ok(RestAnswer::Error { code, msg });
     }
-    let row = |v: Value| v.as_array().map_or(Vec::new(), |a| a.iter().map(Value::as_f64).collect());
+    let row = |v: Value| {
+        v.as_array()
+            .map_or(Vec::new(), |a| a.iter().map(Value::as_f64).collect())
+    };
     Ok(RestAnswer::Rows(items.into_iter().map(row).collect()))
 }
 
@@ -408,7 +444,11 @@ pub struct CandleValues {
 
 impl CandleValues {
     pub fn from_row(row: &[Option<f64>]) -> Option<Self> {
-        let v: Vec<f64> = row.iter().take(6).map(|x| x.filter(|x| x.is_finite())).collect::<Option<_>>()?;
+        let v: Vec<f64> = row
+            .iter()
+            .take(6)
+            .map(|x| x.filter(|x| x.is_finite()))
+            .collect::<Option<_>>()?;
         (v.len() == 6 && v[0].fract() == 0.0).then(|| Self {
             mts: v[0] as i64,
             open: v[1],
@@ -436,7 +476,9 @@ mod tests {
     /// What a client should make of a frame.
     #[derive(Debug, PartialEq)]
     enum Outcome {
-        Hello { status: i64 },
+        Hello {
+            status: i64,
+        },
         Info(u32),
         ConfOk,
         Subscribed(u64, &'static str),
@@ -459,14 +501,21 @@ mod tests {
     use Outcome::*;
 
     fn outcome(text: &str) -> Outcome {
-        let Ok(frame) = parse_frame(text) else { return Unparseable };
+        let Ok(frame) = parse_frame(text) else {
+            return Unparseable;
+        };
         match frame {
             Frame::Event(Event::Info { code: Some(c), .. }) => Info(c),
-            Frame::Event(Event::Info { platform, .. }) => Hello { status: platform.map_or(-1, |p| p.status) },
+            Frame::Event(Event::Info { platform, .. }) => Hello {
+                status: platform.map_or(-1, |p| p.status),
+            },
             Frame::Event(Event::Conf { status, .. }) if status.as_deref() == Some("OK") => ConfOk,
-            Frame::Event(Event::Subscribed { chan_id, symbol, .. }) => {
-                Subscribed(chan_id, symbol.map_or("", |s| Box::leak(s.into_boxed_str())))
-            }
+            Frame::Event(Event::Subscribed {
+                chan_id, symbol, ..
+            }) => Subscribed(
+                chan_id,
+                symbol.map_or("", |s| Box::leak(s.into_boxed_str())),
+            ),
             Frame::Event(Event::Error { code, .. }) => ErrorEvent(code.unwrap_or(0)),
             Frame::Event(Event::Pong { .. }) => Pong,
             Frame::Event(_) => UnknownEvent,
@@ -479,18 +528,28 @@ mod tests {
                 Payload::Other(_) => UnknownEvent,
                 Payload::Trades(entries) => Snapshot(
                     m.chan_id,
-                    entries.iter().filter_map(|e| e.as_ref().ok().map(|t| t.id)).collect(),
+                    entries
+                        .iter()
+                        .filter_map(|e| e.as_ref().ok().map(|t| t.id))
+                        .collect(),
                     entries.iter().filter(|e| e.is_err()).count(),
                 ),
                 Payload::TradeExecuted(Ok(t)) => Te(m.chan_id, t, m.seq, m.timestamp_ms),
                 Payload::TradeUpdated(Ok(t)) => Tu(m.chan_id, t, m.seq, m.timestamp_ms),
-                Payload::TradeExecuted(Err(_)) | Payload::TradeUpdated(Err(_)) => RejectedTrade(m.chan_id),
+                Payload::TradeExecuted(Err(_)) | Payload::TradeUpdated(Err(_)) => {
+                    RejectedTrade(m.chan_id)
+                }
             },
         }
     }
 
     fn trade(id: i64, mts: i64, amount: f64, price: f64) -> TradeValues {
-        TradeValues { id, mts, amount, price }
+        TradeValues {
+            id,
+            mts,
+            amount,
+            price,
+        }
     }
 
     /// The `frame` (or `raw`) text of every line whose `dir` is not "out".
@@ -560,16 +619,31 @@ mod tests {
             ("null", Unparseable),
             ("[1, [1,2,3,4,5,6,7,8,9]]", RejectedTicker(1)),
             ("[1, [1,2,3,4,5,6,7,\"x\",9,10]]", RejectedTicker(1)),
-            ("[1, [1,2,3,4,5,6,7,8,9,10,\"new\",[1],{\"k\":true}]]", Ticker(1, 7.0, None, None)),
+            (
+                "[1, [1,2,3,4,5,6,7,8,9,10,\"new\",[1],{\"k\":true}]]",
+                Ticker(1, 7.0, None, None),
+            ),
             ("[1, [1,2,3,4,5,6,7,8,9,1e400]]", Unparseable),
             // Fields appended anywhere are ignored.
-            ("[1, [1,2,3,4,5,6,7,8,9,10,11,12], 7, 1700000000000, \"new\", {\"x\":1}]", Ticker(1, 7.0, Some(7), Some(1700000000000))),
+            (
+                "[1, [1,2,3,4,5,6,7,8,9,10,11,12], 7, 1700000000000, \"new\", {\"x\":1}]",
+                Ticker(1, 7.0, Some(7), Some(1700000000000)),
+            ),
             ("[1, \"hb\", 8, 1700000000000, 99]", Heartbeat(1, Some(8))),
-            ("{\"event\":\"info\",\"code\":20051,\"msg\":\"x\",\"newField\":[1]}", Info(INFO_RECONNECT)),
-            ("{\"event\":\"subscribed\",\"channel\":\"ticker\",\"chanId\":5,\"symbol\":\"tBTCUSD\",\"pair\":\"BTCUSD\",\"extra\":true}", Subscribed(5, "tBTCUSD")),
+            (
+                "{\"event\":\"info\",\"code\":20051,\"msg\":\"x\",\"newField\":[1]}",
+                Info(INFO_RECONNECT),
+            ),
+            (
+                "{\"event\":\"subscribed\",\"channel\":\"ticker\",\"chanId\":5,\"symbol\":\"tBTCUSD\",\"pair\":\"BTCUSD\",\"extra\":true}",
+                Subscribed(5, "tBTCUSD"),
+            ),
             ("{\"event\":\"error\",\"msg\":\"no code\"}", ErrorEvent(0)),
             // A ticker that grew a nested field is still a ticker, not a snapshot.
-            ("[1, [1,2,3,4,5,6,7,8,9,10,[11,12]]]", Ticker(1, 7.0, None, None)),
+            (
+                "[1, [1,2,3,4,5,6,7,8,9,10,[11,12]]]",
+                Ticker(1, 7.0, None, None),
+            ),
         ];
         for (frame, want) in cases {
             assert_eq!(&outcome(frame), want, "frame {frame}");
@@ -577,8 +651,10 @@ mod tests {
     }
 
     const TRADES: &str = include_str!("../../../tests/fixtures/bitfinex/ws-trades-session.jsonl");
-    const TRADES_HIST: &str = include_str!("../../../tests/fixtures/bitfinex/rest-trades-hist.json");
-    const CANDLES_HIST: &str = include_str!("../../../tests/fixtures/bitfinex/rest-candles-hist.json");
+    const TRADES_HIST: &str =
+        include_str!("../../../tests/fixtures/bitfinex/rest-trades-hist.json");
+    const CANDLES_HIST: &str =
+        include_str!("../../../tests/fixtures/bitfinex/rest-candles-hist.json");
 
     #[test]
     fn fixture_trades_session_frames() {
@@ -589,19 +665,79 @@ mod tests {
             Subscribed(c, "tBTCUSD"),
             // Newest first, as Bitfinex sends it; three trades share 1763787601200.
             Snapshot(c, vec![1781554010, 1781554003, 1781554002, 1781554001], 0),
-            Te(c, trade(1781554024, 1763787641002, -0.00062, 97305.0), Some(2), Some(1763787641003)),
-            Tu(c, trade(1781554024, 1763787641002, -0.00062, 97305.0), Some(3), Some(1763787642302)),
-            Te(c, trade(1781554031, 1763787659999, 1.5, 97330.0), Some(4), Some(1763787660000)),
+            Te(
+                c,
+                trade(1781554024, 1763787641002, -0.00062, 97305.0),
+                Some(2),
+                Some(1763787641003),
+            ),
+            Tu(
+                c,
+                trade(1781554024, 1763787641002, -0.00062, 97305.0),
+                Some(3),
+                Some(1763787642302),
+            ),
+            Te(
+                c,
+                trade(1781554031, 1763787659999, 1.5, 97330.0),
+                Some(4),
+                Some(1763787660000),
+            ),
             Heartbeat(c, Some(5)),
-            Tu(c, trade(1781554031, 1763787659999, 1.5, 97330.0), Some(6), Some(1763787661299)),
-            Te(c, trade(1781554039, 1763787660000, -0.01, 97329.0), Some(7), Some(1763787660001)),
-            Tu(c, trade(1781554039, 1763787660000, -0.01, 97329.0), Some(8), Some(1763787661300)),
-            Te(c, trade(1781554040, 1763787672411, -2.05031, 97290.0), Some(9), Some(1763787672412)),
-            Tu(c, trade(1781554040, 1763787672411, -2.05031, 97290.0), Some(10), Some(1763787673711)),
-            Te(c, trade(1781554051, 1763787698000, 0.104, 97301.0), Some(11), Some(1763787698001)),
-            Tu(c, trade(1781554051, 1763787698000, 0.104, 97301.0), Some(12), Some(1763787699300)),
-            Te(c, trade(1781554058, 1763787719500, 1e-05, 97299.0), Some(13), Some(1763787719501)),
-            Tu(c, trade(1781554058, 1763787719500, 1e-05, 97299.0), Some(14), Some(1763787720800)),
+            Tu(
+                c,
+                trade(1781554031, 1763787659999, 1.5, 97330.0),
+                Some(6),
+                Some(1763787661299),
+            ),
+            Te(
+                c,
+                trade(1781554039, 1763787660000, -0.01, 97329.0),
+                Some(7),
+                Some(1763787660001),
+            ),
+            Tu(
+                c,
+                trade(1781554039, 1763787660000, -0.01, 97329.0),
+                Some(8),
+                Some(1763787661300),
+            ),
+            Te(
+                c,
+                trade(1781554040, 1763787672411, -2.05031, 97290.0),
+                Some(9),
+                Some(1763787672412),
+            ),
+            Tu(
+                c,
+                trade(1781554040, 1763787672411, -2.05031, 97290.0),
+                Some(10),
+                Some(1763787673711),
+            ),
+            Te(
+                c,
+                trade(1781554051, 1763787698000, 0.104, 97301.0),
+                Some(11),
+                Some(1763787698001),
+            ),
+            Tu(
+                c,
+                trade(1781554051, 1763787698000, 0.104, 97301.0),
+                Some(12),
+                Some(1763787699300),
+            ),
+            Te(
+                c,
+                trade(1781554058, 1763787719500, 1e-05, 97299.0),
+                Some(13),
+                Some(1763787719501),
+            ),
+            Tu(
+                c,
+                trade(1781554058, 1763787719500, 1e-05, 97299.0),
+                Some(14),
+                Some(1763787720800),
+            ),
         ];
         let got: Vec<Outcome> = server_frames(TRADES).iter().map(|f| outcome(f)).collect();
         assert_eq!(got, expected);
@@ -612,17 +748,38 @@ mod tests {
         let t = trade(5, 1700000000000, -0.5, 97000.5);
         let cases: &[(&str, Outcome)] = &[
             // Without conf flags: no seq, no timestamp.
-            ("[2, \"te\", [5, 1700000000000, -0.5, 97000.5]]", Te(2, t, None, None)),
-            ("[2, \"tu\", [5, 1700000000000, -0.5, 97000.5]]", Tu(2, t, None, None)),
+            (
+                "[2, \"te\", [5, 1700000000000, -0.5, 97000.5]]",
+                Te(2, t, None, None),
+            ),
+            (
+                "[2, \"tu\", [5, 1700000000000, -0.5, 97000.5]]",
+                Tu(2, t, None, None),
+            ),
             // Trailing fields anywhere: in the trade, after the trailer.
-            ("[2, \"te\", [5, 1700000000000, -0.5, 97000.5, null, \"x\", [1]], 9, 1700000000001, {\"n\":1}]", Te(2, t, Some(9), Some(1700000000001))),
-            ("[2, [[5, 1700000000000, -0.5, 97000.5, 7], [4, 1700000000000, 1, 2, [3]]], 3, 1700000000002, \"new\"]", Snapshot(2, vec![5, 4], 0)),
+            (
+                "[2, \"te\", [5, 1700000000000, -0.5, 97000.5, null, \"x\", [1]], 9, 1700000000001, {\"n\":1}]",
+                Te(2, t, Some(9), Some(1700000000001)),
+            ),
+            (
+                "[2, [[5, 1700000000000, -0.5, 97000.5, 7], [4, 1700000000000, 1, 2, [3]]], 3, 1700000000002, \"new\"]",
+                Snapshot(2, vec![5, 4], 0),
+            ),
             // An empty snapshot: no recent trades.
             ("[2, []]", Snapshot(2, vec![], 0)),
             // Bad entries are rejected one by one; the rest of the snapshot stands.
-            ("[2, [[5, 1700000000000, -0.5, 97000.5], [6, null, 1, 2], [7, 1700000000000, 1], [1.5, 1700000000000, 1, 2], [8, 1700000000000, 1, -2]]]", Snapshot(2, vec![5], 4)),
-            ("[2, [[5, 1700000000000, -0.5, 97000.5], 17]]", Snapshot(2, vec![5], 1)),
-            ("[2, \"te\", [5, 1700000000000, \"0.5\", 97000.5]]", RejectedTrade(2)),
+            (
+                "[2, [[5, 1700000000000, -0.5, 97000.5], [6, null, 1, 2], [7, 1700000000000, 1], [1.5, 1700000000000, 1, 2], [8, 1700000000000, 1, -2]]]",
+                Snapshot(2, vec![5], 4),
+            ),
+            (
+                "[2, [[5, 1700000000000, -0.5, 97000.5], 17]]",
+                Snapshot(2, vec![5], 1),
+            ),
+            (
+                "[2, \"te\", [5, 1700000000000, \"0.5\", 97000.5]]",
+                RejectedTrade(2),
+            ),
             ("[2, \"te\", [5, 1700000000000]]", RejectedTrade(2)),
             ("[2, \"te\", 5]", RejectedTrade(2)),
             ("[2, \"te\", [1e20, 1700000000000, 1, 2]]", RejectedTrade(2)),
@@ -636,26 +793,63 @@ mod tests {
 
     #[test]
     fn rest_history_fixtures() {
-        let RestAnswer::Rows(rows) = parse_rest(TRADES_HIST).unwrap() else { panic!("rows") };
-        let trades: Vec<TradeValues> = rows.iter().map(|r| TradeValues::from_raw(r).unwrap()).collect();
+        let RestAnswer::Rows(rows) = parse_rest(TRADES_HIST).unwrap() else {
+            panic!("rows")
+        };
+        let trades: Vec<TradeValues> = rows
+            .iter()
+            .map(|r| TradeValues::from_raw(r).unwrap())
+            .collect();
         assert_eq!(trades.len(), 10);
         assert_eq!(trades[0], trade(1781554001, 1763787601200, 0.0125, 97321.0));
         assert_eq!(trades[9], trade(1781554058, 1763787719500, 1e-05, 97299.0));
-        assert!(trades.windows(2).all(|w| (w[0].mts, w[0].id) < (w[1].mts, w[1].id)), "sort=1: oldest first");
+        assert!(
+            trades
+                .windows(2)
+                .all(|w| (w[0].mts, w[0].id) < (w[1].mts, w[1].id)),
+            "sort=1: oldest first"
+        );
 
-        let RestAnswer::Rows(rows) = parse_rest(CANDLES_HIST).unwrap() else { panic!("rows") };
-        let candles: Vec<CandleValues> = rows.iter().map(|r| CandleValues::from_row(r).unwrap()).collect();
+        let RestAnswer::Rows(rows) = parse_rest(CANDLES_HIST).unwrap() else {
+            panic!("rows")
+        };
+        let candles: Vec<CandleValues> = rows
+            .iter()
+            .map(|r| CandleValues::from_row(r).unwrap())
+            .collect();
         assert_eq!(
             candles[0],
-            CandleValues { mts: 1763787600000, open: 97321.0, close: 97330.0, high: 97330.0, low: 97305.0, volume: 2.06122 }
+            CandleValues {
+                mts: 1763787600000,
+                open: 97321.0,
+                close: 97330.0,
+                high: 97330.0,
+                low: 97305.0,
+                volume: 2.06122
+            }
         );
         assert_eq!(candles.len(), 2);
 
         let cases: &[(&str, RestAnswer)] = &[
-            ("[\"error\", 11010, \"ratelimit: error\"]", RestAnswer::Error { code: Some(11010), msg: "ratelimit: error".into() }),
-            ("[\"error\", 10020, \"limit: invalid\", \"more\"]", RestAnswer::Error { code: Some(10020), msg: "limit: invalid".into() }),
+            (
+                "[\"error\", 11010, \"ratelimit: error\"]",
+                RestAnswer::Error {
+                    code: Some(11010),
+                    msg: "ratelimit: error".into(),
+                },
+            ),
+            (
+                "[\"error\", 10020, \"limit: invalid\", \"more\"]",
+                RestAnswer::Error {
+                    code: Some(10020),
+                    msg: "limit: invalid".into(),
+                },
+            ),
             ("[]", RestAnswer::Rows(vec![])),
-            ("[[1, 2], {}]", RestAnswer::Rows(vec![vec![Some(1.0), Some(2.0)], vec![]])),
+            (
+                "[[1, 2], {}]",
+                RestAnswer::Rows(vec![vec![Some(1.0), Some(2.0)], vec![]]),
+            ),
         ];
         for (body, want) in cases {
             assert_eq!(&parse_rest(body).unwrap(), want, "{body}");
@@ -669,8 +863,19 @@ mod tests {
         let tickers: Vec<RestTicker> = serde_json::from_str(REST).unwrap();
         let parsed: Vec<(String, f64)> = tickers
             .iter()
-            .map(|t| (t.symbol.clone(), TickerValues::from_raw(&t.values).unwrap().last_price))
+            .map(|t| {
+                (
+                    t.symbol.clone(),
+                    TickerValues::from_raw(&t.values).unwrap().last_price,
+                )
+            })
             .collect();
-        assert_eq!(parsed, [("tBTCUSD".to_string(), 97321.0), ("tETHUSD".to_string(), 3512.5)]);
+        assert_eq!(
+            parsed,
+            [
+                ("tBTCUSD".to_string(), 97321.0),
+                ("tETHUSD".to_string(), 3512.5)
+            ]
+        );
     }
 }

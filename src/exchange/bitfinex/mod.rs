@@ -11,13 +11,13 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::candles::{now_ms, Record};
+use crate::candles::{Record, now_ms};
 use crate::config::{BitfinexConfig, ExchangeMode};
 use crate::telemetry::Liveness;
 
@@ -40,7 +40,11 @@ pub enum ExchangeError {
     #[error("REST answer not understood: {0}")]
     RestBody(String),
     #[error("REST {endpoint} answered HTTP {status}: {body}")]
-    RestStatus { endpoint: &'static str, status: u16, body: String },
+    RestStatus {
+        endpoint: &'static str,
+        status: u16,
+        body: String,
+    },
     #[error("cancelled while waiting for the REST rate limit")]
     Cancelled,
     #[error("the pipeline behind the exchange stopped")]
@@ -81,10 +85,19 @@ pub struct Sub {
 /// Every subscription the configuration asks for: the ticker of each symbol, and its trades
 /// unless `trades = false`. Each is one of Bitfinex's 25 channels per connection.
 pub fn subscriptions(cfg: &BitfinexConfig) -> Vec<Sub> {
-    let channels: &[Channel] = if cfg.trades { &[Channel::Ticker, Channel::Trades] } else { &[Channel::Ticker] };
+    let channels: &[Channel] = if cfg.trades {
+        &[Channel::Ticker, Channel::Trades]
+    } else {
+        &[Channel::Ticker]
+    };
     cfg.symbols
         .iter()
-        .flat_map(|symbol| channels.iter().map(|&channel| Sub { channel, symbol: symbol.clone() }))
+        .flat_map(|symbol| {
+            channels.iter().map(|&channel| Sub {
+                channel,
+                symbol: symbol.clone(),
+            })
+        })
         .collect()
 }
 
@@ -102,7 +115,10 @@ impl Coverage {
     }
     fn uncover<'a>(&self, subs: impl IntoIterator<Item = &'a Sub>) {
         let subs: Vec<&Sub> = subs.into_iter().collect();
-        self.0.send_if_modified(|s| subs.iter().fold(false, |changed, sub| s.remove(*sub) | changed));
+        self.0.send_if_modified(|s| {
+            subs.iter()
+                .fold(false, |changed, sub| s.remove(*sub) | changed)
+        });
     }
     fn subscribe(&self) -> watch::Receiver<BTreeSet<Sub>> {
         self.0.subscribe()
@@ -124,7 +140,10 @@ impl ConnectLimiter {
         }
         if opened.len() >= self.per_minute {
             let wait = window.saturating_sub(opened[0].elapsed());
-            tracing::warn!(?wait, "connection rate limit reached; waiting before reconnecting");
+            tracing::warn!(
+                ?wait,
+                "connection rate limit reached; waiting before reconnecting"
+            );
             tokio::time::sleep(wait).await;
             opened.pop_front();
         }
@@ -149,7 +168,10 @@ struct Ctx {
 impl Ctx {
     async fn send(&self, record: Record) -> Result<(), ExchangeError> {
         self.data.beat();
-        self.tx.send(record).await.map_err(|_| ExchangeError::Downstream)
+        self.tx
+            .send(record)
+            .await
+            .map_err(|_| ExchangeError::Downstream)
     }
 }
 
@@ -163,9 +185,13 @@ pub async fn run(
     data: Arc<Liveness>,
     cancel: CancellationToken,
 ) {
-    let backfill_from = (!cfg.backfill.is_zero()).then(|| now_ms() - cfg.backfill.as_millis() as i64);
+    let backfill_from =
+        (!cfg.backfill.is_zero()).then(|| now_ms() - cfg.backfill.as_millis() as i64);
     let ctx = Arc::new(Ctx {
-        limiter: ConnectLimiter { per_minute: cfg.connections_per_minute, opened: Mutex::new(VecDeque::new()) },
+        limiter: ConnectLimiter {
+            per_minute: cfg.connections_per_minute,
+            opened: Mutex::new(VecDeque::new()),
+        },
         coverage: Coverage::new(),
         book: trades::TradeBook::new(backfill_from),
         repairs: TaskTracker::new(),
@@ -177,7 +203,10 @@ pub async fn run(
     });
     let mut tasks = JoinSet::new();
     if ctx.cfg.mode == ExchangeMode::Websocket {
-        for (shard, subs) in subscriptions(&ctx.cfg).chunks(ctx.cfg.channels_per_connection).enumerate() {
+        for (shard, subs) in subscriptions(&ctx.cfg)
+            .chunks(ctx.cfg.channels_per_connection)
+            .enumerate()
+        {
             tasks.spawn(ws::supervise(ctx.clone(), shard, subs.to_vec()));
         }
     }

@@ -11,9 +11,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
 use super::message::{
-    parse_rest, CandleValues, RestAnswer, RestTicker, TickerValues, TradeEntry, TradeValues, ERROR_RATE_LIMIT,
+    CandleValues, ERROR_RATE_LIMIT, RestAnswer, RestTicker, TickerValues, TradeEntry, TradeValues,
+    parse_rest,
 };
-use super::{now_ms, sleep_or_cancel, subscriptions, trades, Channel, Ctx, ExchangeError, Sub};
+use super::{Channel, Ctx, ExchangeError, Sub, now_ms, sleep_or_cancel, subscriptions, trades};
 use crate::candles::{Record, Source, Tick};
 use crate::config::BitfinexConfig;
 use crate::retry::backoff;
@@ -52,13 +53,18 @@ pub struct RestClient {
 fn per_minute(n: u32) -> DefaultDirectRateLimiter {
     // The full minute's allowance may go at once (a backfill of several symbols); after that,
     // requests are spaced evenly.
-    RateLimiter::direct(Quota::per_minute(NonZeroU32::new(n.max(1)).expect("positive")))
+    RateLimiter::direct(Quota::per_minute(
+        NonZeroU32::new(n.max(1)).expect("positive"),
+    ))
 }
 
 impl RestClient {
     pub fn new(cfg: &BitfinexConfig, cancel: CancellationToken) -> Result<Self, ExchangeError> {
         Ok(Self {
-            http: reqwest::Client::builder().timeout(cfg.request_timeout).build().map_err(ExchangeError::Rest)?,
+            http: reqwest::Client::builder()
+                .timeout(cfg.request_timeout)
+                .build()
+                .map_err(ExchangeError::Rest)?,
             base: cfg.rest_url.trim_end_matches('/').to_string(),
             tickers: per_minute(cfg.rest_tickers_per_minute),
             trades: per_minute(cfg.rest_trades_per_minute),
@@ -78,9 +84,17 @@ impl RestClient {
 
     /// One GET, after waiting for the endpoint's limiter; rate-limit answers are retried with
     /// backoff until they pass or the client is cancelled.
-    async fn get(&self, endpoint: Endpoint, path: &str, query: &[(&str, String)]) -> Result<String, ExchangeError> {
+    async fn get(
+        &self,
+        endpoint: Endpoint,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<String, ExchangeError> {
         let label = endpoint.label();
-        let mut delays = backoff(self.backoff.0.max(Duration::from_millis(100)), self.backoff.1);
+        let mut delays = backoff(
+            self.backoff.0.max(Duration::from_millis(100)),
+            self.backoff.1,
+        );
         loop {
             let limiter = self.limiter(endpoint);
             if limiter.check().is_err() {
@@ -90,7 +104,12 @@ impl RestClient {
                     _ = self.cancel.cancelled() => return Err(ExchangeError::Cancelled),
                 }
             }
-            let sent = self.http.get(format!("{}{path}", self.base)).query(query).send().await;
+            let sent = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .query(query)
+                .send()
+                .await;
             let response = match sent {
                 Ok(r) => r,
                 Err(e) => {
@@ -101,7 +120,13 @@ impl RestClient {
             let status = response.status();
             let body = response.text().await.map_err(ExchangeError::Rest)?;
             let rate_limited = status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                || matches!(parse_rest(&body), Ok(RestAnswer::Error { code: Some(ERROR_RATE_LIMIT), .. }));
+                || matches!(
+                    parse_rest(&body),
+                    Ok(RestAnswer::Error {
+                        code: Some(ERROR_RATE_LIMIT),
+                        ..
+                    })
+                );
             if rate_limited {
                 metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "rate_limited").increment(1);
                 let wait = delays.next().unwrap_or(self.backoff.1);
@@ -112,20 +137,33 @@ impl RestClient {
                 continue;
             }
             if !status.is_success() {
-                metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "error").increment(1);
-                return Err(ExchangeError::RestStatus { endpoint: label, status: status.as_u16(), body: truncate(&body) });
+                metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "error")
+                    .increment(1);
+                return Err(ExchangeError::RestStatus {
+                    endpoint: label,
+                    status: status.as_u16(),
+                    body: truncate(&body),
+                });
             }
-            metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "ok").increment(1);
+            metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "ok")
+                .increment(1);
             return Ok(body);
         }
     }
 
     /// Rows of a history endpoint.
-    async fn history(&self, endpoint: Endpoint, path: &str, query: &[(&str, String)]) -> Result<Vec<Vec<Option<f64>>>, ExchangeError> {
+    async fn history(
+        &self,
+        endpoint: Endpoint,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Vec<Vec<Option<f64>>>, ExchangeError> {
         let body = self.get(endpoint, path, query).await?;
         match parse_rest(&body) {
             Ok(RestAnswer::Rows(rows)) => Ok(rows),
-            Ok(RestAnswer::Error { code, msg }) => Err(ExchangeError::RestBody(format!("error {code:?}: {msg}"))),
+            Ok(RestAnswer::Error { code, msg }) => {
+                Err(ExchangeError::RestBody(format!("error {code:?}: {msg}")))
+            }
             Err(e) => Err(ExchangeError::RestBody(format!("{e}: {}", truncate(&body)))),
         }
     }
@@ -133,14 +171,27 @@ impl RestClient {
     /// The current tickers of `symbols`; they carry no exchange time, so both times are the
     /// receive time.
     pub async fn tickers(&self, symbols: &[String]) -> Result<Vec<Tick>, ExchangeError> {
-        let body = self.get(Endpoint::Tickers, "/v2/tickers", &[("symbols", symbols.join(","))]).await?;
+        let body = self
+            .get(
+                Endpoint::Tickers,
+                "/v2/tickers",
+                &[("symbols", symbols.join(","))],
+            )
+            .await?;
         let received_at = now_ms();
-        let tickers: Vec<RestTicker> =
-            serde_json::from_str(&body).map_err(|e| ExchangeError::RestBody(format!("{e}: {}", truncate(&body))))?;
+        let tickers: Vec<RestTicker> = serde_json::from_str(&body)
+            .map_err(|e| ExchangeError::RestBody(format!("{e}: {}", truncate(&body))))?;
         let mut ticks = Vec::with_capacity(tickers.len());
         for t in tickers.into_iter().filter(|t| symbols.contains(&t.symbol)) {
             match TickerValues::from_raw(&t.values) {
-                Ok(v) => ticks.push(Tick::new(t.symbol, v, received_at, None, Source::Rest, received_at)),
+                Ok(v) => ticks.push(Tick::new(
+                    t.symbol,
+                    v,
+                    received_at,
+                    None,
+                    Source::Rest,
+                    received_at,
+                )),
                 Err(e) => {
                     metrics::counter!(metric::TICKS_REJECTED).increment(1);
                     tracing::warn!(symbol = %t.symbol, error = %e, "REST ticker rejected");
@@ -151,7 +202,13 @@ impl RestClient {
     }
 
     /// Up to `limit` trades of `symbol` with `start_ms <= MTS <= end_ms`, oldest first.
-    pub async fn trades(&self, symbol: &str, start_ms: i64, end_ms: i64, limit: usize) -> Result<Vec<TradeEntry>, ExchangeError> {
+    pub async fn trades(
+        &self,
+        symbol: &str,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TradeEntry>, ExchangeError> {
         let path = format!("/v2/trades/{symbol}/hist");
         let query = window(start_ms, end_ms, limit);
         let rows = self.history(Endpoint::Trades, &path, &query).await?;
@@ -160,17 +217,33 @@ impl RestClient {
 
     /// Bitfinex's own 1-minute trade candles of `symbol` starting in `[start_ms, end_ms]`,
     /// oldest first; minutes without trades have none.
-    pub async fn candles_1m(&self, symbol: &str, start_ms: i64, end_ms: i64, limit: usize) -> Result<Vec<CandleValues>, ExchangeError> {
+    pub async fn candles_1m(
+        &self,
+        symbol: &str,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<CandleValues>, ExchangeError> {
         let path = format!("/v2/candles/trade:1m:{symbol}/hist");
-        let rows = self.history(Endpoint::Candles, &path, &window(start_ms, end_ms, limit)).await?;
+        let rows = self
+            .history(Endpoint::Candles, &path, &window(start_ms, end_ms, limit))
+            .await?;
         rows.iter()
-            .map(|r| CandleValues::from_row(r).ok_or_else(|| ExchangeError::RestBody(format!("candle row {r:?}"))))
+            .map(|r| {
+                CandleValues::from_row(r)
+                    .ok_or_else(|| ExchangeError::RestBody(format!("candle row {r:?}")))
+            })
             .collect()
     }
 }
 
 fn window(start_ms: i64, end_ms: i64, limit: usize) -> Vec<(&'static str, String)> {
-    vec![("start", start_ms.to_string()), ("end", end_ms.to_string()), ("limit", limit.to_string()), ("sort", "1".into())]
+    vec![
+        ("start", start_ms.to_string()),
+        ("end", end_ms.to_string()),
+        ("limit", limit.to_string()),
+        ("sort", "1".into()),
+    ]
 }
 
 fn truncate(body: &str) -> String {
@@ -183,7 +256,12 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
     let cfg = &ctx.cfg;
     let all: BTreeSet<Sub> = subscriptions(cfg).into_iter().collect();
     let mut coverage = ctx.coverage.subscribe();
-    let new_backoff = || backoff(cfg.rest_poll_interval, cfg.reconnect_backoff_max.max(cfg.rest_poll_interval));
+    let new_backoff = || {
+        backoff(
+            cfg.rest_poll_interval,
+            cfg.reconnect_backoff_max.max(cfg.rest_poll_interval),
+        )
+    };
     let mut delays = new_backoff();
     // The first wait gives the websocket time to subscribe before REST steps in.
     let mut wait = cfg.rest_poll_interval;
@@ -192,7 +270,10 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
         if !sleep_or_cancel(wait, &ctx.cancel).await {
             return;
         }
-        let uncovered: Vec<Sub> = all.difference(&coverage.borrow_and_update()).cloned().collect();
+        let uncovered: Vec<Sub> = all
+            .difference(&coverage.borrow_and_update())
+            .cloned()
+            .collect();
         if uncovered.is_empty() {
             if polling {
                 tracing::info!("websocket covers every channel again; REST polling stops");
@@ -225,7 +306,12 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
 }
 
 async fn poll_once(ctx: &Ctx, uncovered: &[Sub]) -> Result<(), ExchangeError> {
-    let of = |channel: Channel| uncovered.iter().filter(move |s| s.channel == channel).map(|s| s.symbol.clone());
+    let of = |channel: Channel| {
+        uncovered
+            .iter()
+            .filter(move |s| s.channel == channel)
+            .map(|s| s.symbol.clone())
+    };
     let tickers: Vec<String> = of(Channel::Ticker).collect();
     if !tickers.is_empty() {
         for tick in ctx.rest.tickers(&tickers).await? {

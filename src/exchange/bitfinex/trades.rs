@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use super::message::{TradeEntry, TradeValues};
-use super::{now_ms, sleep_or_cancel, Ctx, ExchangeError};
+use super::{Ctx, ExchangeError, now_ms, sleep_or_cancel};
 use crate::candles::{Record, Source, Trade};
 use crate::retry::backoff;
 use crate::telemetry::metric;
@@ -41,7 +41,10 @@ pub struct TradeBook {
 
 impl TradeBook {
     pub fn new(backfill_from_ms: Option<i64>) -> Self {
-        Self { symbols: Mutex::new(HashMap::new()), horizon: backfill_from_ms.map(|ms| (ms, 0)) }
+        Self {
+            symbols: Mutex::new(HashMap::new()),
+            horizon: backfill_from_ms.map(|ms| (ms, 0)),
+        }
     }
 
     /// Where a gap in `symbol`'s trades would start: its newest trade seen, or the backfill
@@ -149,7 +152,9 @@ pub(super) async fn on_snapshot(
     }
     let until = oldest.map_or_else(now_ms, |(mts, _)| mts);
     let (ctx, symbol) = (ctx.clone(), symbol.to_string());
-    ctx.repairs.clone().spawn(async move { repair(&ctx, &symbol, from.0, until).await });
+    ctx.repairs
+        .clone()
+        .spawn(async move { repair(&ctx, &symbol, from.0, until).await });
     Ok(())
 }
 
@@ -177,7 +182,12 @@ async fn repair(ctx: &Ctx, symbol: &str, from: i64, until: i64) {
 
 /// Fetches `symbol`'s trades with `from_ms <= MTS <= until_ms` from REST history, oldest first,
 /// page by page, and sends those not sent yet. Returns how many were new.
-pub(super) async fn catch_up(ctx: &Ctx, symbol: &str, from_ms: i64, until_ms: i64) -> Result<usize, ExchangeError> {
+pub(super) async fn catch_up(
+    ctx: &Ctx,
+    symbol: &str,
+    from_ms: i64,
+    until_ms: i64,
+) -> Result<usize, ExchangeError> {
     let mut start = from_ms;
     let mut recovered = 0;
     loop {
@@ -188,11 +198,16 @@ pub(super) async fn catch_up(ctx: &Ctx, symbol: &str, from_ms: i64, until_ms: i6
         let rows = ctx.rest.trades(symbol, start, until_ms, PAGE).await?;
         let received_at = now_ms();
         let full = rows.len() >= PAGE;
-        let last = rows.iter().filter_map(|r| r.as_ref().ok()).map(|t| t.mts).max();
+        let last = rows
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|t| t.mts)
+            .max();
         for t in valid(symbol, rows) {
             if forward(ctx, symbol, t, Source::Rest, None, received_at).await? {
                 recovered += 1;
-                metrics::counter!(metric::TRADES_REPAIRED, "symbol" => symbol.to_string()).increment(1);
+                metrics::counter!(metric::TRADES_REPAIRED, "symbol" => symbol.to_string())
+                    .increment(1);
             }
         }
         match last {
@@ -218,17 +233,29 @@ mod tests {
     use super::*;
 
     fn t(id: i64, mts: i64) -> TradeValues {
-        TradeValues { id, mts, amount: 1.0, price: 1.0 }
+        TradeValues {
+            id,
+            mts,
+            amount: 1.0,
+            price: 1.0,
+        }
     }
 
     #[test]
     fn book_drops_repeats_and_tracks_the_newest_trade() {
         let book = TradeBook::new(Some(1_000));
-        assert_eq!(book.cursor("tBTCUSD"), Some((1_000, 0)), "the backfill horizon before any trade");
+        assert_eq!(
+            book.cursor("tBTCUSD"),
+            Some((1_000, 0)),
+            "the backfill horizon before any trade"
+        );
         assert!(book.admit("tBTCUSD", &t(5, 2_000)));
         assert!(book.admit("tBTCUSD", &t(6, 2_000)));
         assert!(!book.admit("tBTCUSD", &t(5, 2_000)), "te then tu");
-        assert!(book.admit("tBTCUSD", &t(3, 1_500)), "an older trade from a repair is still new");
+        assert!(
+            book.admit("tBTCUSD", &t(3, 1_500)),
+            "an older trade from a repair is still new"
+        );
         assert!(book.admit("tETHUSD", &t(5, 2_000)), "books are per symbol");
         assert_eq!(book.cursor("tBTCUSD"), Some((2_000, 6)));
         assert_eq!(TradeBook::new(None).cursor("tBTCUSD"), None);

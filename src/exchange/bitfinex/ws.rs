@@ -7,15 +7,15 @@ use std::sync::Arc;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{connect_async_with_config, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 
 use super::message::{
-    parse_frame, ChannelMessage, Event, Frame, Payload, TickerValues, FLAG_SEQ_ALL, FLAG_TIMESTAMP,
-    INFO_MAINTENANCE_END, INFO_MAINTENANCE_START, INFO_RECONNECT,
+    ChannelMessage, Event, FLAG_SEQ_ALL, FLAG_TIMESTAMP, Frame, INFO_MAINTENANCE_END,
+    INFO_MAINTENANCE_START, INFO_RECONNECT, Payload, TickerValues, parse_frame,
 };
-use super::{now_ms, sleep_or_cancel, trades, Channel, Ctx, ExchangeError, Sub};
+use super::{Channel, Ctx, ExchangeError, Sub, now_ms, sleep_or_cancel, trades};
 use crate::candles::{Record, Source, Tick};
 use crate::retry::backoff;
 use crate::telemetry::metric;
@@ -114,7 +114,11 @@ impl<'a> Session<'a> {
             .map_err(|_| ExchangeError::ConnectTimeout(cfg.request_timeout))?
             .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
         tracing::info!(shard = self.shard, url = %cfg.ws_url, channels = self.subs.len(), "websocket connected");
-        send(&mut ws, json!({"event": "conf", "flags": FLAG_TIMESTAMP | FLAG_SEQ_ALL})).await?;
+        send(
+            &mut ws,
+            json!({"event": "conf", "flags": FLAG_TIMESTAMP | FLAG_SEQ_ALL}),
+        )
+        .await?;
         self.subscribe_all(&mut ws).await?;
         loop {
             let next = tokio::select! {
@@ -123,7 +127,11 @@ impl<'a> Session<'a> {
             };
             let msg = match next {
                 Err(_) => return Err(ExchangeError::Stale(cfg.heartbeat_timeout)),
-                Ok(None) => return Err(ExchangeError::Closed("stream ended without a close frame".into())),
+                Ok(None) => {
+                    return Err(ExchangeError::Closed(
+                        "stream ended without a close frame".into(),
+                    ));
+                }
                 Ok(Some(Err(e))) => return Err(ExchangeError::Socket(Box::new(e))),
                 Ok(Some(Ok(msg))) => msg,
             };
@@ -134,7 +142,9 @@ impl<'a> Session<'a> {
                     }
                 }
                 Message::Close(frame) => {
-                    let why = frame.map_or("no close frame".into(), |f| format!("{} {}", f.code, f.reason));
+                    let why = frame.map_or("no close frame".into(), |f| {
+                        format!("{} {}", f.code, f.reason)
+                    });
                     return Err(ExchangeError::Closed(why));
                 }
                 Message::Binary(_) => count_frame("unknown"),
@@ -149,7 +159,10 @@ impl<'a> Session<'a> {
         self.draining = true;
         let channels: Vec<u64> = self.channels.keys().copied().collect();
         for chan_id in channels {
-            if send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await.is_err() {
+            if send(ws, json!({"event": "unsubscribe", "chanId": chan_id}))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -179,7 +192,11 @@ impl<'a> Session<'a> {
 
     async fn subscribe_all(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
         for sub in self.subs {
-            send(ws, json!({"event": "subscribe", "channel": sub.channel.name(), "symbol": sub.symbol})).await?;
+            send(
+                ws,
+                json!({"event": "subscribe", "channel": sub.channel.name(), "symbol": sub.symbol}),
+            )
+            .await?;
             self.pending.insert(sub.clone());
         }
         Ok(())
@@ -207,16 +224,37 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn on_event(&mut self, event: Event, ws: &mut Socket) -> Result<Option<End>, ExchangeError> {
+    async fn on_event(
+        &mut self,
+        event: Event,
+        ws: &mut Socket,
+    ) -> Result<Option<End>, ExchangeError> {
         let shard = self.shard;
         match event {
-            Event::Info { code: Some(INFO_RECONNECT), .. } => return Ok(Some(End::ServerRestart)),
-            Event::Info { code: Some(INFO_MAINTENANCE_START), msg, .. } => {
+            Event::Info {
+                code: Some(INFO_RECONNECT),
+                ..
+            } => return Ok(Some(End::ServerRestart)),
+            Event::Info {
+                code: Some(INFO_MAINTENANCE_START),
+                msg,
+                ..
+            } => {
                 // Symbols stay covered: REST would only poll a platform that is paused too.
-                tracing::warn!(shard, ?msg, "exchange maintenance started (20060); pausing until 20061");
+                tracing::warn!(
+                    shard,
+                    ?msg,
+                    "exchange maintenance started (20060); pausing until 20061"
+                );
             }
-            Event::Info { code: Some(INFO_MAINTENANCE_END), .. } => {
-                tracing::info!(shard, "exchange maintenance ended (20061); subscribing again");
+            Event::Info {
+                code: Some(INFO_MAINTENANCE_END),
+                ..
+            } => {
+                tracing::info!(
+                    shard,
+                    "exchange maintenance ended (20061); subscribing again"
+                );
                 // Channels stay mapped until their `unsubscribed` arrives: updates already on
                 // the wire for them are still good.
                 let old: Vec<u64> = self.channels.keys().copied().collect();
@@ -225,8 +263,14 @@ impl<'a> Session<'a> {
                 }
                 self.subscribe_all(ws).await?;
             }
-            Event::Info { code: Some(code), msg, .. } => tracing::info!(shard, code, ?msg, "exchange info"),
-            Event::Info { version, platform, .. } => {
+            Event::Info {
+                code: Some(code),
+                msg,
+                ..
+            } => tracing::info!(shard, code, ?msg, "exchange info"),
+            Event::Info {
+                version, platform, ..
+            } => {
                 let status = platform.map(|p| p.status);
                 if status == Some(0) {
                     tracing::warn!(shard, ?version, "exchange reports platform maintenance");
@@ -238,11 +282,23 @@ impl<'a> Session<'a> {
                 if status.as_deref() == Some("OK") {
                     tracing::debug!(shard, ?flags, "conf acknowledged");
                 } else {
-                    tracing::warn!(shard, ?status, "conf refused; ticks fall back to receive time");
+                    tracing::warn!(
+                        shard,
+                        ?status,
+                        "conf refused; ticks fall back to receive time"
+                    );
                 }
             }
-            Event::Subscribed { channel, chan_id, symbol } => {
-                let asked = symbol.and_then(|symbol| self.subs.iter().find(|s| s.channel.name() == channel && s.symbol == symbol));
+            Event::Subscribed {
+                channel,
+                chan_id,
+                symbol,
+            } => {
+                let asked = symbol.and_then(|symbol| {
+                    self.subs
+                        .iter()
+                        .find(|s| s.channel.name() == channel && s.symbol == symbol)
+                });
                 let Some(sub) = asked.cloned() else {
                     tracing::warn!(shard, %channel, chan_id, "subscribed to a channel we did not ask for");
                     return Ok(None);
@@ -285,7 +341,11 @@ impl<'a> Session<'a> {
         let Some(sub) = self.channels.get(&msg.chan_id) else {
             count_frame("unknown_channel");
             metrics::counter!(metric::UNKNOWN_CHANNEL).increment(1);
-            tracing::debug!(shard = self.shard, chan_id = msg.chan_id, "update for an unknown channel ignored");
+            tracing::debug!(
+                shard = self.shard,
+                chan_id = msg.chan_id,
+                "update for an unknown channel ignored"
+            );
             return Ok(());
         };
         let symbol = sub.symbol.as_str();
@@ -297,7 +357,8 @@ impl<'a> Session<'a> {
             }
             (Channel::Ticker, Payload::Ticker(raw)) => {
                 count_frame("ticker");
-                self.on_ticker(symbol, &raw, msg.seq, msg.timestamp_ms).await?;
+                self.on_ticker(symbol, &raw, msg.seq, msg.timestamp_ms)
+                    .await?;
             }
             (Channel::Trades, Payload::Trades(entries)) => {
                 count_frame("trades_snapshot");
@@ -315,7 +376,11 @@ impl<'a> Session<'a> {
             }
             (channel, _) => {
                 count_frame("invalid");
-                let rejected = if channel == Channel::Ticker { metric::TICKS_REJECTED } else { metric::TRADES_REJECTED };
+                let rejected = if channel == Channel::Ticker {
+                    metric::TICKS_REJECTED
+                } else {
+                    metric::TRADES_REJECTED
+                };
                 metrics::counter!(rejected).increment(1);
                 tracing::warn!(shard = self.shard, channel = channel.name(), %symbol, "payload does not fit its channel; rejected");
             }
@@ -365,7 +430,9 @@ impl<'a> Session<'a> {
 }
 
 async fn send(ws: &mut Socket, value: serde_json::Value) -> Result<(), ExchangeError> {
-    ws.send(Message::text(value.to_string())).await.map_err(|e| ExchangeError::Socket(Box::new(e)))
+    ws.send(Message::text(value.to_string()))
+        .await
+        .map_err(|e| ExchangeError::Socket(Box::new(e)))
 }
 
 fn count_frame(kind: &'static str) {

@@ -21,6 +21,7 @@ use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use support::fake_trades::Trader;
+use support::influx1::Influx1;
 use support::now_ms;
 use support::pipeline::{Emitter, WAIT};
 use support::rig::MockPipeline;
@@ -248,66 +249,62 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         if influx_panels.is_empty() {
             continue;
         }
-        let annotations: Vec<(String, &str)> = dashboard["annotations"]["list"]
+        // Every target of an InfluxDB panel, and every InfluxDB annotation query.
+        let mut texts: Vec<(String, &str)> = Vec::new();
+        for p in influx_panels {
+            for t in p["targets"].as_array().unwrap() {
+                let at = format!("{file}: panel {}", p["title"]);
+                assert_eq!(t["datasource"]["uid"], uid, "{at}");
+                // Raw InfluxQL text, so what Grafana runs is exactly what the live test runs.
+                assert_eq!(t["rawQuery"], true, "{at}");
+                texts.push((at, query_of(t)));
+            }
+        }
+        for a in dashboard["annotations"]["list"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|a| a["datasource"]["uid"] == uid)
-            .map(|a| (format!("annotation {}", a["name"]), query_of(a)))
-            .collect();
-        let targets = influx_panels.iter().flat_map(|p| {
-            p["targets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(move |t| (format!("panel {}", p["title"]), t))
-        });
-        for (at, q) in targets
-            .map(|(at, t)| {
-                assert_eq!(t["datasource"]["uid"], uid, "{file}: {at}");
-                // Raw InfluxQL text, so what Grafana runs is exactly what the live test runs.
-                assert_eq!(t["rawQuery"], true, "{file}: {at}");
-                (at, query_of(t))
-            })
-            .chain(annotations)
         {
-            {
-                queries += 1;
-                let at = format!("{file}: {at}: {q}");
+            if a["datasource"]["uid"] == uid {
+                texts.push((format!("{file}: annotation {}", a["name"]), query_of(a)));
+            }
+        }
+        for (at, q) in texts {
+            queries += 1;
+            let at = format!("{at}: {q}");
+            assert!(
+                !q.contains("|>") && !q.contains("from(bucket"),
+                "Flux left in {at}"
+            );
+            assert!(q.contains("$timeFilter"), "{at}: no $timeFilter");
+            // Filtered by coin, and only through Grafana's regex escaping: `$symbol` anywhere
+            // else (a quoted string, a bare value) would go into the statement verbatim.
+            assert!(
+                q.contains(SYMBOL_FILTER) || q.contains(SYMBOLS_FILTER),
+                "{at}: not filtered by $symbol"
+            );
+            let bare = q.replace(SYMBOL_FILTER, "").replace(SYMBOLS_FILTER, "");
+            assert!(
+                !bare.contains("symbol}") && !bare.contains("$symbol"),
+                "{at}: $symbol outside the escaped regex"
+            );
+            // Every quoted name is the measurement, one of its tags or fields, or an alias.
+            let measurements: BTreeSet<&str> = q
+                .split("FROM \"")
+                .skip(1)
+                .map(|s| s.split('"').next().unwrap())
+                .collect();
+            assert_eq!(measurements.len(), 1, "{at}: one measurement");
+            let measurement = *measurements.first().unwrap();
+            let names = schema
+                .get(measurement)
+                .unwrap_or_else(|| panic!("{at}: unknown measurement"));
+            let (idents, aliases) = identifiers(q);
+            for ident in idents {
                 assert!(
-                    !q.contains("|>") && !q.contains("from(bucket"),
-                    "Flux left in {at}"
+                    ident == measurement || names.contains(&ident) || aliases.contains(&ident),
+                    "{at}: \"{ident}\" is not written to {measurement}"
                 );
-                assert!(q.contains("$timeFilter"), "{at}: no $timeFilter");
-                // Filtered by coin, and only through Grafana's regex escaping: `$symbol` anywhere
-                // else (a quoted string, a bare value) would go into the statement verbatim.
-                assert!(
-                    q.contains(SYMBOL_FILTER) || q.contains(SYMBOLS_FILTER),
-                    "{at}: not filtered by $symbol"
-                );
-                let bare = q.replace(SYMBOL_FILTER, "").replace(SYMBOLS_FILTER, "");
-                assert!(
-                    !bare.contains("symbol}") && !bare.contains("$symbol"),
-                    "{at}: $symbol outside the escaped regex"
-                );
-                // Every quoted name is the measurement, one of its tags or fields, or an alias.
-                let measurements: BTreeSet<&str> = q
-                    .split("FROM \"")
-                    .skip(1)
-                    .map(|s| s.split('"').next().unwrap())
-                    .collect();
-                assert_eq!(measurements.len(), 1, "{at}: one measurement");
-                let measurement = *measurements.first().unwrap();
-                let names = schema
-                    .get(measurement)
-                    .unwrap_or_else(|| panic!("{at}: unknown measurement"));
-                let (idents, aliases) = identifiers(q);
-                for ident in idents {
-                    assert!(
-                        ident == measurement || names.contains(&ident) || aliases.contains(&ident),
-                        "{at}: \"{ident}\" is not written to {measurement}"
-                    );
-                }
             }
         }
         assert!(queries > 0, "{file} has no queries");
@@ -1295,4 +1292,531 @@ async fn dashboard_queries_give_the_ledger_candles_on_influxdb_1_6() {
     // (b) the dashboard against what is stored.
     check_dashboard(&pipeline.influx.url(), &pipeline.db, &ledger, &ticks).await;
     pipeline.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The data-quality row, the price display and crafted $symbol values, on points written directly.
+// ---------------------------------------------------------------------------------------------
+
+/// POSTs line protocol (nanosecond timestamps) to InfluxDB 1.x.
+async fn write_points(url: &str, db: &str, lines: &str) {
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/write"))
+        .query(&[("db", db)])
+        .body(lines.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+}
+
+/// How many statements InfluxDB executed for a query text, and the rows of all of them, or the
+/// error if one failed.
+async fn statements(url: &str, db: &str, q: &str) -> (usize, Result<usize, String>) {
+    let body: Value = reqwest::Client::new()
+        .get(format!("{url}/query"))
+        .query(&[("db", db), ("q", q), ("epoch", "ms")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    if let Some(e) = body.get("error") {
+        return (0, Err(e.to_string()));
+    }
+    let results = body["results"].as_array().unwrap();
+    let mut rows = 0;
+    for r in results {
+        if let Some(e) = r.get("error") {
+            return (results.len(), Err(e.to_string()));
+        }
+        for s in r["series"].as_array().into_iter().flatten() {
+            rows += s["values"].as_array().unwrap().len();
+        }
+    }
+    (results.len(), Ok(rows))
+}
+
+/// Grafana's `locale` unit (valueFormats.ts `locale`): `toLocaleString(undefined,
+/// { maximumFractionDigits: decimals })`, here in the en-US locale: at most `decimals` digits
+/// after the point, trailing zeros dropped, thousands grouped.
+fn locale_text(value: f64, decimals: usize) -> String {
+    let fixed = format!("{:.*}", decimals, value.abs());
+    let (int, frac) = fixed.split_once('.').unwrap_or((&fixed, ""));
+    let frac = frac.trim_end_matches('0');
+    let mut grouped = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let sign = if value < 0.0 && (int != "0" || !frac.is_empty()) {
+        "-"
+    } else {
+        ""
+    };
+    if frac.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{frac}")
+    }
+}
+
+/// One `candle_checks` point as the verifier writes it (issue 15): `ours`/`theirs` are
+/// open, high, low, close, volume where that side has the candle.
+fn check_line(
+    symbol: &str,
+    timeframe: &str,
+    start_ms: i64,
+    status: &str,
+    ours: Option<[f64; 5]>,
+    theirs: Option<[f64; 5]>,
+    detail: &str,
+) -> String {
+    let mut fields = vec![format!("status=\"{status}\"")];
+    for (prefix, side) in [("", ours), ("ex_", theirs)] {
+        if let Some(v) = side {
+            for (name, x) in ["open", "high", "low", "close", "volume"].iter().zip(v) {
+                fields.push(format!("{prefix}{name}={x}"));
+            }
+        }
+    }
+    fields.push(format!("detail=\"{detail}\""));
+    format!(
+        "candle_checks,symbol={symbol},timeframe={timeframe} {} {}\n",
+        fields.join(","),
+        start_ms * 1_000_000
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_quality_row_prices_and_crafted_symbols_on_influxdb_1_6() {
+    let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
+    let (url, db) = (influx.url(), "dashboard_checks");
+    influx.create_database(db).await;
+    let (_, dashboard) = dashboards()
+        .into_iter()
+        .find(|(f, _)| f == "candles.json")
+        .unwrap();
+    let all = panels(&dashboard);
+    let panel = |title: &str| {
+        *all.iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no {title} panel"))
+    };
+    let to_ms = now_ms();
+    let from_ms = to_ms - 60 * MINUTE;
+    let m0 = (to_ms - 50 * MINUTE).div_euclid(MINUTE) * MINUTE;
+    let minute = |i: i64| m0 + i * MINUTE;
+
+    // (a) The verifier's verdicts, in its schema. Inside the range: tBTCUSD 5 equal, 1 repaired,
+    // 1 differs, 1 missing_here, 1 missing_there; tETHUSD 4 equal minutes, one equal and one
+    // differing hour; tSOLUSD 2 differing minutes. Outside the selection or the range: tXRPUSD,
+    // and a differing tBTCUSD minute two hours ago.
+    let c = |o: f64| Some([o, o + 10.0, o - 10.0, o + 5.0, 1.25]);
+    let mut lines = String::new();
+    for i in 0..5 {
+        lines += &check_line(
+            "tBTCUSD",
+            "1m",
+            minute(i),
+            "equal",
+            c(97_000.0),
+            c(97_000.0),
+            "",
+        );
+    }
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(5),
+        "repaired",
+        c(97_100.0),
+        c(97_100.0),
+        "",
+    );
+    let (ours, theirs) = (
+        [97_140.0, 97_150.0, 97_130.0, 97_145.0, 0.5],
+        [97_140.0, 97_160.0, 97_130.0, 97_145.0, 0.5],
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(6),
+        "differs",
+        Some(ours),
+        Some(theirs),
+        "high: ours 97150, Bitfinex 97160",
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(7),
+        "missing_here",
+        None,
+        c(97_200.0),
+        "no trades here",
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(8),
+        "missing_there",
+        c(97_300.0),
+        None,
+        "no candle at Bitfinex",
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        to_ms - 120 * MINUTE,
+        "differs",
+        c(1.0),
+        c(2.0),
+        "outside the range",
+    );
+    for i in 0..4 {
+        lines += &check_line(
+            "tETHUSD",
+            "1m",
+            minute(i),
+            "equal",
+            c(3_400.0),
+            c(3_400.0),
+            "",
+        );
+    }
+    let hour = (to_ms - 30 * MINUTE).div_euclid(60 * MINUTE) * 60 * MINUTE;
+    lines += &check_line(
+        "tETHUSD",
+        "1h",
+        hour.max(from_ms.div_euclid(MINUTE) * MINUTE + MINUTE),
+        "differs",
+        c(3_400.0),
+        c(3_401.0),
+        "open: ours 3400, Bitfinex 3401",
+    );
+    lines += &check_line(
+        "tETHUSD",
+        "1h",
+        hour - 60 * MINUTE,
+        "equal",
+        c(3_300.0),
+        c(3_300.0),
+        "",
+    );
+    for i in 0..2 {
+        lines += &check_line(
+            "tSOLUSD",
+            "1m",
+            minute(10 + i),
+            "differs",
+            c(180.0),
+            c(181.0),
+            "open: ours 180, Bitfinex 181",
+        );
+    }
+    lines += &check_line(
+        "tXRPUSD",
+        "1m",
+        minute(3),
+        "differs",
+        c(2.0),
+        c(2.1),
+        "not selected",
+    );
+    write_points(&url, db, &lines).await;
+
+    let selected = ["tBTCUSD", "tETHUSD", "tSOLUSD"];
+    let mut v: Vars = vars(&[("symbol", "tBTCUSD"), ("timeframe", "2m")]);
+    v.insert("symbols", selected.iter().map(|s| s.to_string()).collect());
+
+    // "Verified": equal or repaired over all checked 1-minute candles, per selected coin; a coin
+    // with none verified shows 0, not nothing.
+    let stat = panel("Verified");
+    let q = expand(query_of(&stat["targets"][0]), stat, &v, from_ms, to_ms);
+    let got: BTreeMap<String, f64> = influxql(&url, db, &q)
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e}"))
+        .into_iter()
+        .map(|s| {
+            assert_eq!(s.rows.len(), 1, "{q}");
+            (s.tags["symbol"].clone(), f(&s.rows[0], "verified"))
+        })
+        .collect();
+    crate::report!("DASHBOARD | verified | {got:?} | {q}");
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            ("tBTCUSD".to_string(), 6.0 / 9.0),
+            ("tETHUSD".to_string(), 1.0),
+            ("tSOLUSD".to_string(), 0.0),
+        ])
+    );
+
+    // The table: every selected candle whose status is not equal, ours next to Bitfinex's.
+    let table = panel("Candles that differ from Bitfinex's, or were repaired");
+    let q = expand(query_of(&table["targets"][0]), table, &v, from_ms, to_ms);
+    let mut rows: BTreeMap<(String, String, i64), BTreeMap<String, Value>> = BTreeMap::new();
+    for s in influxql(&url, db, &q)
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e}"))
+    {
+        for r in s.rows {
+            let key = (
+                s.tags["symbol"].clone(),
+                s.tags["timeframe"].clone(),
+                r["time"].as_i64().unwrap(),
+            );
+            rows.insert(key, r);
+        }
+    }
+    let status_of: BTreeMap<(String, String, i64), &str> = rows
+        .iter()
+        .map(|(k, r)| (k.clone(), r["status"].as_str().unwrap()))
+        .collect();
+    let key = |s: &str, tf: &str, t: i64| (s.to_string(), tf.to_string(), t);
+    assert_eq!(
+        status_of,
+        BTreeMap::from([
+            (key("tBTCUSD", "1m", minute(5)), "repaired"),
+            (key("tBTCUSD", "1m", minute(6)), "differs"),
+            (key("tBTCUSD", "1m", minute(7)), "missing_here"),
+            (key("tBTCUSD", "1m", minute(8)), "missing_there"),
+            (
+                key(
+                    "tETHUSD",
+                    "1h",
+                    hour.max(from_ms.div_euclid(MINUTE) * MINUTE + MINUTE)
+                ),
+                "differs"
+            ),
+            (key("tSOLUSD", "1m", minute(10)), "differs"),
+            (key("tSOLUSD", "1m", minute(11)), "differs"),
+        ]),
+        "{q}"
+    );
+    let differs = &rows[&key("tBTCUSD", "1m", minute(6))];
+    for (i, name) in ["open", "high", "low", "close", "volume"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(f(differs, name), ours[i], "{name}");
+        assert_eq!(f(differs, &format!("ex_{name}")), theirs[i], "ex_{name}");
+    }
+    assert_eq!(differs["detail"], "high: ours 97150, Bitfinex 97160");
+    let here = &rows[&key("tBTCUSD", "1m", minute(7))];
+    assert!(here["open"].is_null() && f(here, "ex_open") == 97_200.0);
+    let there = &rows[&key("tBTCUSD", "1m", minute(8))];
+    assert!(there["ex_open"].is_null() && f(there, "open") == 97_300.0);
+
+    // The annotations on the candlestick panel, for the charted coin: red for differs and
+    // missing_here, amber for repaired, with the verifier's detail as their text.
+    let annotations = dashboard["annotations"]["list"].as_array().unwrap();
+    let marks = |symbol: &'static str, i: usize| {
+        let mut v = v.clone();
+        v.insert("symbol", vec![symbol.to_string()]);
+        let q = expand(query_of(&annotations[i]), &Value::Null, &v, from_ms, to_ms);
+        let url = url.clone();
+        async move {
+            let series = influxql(&url, db, &q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e}"));
+            series
+                .iter()
+                .flat_map(|s| &s.rows)
+                .map(|r| {
+                    (
+                        r["time"].as_i64().unwrap(),
+                        r["detail"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        marks("tBTCUSD", 0).await,
+        [
+            (minute(6), "high: ours 97150, Bitfinex 97160".to_string()),
+            (minute(7), "no trades here".to_string())
+        ]
+    );
+    assert_eq!(marks("tBTCUSD", 1).await, [(minute(5), String::new())]);
+    assert_eq!(marks("tSOLUSD", 0).await.len(), 2);
+    assert_eq!(
+        marks("tETHUSD", 0).await,
+        [],
+        "the 1h verdict is not a minute"
+    );
+    assert_eq!(marks("tSOLUSD", 1).await, []);
+    crate::report!("DASHBOARD | data quality | 7 table rows, 2 red and 1 amber marks on tBTCUSD");
+
+    // (b) Prices at Bitfinex's 5 significant digits: tADAUSD's bid and ask differ in the fifth,
+    // and so the spread is not zero. With `decimals: 2` both would read 0.71.
+    let tick = |symbol: &str, bid: f64, ask: f64, at: i64| {
+        let v = candlestream::exchange::bitfinex::message::TickerValues {
+            bid,
+            bid_size: 1.0,
+            ask,
+            ask_size: 1.0,
+            daily_change: 0.0,
+            daily_change_relative: 0.0,
+            last_price: bid,
+            volume: 10.0,
+            high: ask,
+            low: bid,
+        };
+        Record::Tick(Tick::new(
+            symbol.to_string(),
+            v,
+            at,
+            None,
+            Source::Websocket,
+            at,
+        ))
+    };
+    let ticker = Settings::default().influx.measurement;
+    let mut lines = String::new();
+    for record in [
+        tick("tADAUSD", 0.71234, 0.71245, to_ms - 2 * MINUTE),
+        tick("tBTCUSD", 97_123.0, 97_124.0, to_ms - 2 * MINUTE),
+        // Two hours old: outside the stats' last hour, so it must not be the one shown.
+        tick("tADAUSD", 0.5, 0.6, to_ms - 120 * MINUTE + 1),
+    ] {
+        candlestream::sink::influx::write_line(&mut lines, &ticker, &record);
+    }
+    write_points(&url, db, &lines).await;
+    let shown = |symbol: &'static str, title: &'static str, column: &'static str| {
+        let p = panel(title);
+        let v = vars(&[("symbol", symbol)]);
+        let (a, b) = panel_range(p, (to_ms - 3 * 60 * MINUTE, to_ms));
+        let q = expand(query_of(&p["targets"][0]), p, &v, a, b);
+        let decimals = p["fieldConfig"]["defaults"]["decimals"].as_u64().unwrap() as usize;
+        let url = url.clone();
+        async move {
+            let value = f(&influxql(&url, db, &q).await.unwrap()[0].rows[0], column);
+            (value, locale_text(value, decimals))
+        }
+    };
+    let (bid, bid_text) = shown("tADAUSD", "Bid", "bid").await;
+    let (ask, ask_text) = shown("tADAUSD", "Ask", "ask").await;
+    let (_, spread_text) = shown("tADAUSD", "Spread", "spread").await;
+    let (_, btc_text) = shown("tBTCUSD", "Bid", "bid").await;
+    let (_, btc_spread) = shown("tBTCUSD", "Spread", "spread").await;
+    crate::report!(
+        "DASHBOARD | prices | tADAUSD bid {bid_text} ask {ask_text} spread {spread_text}; tBTCUSD bid {btc_text} spread {btc_spread}"
+    );
+    assert_eq!(
+        (bid_text.as_str(), ask_text.as_str()),
+        ("0.71234", "0.71245")
+    );
+    assert_eq!(spread_text, "0.00011");
+    assert_eq!((btc_text.as_str(), btc_spread.as_str()), ("97,123", "1"));
+    assert_eq!(
+        format!("{bid:.2}"),
+        format!("{ask:.2}"),
+        "what decimals: 2 showed"
+    );
+
+    // (c) Crafted $symbol values from a URL (`?var-symbol=…`): with Grafana's regex escaping
+    // none can end the regex, so each query stays one statement that returns nothing or fails.
+    let trade = |id: i64| {
+        Record::Trade(Trade {
+            symbol: "tBTCUSD".into(),
+            id,
+            exchange_time: to_ms - MINUTE,
+            amount: 0.5,
+            price: 97_000.0,
+            source: Source::Websocket,
+            sequence: None,
+            received_at: to_ms,
+        })
+    };
+    let trades = Settings::default().influx.trades_measurement;
+    let mut lines = String::new();
+    for id in 1..=3 {
+        candlestream::sink::influx::write_line(&mut lines, &trades, &trade(id));
+    }
+    lines += "canary value=1\n";
+    write_points(&url, db, &lines).await;
+    let count = |m: &'static str| {
+        let url = url.clone();
+        async move {
+            statements(&url, db, &format!("SELECT count(*) FROM \"{m}\""))
+                .await
+                .1
+                .unwrap()
+        }
+    };
+    assert_eq!((count("trades").await, count("canary").await), (1, 1));
+    let crafted = [
+        "x'; DROP MEASUREMENT \"canary\"; SELECT * FROM \"trades\" WHERE symbol = 'x",
+        "x/ ; DROP MEASUREMENT \"canary\" ; SELECT * FROM \"trades\" WHERE \"symbol\" =~ /x",
+        // Numeric-looking: the InfluxDB datasource's own interpolation passes these verbatim,
+        // which is why the queries ask for the regex format explicitly.
+        "1/ ; DROP MEASUREMENT \"canary\" ; SELECT * FROM \"trades\" WHERE \"symbol\" =~ /x",
+        "tBTCUSD\\",
+        "\\/ ; DROP MEASUREMENT \"canary\" ; SELECT /x",
+        ".*",
+        "tBTCUSD|tETHUSD",
+    ];
+    let mut checked = 0;
+    for value in crafted {
+        let mut v = vars(&[("symbol", value), ("timeframe", "2m")]);
+        v.insert("symbols", vec![value.to_string()]);
+        // Every panel target, and the annotations (which need no panel: no $__interval).
+        let queries = all
+            .iter()
+            .filter(|p| is_influx(p))
+            .flat_map(|p| {
+                p["targets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(move |t| (*p, query_of(t)))
+            })
+            .chain(annotations.iter().map(|a| (&Value::Null, query_of(a))));
+        for (p, query) in queries {
+            let q = expand(query, p, &v, from_ms, to_ms);
+            let (n, result) = statements(&url, db, &q).await;
+            assert!(n <= 1, "{value:?} made {n} statements: {q}");
+            assert!(
+                matches!(result, Ok(0) | Err(_)),
+                "{value:?} matched rows: {result:?}: {q}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!((count("trades").await, count("canary").await), (1, 1));
+    crate::report!(
+        "DASHBOARD | crafted $symbol | {} values × every query: {checked} runs, one statement each, no rows",
+        crafted.len()
+    );
+
+    // The guard is real: the same value in the old `"symbol" = '$symbol'` form, inserted
+    // verbatim as Grafana does for a single value outside a regex, runs a second statement.
+    let old = "SELECT last(\"bid\") FROM \"ticker\" WHERE \"symbol\" = '$symbol' AND $timeFilter";
+    let q = expand(
+        old,
+        &Value::Null,
+        &vars(&[("symbol", crafted[0])]),
+        from_ms,
+        to_ms,
+    );
+    let (n, _) = statements(&url, db, &q).await;
+    assert_eq!(n, 3, "{q}");
+    let left: Vec<String> = influxql(&url, db, "SHOW MEASUREMENTS")
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|s| &s.rows)
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        ["candle_checks", "ticker", "trades"],
+        "canary dropped"
+    );
 }

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use candlestream::candles::{Record, Source, Tick, Trade};
 use candlestream::config::Settings;
+use candlestream::model::{Record, Source, Tick, Trade};
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -451,9 +451,8 @@ fn sent_ticks(sent: &[support::fake_bitfinex::Sent]) -> Vec<Tick> {
             let t = x
                 .exchange_time
                 .expect("websocket ticks carry the exchange's time");
-            Tick::new(
+            v.into_tick(
                 x.symbol.clone(),
-                v,
                 t,
                 x.seq.map(|s| s as i64),
                 Source::Websocket,

@@ -129,8 +129,10 @@ async fn every_trade_once_over_tls_and_a_wrong_ca_is_named() {
         std::fs::read_to_string(logs.path().join(role))
             .unwrap_or_default()
             .lines()
-            .find(|l| l.contains("certificate verify failed"))
-            .map(String::from)
+            .find_map(|l| {
+                l.contains("certificate verify failed")
+                    .then(|| l[l.find("SSL handshake failed").unwrap_or(0)..].to_string())
+            })
     };
     eventually_async(
         "both logs name the failed certificate verification",

@@ -68,9 +68,12 @@ fn sasl_ssl_with_plain_and_scram_is_built_in() {
 
 /// The producer and the consumer, as processes, reach the cluster only through its SSL
 /// listeners: InfluxDB then holds exactly the trades the exchange executed, and both exit
-/// cleanly. Then a producer and a consumer that trust another CA: they must say in their logs
-/// that the broker's certificate failed verification, keep running (an infrastructure fault is
-/// held and retried), and the producer's /healthz turns red while its trades wait for Kafka.
+/// cleanly. The consumer is given the CA in `ssl.ca.location`; the producer is not, and finds it
+/// in OpenSSL's default store, here pointed at the CA by `SSL_CERT_FILE` (a managed cluster's
+/// public CA is found there through ca-certificates). Then a producer and a consumer that trust
+/// another CA: they must say in their logs that the broker's certificate failed verification,
+/// keep running (an infrastructure fault is held and retried), and the producer's /healthz turns
+/// red while its trades wait for Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_trade_once_over_tls_and_a_wrong_ca_is_named() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -84,12 +87,20 @@ async fn every_trade_once_over_tls_and_a_wrong_ca_is_named() {
     .unwrap();
     let mut rig = Rig::on_cluster(cluster, FakeRegistry::start().await).await;
     rig.settings.kafka.brokers = rig.cluster.ssl_bootstrap();
-    trust(&mut rig.settings, &ca.cert_pem());
+    use_tls(&mut rig.settings, None);
 
-    let consumer_config = config_file(&rig.settings, "");
+    let logs = tempfile::tempdir().unwrap();
+    let mut consumer_settings = rig.settings.clone();
+    use_tls(&mut consumer_settings, Some(&ca.cert_pem()));
+    let consumer_config = config_file(&consumer_settings, "");
     let producer_config = config_file(&rig.producer_settings(), "");
-    let mut consumer = Process::spawn("consumer", consumer_config.path());
-    let mut producer = Process::spawn("producer", producer_config.path());
+    let mut consumer = spawn("consumer", consumer_config.path(), logs.path(), None);
+    let mut producer = spawn(
+        "producer",
+        producer_config.path(),
+        logs.path(),
+        Some(&ca.cert_pem()),
+    );
     let ex = &rig.exchange;
     ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
     let trader = Trader::start(ex, &SYMBOLS, 3, Duration::from_millis(10));
@@ -114,15 +125,15 @@ async fn every_trade_once_over_tls_and_a_wrong_ca_is_named() {
         &support::kafka09::client_overrides(),
     );
     let mut untrusting = rig.settings.clone();
-    trust(&mut untrusting, &wrong_ca.cert_pem());
+    use_tls(&mut untrusting, Some(&wrong_ca.cert_pem()));
     let consumer_config = config_file(&untrusting, "");
     let mut producer_settings = rig.producer_settings();
-    trust(&mut producer_settings, &wrong_ca.cert_pem());
+    use_tls(&mut producer_settings, Some(&wrong_ca.cert_pem()));
     // Red soon after trades wait for an ack, rather than after the default minute.
     let producer_config = config_file(&producer_settings, "[health]\nmax_ack_silence = \"3s\"\n");
     let logs = tempfile::tempdir().unwrap();
-    let consumer = spawn_logging("consumer", consumer_config.path(), logs.path());
-    let mut producer = spawn_logging("producer", producer_config.path(), logs.path());
+    let consumer = spawn("consumer", consumer_config.path(), logs.path(), None);
+    let mut producer = spawn("producer", producer_config.path(), logs.path(), None);
     ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
     let trader = Trader::start(ex, &SYMBOLS, 1, Duration::from_millis(50));
     let failure = |role: &str| {
@@ -167,11 +178,14 @@ async fn every_trade_once_over_tls_and_a_wrong_ca_is_named() {
     drop(consumer);
 }
 
-/// Both clients of a process talk TLS to the brokers and trust `ca` (PEM).
-fn trust(settings: &mut Settings, ca: &Path) {
+/// Both clients of a process talk TLS to the brokers, trusting `ca` (PEM) if given, else
+/// OpenSSL's default store.
+fn use_tls(settings: &mut Settings, ca: Option<&Path>) {
     for client in [&mut settings.kafka.producer, &mut settings.kafka.consumer] {
         client.insert("security.protocol".into(), "ssl".into());
-        client.insert("ssl.ca.location".into(), ca.display().to_string());
+        if let Some(ca) = ca {
+            client.insert("ssl.ca.location".into(), ca.display().to_string());
+        }
     }
 }
 
@@ -181,10 +195,15 @@ fn config_file(settings: &Settings, extra: &str) -> tempfile::NamedTempFile {
     file
 }
 
-/// The binary with its stdout and stderr in `dir/<subcommand>`.
-fn spawn_logging(subcommand: &str, config: &Path, dir: &Path) -> Process {
+/// The binary with its stdout and stderr in `dir/<subcommand>`; `ssl_cert_file` replaces
+/// OpenSSL's default CA store for it.
+fn spawn(subcommand: &str, config: &Path, dir: &Path, ssl_cert_file: Option<&Path>) -> Process {
     let log = std::fs::File::create(dir.join(subcommand)).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_candlestream"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candlestream"));
+    if let Some(file) = ssl_cert_file {
+        cmd.env("SSL_CERT_FILE", file);
+    }
+    let child = cmd
         .arg(subcommand)
         .arg("--config")
         .arg(config)

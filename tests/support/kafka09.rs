@@ -153,8 +153,8 @@ impl KafkaCluster {
     fn spawn_broker(&self, i: usize) -> Child {
         let conf = self.dir.path().join(format!("broker-{i}.properties"));
         // Kafka 0.9's SSL settings (broker configs `listeners`, `ssl.*`); brokers replicate over
-        // PLAINTEXT (`security.inter.broker.protocol`' default). TLS 1.2 only: 0.9's SSL
-        // transport predates TLS 1.3, which the Java 17 it runs on would otherwise offer.
+        // PLAINTEXT, the default of `security.inter.broker.protocol`. TLS 1.2, said outright:
+        // 0.9's default list is TLSv1.2,TLSv1.1,TLSv1, and Java 17 refuses the older two.
         let (listeners, ssl) = match &self.tls {
             None => (
                 format!("PLAINTEXT://127.0.0.1:{}", self.ports[i]),
@@ -484,7 +484,7 @@ impl TestCa {
 /// differ between Java versions; these are what a 0.9 broker on Java 17 and OpenSSL 3 accept).
 fn keytool(args: &[&str]) {
     let mut cmd = Command::new("keytool");
-    // Each call is a JVM start: the quick tier and the small collector halve it.
+    // Each call starts a JVM: the brokers' quick JIT tier and serial collector suit it too.
     cmd.args(["-J-XX:TieredStopAtLevel=1", "-J-XX:+UseSerialGC"])
         .args(args);
     if args[0] == "-genkeypair" {

@@ -25,12 +25,13 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, HISTORY_PAGE, Stored, Verdict};
-use crate::candles::{Candle, Record, RecordKind, Source, Trade, now_ms};
 use crate::codec::{CodecError, Encoder};
 use crate::config::{BitfinexConfig, Settings, Timeframe};
 use crate::exchange::bitfinex::message::TradeValues;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
-use crate::kafka::{DeliveryTracker, KafkaStageError, Outgoing, producer_config};
+use crate::kafka::producer_config;
+use crate::model::{Candle, Record, RecordKind, Source, Trade, now_ms};
+use crate::producer::delivery::{DeliveryTracker, KafkaStageError, Outgoing};
 use crate::sink::influx::{InfluxSink, SinkError, escape};
 use crate::telemetry::{Health, Liveness, metric, serve_http};
 

@@ -282,3 +282,80 @@ fn the_dockerfile_build_stages_build_the_binary_the_runtime_stage_copies() {
     );
     assert_eq!(bin, "candlestream");
 }
+
+/// Packages every Debian image has: the C library and what Debian's Essential packages depend on
+/// (dpkg needs zlib1g, and libgcc-s1 comes with the C runtime), so debian:bookworm-slim ships them.
+const IN_EVERY_DEBIAN_IMAGE: [&str; 3] = ["libc6", "libgcc-s1", "zlib1g"];
+
+/// The Debian package that holds a library file, looked up in this machine's dpkg database
+/// (with and without the /usr prefix of a merged /usr).
+fn package_of(path: &str) -> String {
+    let candidates = [path.to_string(), format!("/usr{path}")];
+    for candidate in &candidates {
+        let out = Command::new("dpkg")
+            .arg("-S")
+            .arg(candidate)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let line = String::from_utf8_lossy(&out.stdout).into_owned();
+            let package = line.split(':').next().unwrap().trim().to_string();
+            return package;
+        }
+    }
+    panic!("no Debian package holds {path}");
+}
+
+#[test]
+fn the_runtime_stage_installs_every_library_the_binary_links() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    // The packages the runtime stage installs.
+    let mut stage = String::new();
+    let mut installed: Vec<String> = Vec::new();
+    for (keyword, args) in instructions(&dockerfile) {
+        if keyword == "FROM" {
+            stage = args.split_whitespace().last().unwrap().to_string();
+        } else if keyword == "RUN" && stage == "runtime" {
+            for part in args.split("&&") {
+                if let Some(rest) = part.trim().strip_prefix("apt-get install") {
+                    installed.extend(
+                        rest.split_whitespace()
+                            .filter(|w| !w.starts_with('-'))
+                            .map(String::from),
+                    );
+                }
+            }
+        }
+    }
+    assert!(!installed.is_empty(), "the runtime stage installs nothing");
+
+    // The shared libraries the binary needs, built with the same dependencies and features as the
+    // image's (a debug build links the same C libraries as a release build).
+    let out = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_candlestream"))
+        .output()
+        .expect("ldd");
+    assert!(out.status.success());
+    let ldd = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut needed = Vec::new();
+    for line in ldd.lines() {
+        let Some((_, resolved)) = line.split_once("=> ") else {
+            continue; // the vDSO and the dynamic loader, which come with libc6
+        };
+        let path = resolved.split_whitespace().next().unwrap();
+        assert!(path.starts_with('/'), "unresolved library: {line}");
+        needed.push((path.to_string(), package_of(path)));
+    }
+    for (path, package) in &needed {
+        assert!(
+            installed.contains(package) || IN_EVERY_DEBIAN_IMAGE.contains(&package.as_str()),
+            "the binary links {path} from {package}, which the runtime stage does not install \
+             (it installs {installed:?})"
+        );
+    }
+    // rdkafka is built with TLS: the check above must have seen OpenSSL.
+    assert!(
+        needed.iter().any(|(_, p)| p == "libssl3"),
+        "no libssl3 among {needed:?}"
+    );
+}

@@ -2,6 +2,7 @@
 //! shards, REST polling for whatever the websocket does not cover at the moment, and REST trade
 //! history to backfill at start and to close the gaps disconnects leave.
 
+mod dedupe;
 pub mod message;
 pub mod rest;
 mod trades;
@@ -159,7 +160,7 @@ struct Ctx {
     coverage: Coverage,
     limiter: ConnectLimiter,
     rest: RestClient,
-    book: trades::TradeBook,
+    book: dedupe::TradeBook,
     /// Gap repairs run beside the sockets; shutdown waits for them.
     repairs: TaskTracker,
     cancel: CancellationToken,
@@ -193,7 +194,7 @@ pub async fn run(
             opened: Mutex::new(VecDeque::new()),
         },
         coverage: Coverage::new(),
-        book: trades::TradeBook::new(backfill_from),
+        book: dedupe::TradeBook::new(backfill_from),
         repairs: TaskTracker::new(),
         rest,
         cfg,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::dedupe::{Admitted, Fetch, complete_until};
 use super::message::{TradeEntry, TradeValues};
 use super::{Ctx, ExchangeError, now_ms, sleep_or_cancel};
-use crate::candles::{Record, Source, Trade};
+use crate::model::{Record, Source, Trade};
 use crate::retry::backoff;
 use crate::telemetry::metric;
 

@@ -7,18 +7,18 @@
 //! - the **window**: the [`WINDOW`] highest positions admitted, exactly. Every admitted trade at
 //!   or above the window's lowest position is in it, so there the answer is exact without any
 //!   assumption about the exchange.
-//! - the **gaps**: ranges below the newest trade that hold trades never admitted and still to be
-//!   fetched from REST history. A gap is opened when a snapshot does not reach back to the
+//! - the **gaps**: ranges that hold trades never admitted, still to be fetched from REST
+//!   history. A gap is opened when a snapshot does not reach back to the
 //!   newest trade seen before it (or, at start, to the backfill horizon), which is exactly the
 //!   range the gap repair then fetches. It shrinks by every REST page, by the range that page
 //!   fetched completely, and by any single trade admitted inside it.
 //!
 //! A trade offered below the window is new exactly when it lies in a gap. That rests on the
 //! premise the gap repair rests on already: the trades channel sends every trade after its
-//! snapshot, in execution order, so the only trades below the newest one that were never admitted
-//! are those a disconnect kept from the socket, and those lie between the newest trade seen before
-//! the disconnect and the oldest trade of the next snapshot: in a gap. A trade never reaches the
-//! socket out of order by more than [`WINDOW`] trades of its symbol.
+//! snapshot, in execution order (or off it by far fewer than [`WINDOW`] trades of the symbol), so
+//! the only trades below the window that were never admitted are those a disconnect kept from the
+//! socket, and those lie between the newest trade seen before the disconnect and the oldest trade
+//! of the next snapshot: in a gap.
 //!
 //! Why that is exact for each way a trade comes twice:
 //!
@@ -27,7 +27,7 @@
 //!   below the window and outside every gap (gaps lie below a snapshot's oldest trade, and a `te`
 //!   comes after its snapshot): a repeat either way. A `tu` whose `te` was lost is new, as long as
 //!   it is in the window.
-//! - **Snapshots** hold the most recent trades, far fewer than [`WINDOW`] (Bitfinex sends 30).
+//! - **Snapshots** hold the most recent trades, a few dozen, far fewer than [`WINDOW`].
 //!   Fewer admitted trades than that can be newer than any of them, so each is at or above the
 //!   window's lowest position: exact.
 //! - **REST pages** ask for `start <= MTS <= end`, oldest first, and the next page starts at the

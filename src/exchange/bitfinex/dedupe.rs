@@ -8,10 +8,10 @@
 //!   or above the window's lowest position is in it, so there the answer is exact without any
 //!   assumption about the exchange.
 //! - the **gaps**: ranges that hold trades never admitted, still to be fetched from REST
-//!   history. A gap is opened when a snapshot does not reach back to the
-//!   newest trade seen before it (or, at start, to the backfill horizon), which is exactly the
-//!   range the gap repair then fetches. It shrinks by every REST page, by the range that page
-//!   fetched completely, and by any single trade admitted inside it.
+//!   history. A gap is opened when a snapshot's oldest trade is newer than the newest trade seen
+//!   before it (or, at start, than the backfill horizon): exactly the range the gap repair then
+//!   fetches. It shrinks by every REST page, by the whole range that page fetched completely, and
+//!   by any single trade that arrives inside it some other way.
 //!
 //! A trade offered below the window is new exactly when it lies in a gap. That rests on the
 //! premise the gap repair rests on already: the trades channel sends every trade after its
@@ -45,7 +45,7 @@
 //! at most [`MAX_GAPS`] gaps of 32 bytes (more only when a connection flaps faster than repairs
 //! finish; the oldest two are then merged into one, which can let through a repeat but never
 //! drops a trade). With the vectors' capacities and headers that is at most
-//! 16 384 + 1 024 + 56 = 17 464 bytes, plus the symbol's name and map entry: about 5 MB for 300
+//! 16 384 + 1 024 + 64 = 17 472 bytes, plus the symbol's name and map entry: about 5 MB for 300
 //! busy symbols, and far less for quiet ones, whose window holds only the trades they had.
 
 use std::collections::{HashMap, VecDeque};
@@ -96,6 +96,8 @@ struct Seen {
     window: VecDeque<Position>,
     /// Disjoint, ascending.
     gaps: Vec<Gap>,
+    /// Times two gaps were merged to keep within [`MAX_GAPS`].
+    merged: u64,
 }
 
 fn in_gap(p: Position, (after, before): Gap) -> bool {
@@ -127,6 +129,12 @@ impl Seen {
 
     /// Records `p` as admitted; it must be new.
     fn insert(&mut self, p: Position) {
+        self.remember(p);
+        self.cover(p, p);
+    }
+
+    /// Keeps `p` in the window if it is among the highest admitted.
+    fn remember(&mut self, p: Position) {
         if let Err(i) = self.window.binary_search(&p) {
             if self.window.len() < WINDOW {
                 self.window.insert(i, p);
@@ -135,7 +143,6 @@ impl Seen {
                 self.window.insert(i - 1, p);
             }
         }
-        self.cover(p, p);
     }
 
     /// Removes the positions from `from` to `to` (both included) from the gaps. Only a gap
@@ -191,8 +198,10 @@ impl Seen {
             let (after, _) = self.gaps[0];
             let (_, before) = self.gaps.remove(1);
             self.gaps[0] = (after, before);
+            self.merged += 1;
             tracing::warn!(
                 gaps = MAX_GAPS,
+                merged = self.merged,
                 "too many trade gaps waiting for repair; merging the oldest two"
             );
         }
@@ -257,18 +266,33 @@ impl TradeBook {
             let fetch = match (from, oldest) {
                 // A snapshot that reaches back to what we saw leaves no gap.
                 (Some(from), Some(oldest)) if oldest <= from => None,
-                (Some(from), oldest) => {
-                    // Without trades, the snapshot says nothing about the time up to now.
-                    let before = oldest.unwrap_or((now_ms, i64::MAX));
-                    seen.open_gap(from, before);
+                (Some(from), Some(oldest)) => {
+                    seen.open_gap(from, oldest);
                     Some(Fetch {
                         from_ms: from.0,
-                        until_ms: oldest.map_or(now_ms, |(mts, _)| mts),
+                        until_ms: oldest.0,
                     })
                 }
+                // An empty snapshot: Bitfinex holds no recent trade of the symbol. The fetch up to
+                // now is a safeguard, without a gap: what it can find came as `te` since, above the
+                // newest trade, where the window judges it.
+                (Some(from), None) => Some(Fetch {
+                    from_ms: from.0,
+                    until_ms: now_ms,
+                }),
                 (None, _) => None,
             };
-            (admit_all(seen, trades), fetch)
+            let mut admitted = Admitted::default();
+            for t in trades {
+                let p = (t.mts, t.id);
+                if seen.is_new(p) {
+                    seen.insert(p);
+                    admitted.new.push(t);
+                } else {
+                    admitted.repeats += 1;
+                }
+            }
+            (admitted, fetch)
         })
     }
 
@@ -285,20 +309,35 @@ impl TradeBook {
         trades.retain(|t| t.mts <= until_ms);
         trades.sort_by_key(|t| (t.mts, t.id));
         self.with(symbol, |seen| {
-            let admitted = admit_all(seen, trades);
+            let mut admitted = Admitted::default();
+            for t in trades {
+                let p = (t.mts, t.id);
+                if !seen.is_new(p) {
+                    admitted.repeats += 1;
+                    continue;
+                }
+                // The page's whole range leaves the gaps below, at once: one trade at a time
+                // would split a gap at each.
+                if t.mts < from_ms {
+                    seen.insert(p);
+                } else {
+                    seen.remember(p);
+                }
+                admitted.new.push(t);
+            }
             seen.cover((from_ms, i64::MIN), (until_ms, i64::MAX));
             admitted
         })
     }
 
     #[cfg(test)]
-    fn footprint(&self, symbol: &str) -> (usize, usize, usize) {
+    fn footprint(&self, symbol: &str) -> (usize, usize, usize, u64) {
         let symbols = self.symbols.lock().unwrap();
         let seen = &symbols[symbol];
         let bytes = seen.window.capacity() * size_of::<Position>()
             + seen.gaps.capacity() * size_of::<Gap>()
             + size_of::<Seen>();
-        (seen.window.len(), seen.gaps.len(), bytes)
+        (seen.window.len(), seen.gaps.len(), bytes, seen.merged)
     }
 }
 
@@ -311,21 +350,6 @@ pub fn complete_until(start_ms: i64, until_ms: i64, full: bool, last_mts: Option
         Some(mts) if full => mts,
         _ => until_ms,
     }
-}
-
-/// Decides each of `trades`, in order, against what was admitted before them.
-fn admit_all(seen: &mut Seen, trades: Vec<TradeValues>) -> Admitted {
-    let mut admitted = Admitted::default();
-    for t in trades {
-        let p = (t.mts, t.id);
-        if seen.is_new(p) {
-            seen.insert(p);
-            admitted.new.push(t);
-        } else {
-            admitted.repeats += 1;
-        }
-    }
-    admitted
 }
 
 #[cfg(test)]
@@ -490,8 +514,8 @@ mod tests {
         for k in 1..=(MAX_GAPS as i64 + 5) {
             book.admit_snapshot(S, vec![t(k * 10, k * 10)], 0);
         }
-        let (_, gaps, bytes) = book.footprint(S);
-        assert_eq!(gaps, MAX_GAPS);
+        let (_, gaps, bytes, merged) = book.footprint(S);
+        assert_eq!((gaps, merged), (MAX_GAPS, 5));
         assert!(bytes <= BYTES_PER_SYMBOL);
         fill_window(&book, 1_000);
         for k in 0..(MAX_GAPS as i64 + 5) {
@@ -545,8 +569,9 @@ mod tests {
             }
         };
         let check = |book: &TradeBook| {
-            let (window, gaps, bytes) = book.footprint(S);
-            assert!(window <= WINDOW && gaps <= MAX_GAPS && bytes <= BYTES_PER_SYMBOL);
+            let (window, gaps, bytes, merged) = book.footprint(S);
+            assert!(window <= WINDOW && bytes <= BYTES_PER_SYMBOL);
+            assert!(gaps <= 1 && merged == 0, "the backfill's gap alone");
         };
         let (first, fetch) = book.admit_snapshot(S, snapshot.clone(), 0);
         record(&first.new);
@@ -614,7 +639,7 @@ mod tests {
         assert_eq!(sent.len(), all.len(), "every trade admitted");
         assert!(all.iter().all(|id| sent.get(id) == Some(&1)), "each once");
         assert_eq!(
-            BYTES_PER_SYMBOL, 17_464,
+            BYTES_PER_SYMBOL, 17_472,
             "the figure in the module documentation"
         );
     }

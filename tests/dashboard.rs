@@ -1669,14 +1669,7 @@ async fn data_quality_row_prices_and_crafted_symbols_on_influxdb_1_6() {
             high: ask,
             low: bid,
         };
-        Record::Tick(Tick::new(
-            symbol.to_string(),
-            v,
-            at,
-            None,
-            Source::Websocket,
-            at,
-        ))
+        Record::Tick(v.into_tick(symbol.to_string(), at, None, Source::Websocket, at))
     };
     let ticker = Settings::default().influx.measurement;
     let mut lines = String::new();

@@ -3,6 +3,7 @@
 //! history to backfill at start and to close the gaps disconnects leave.
 
 pub mod answer;
+mod dedupe;
 pub mod message;
 pub mod rest;
 mod trades;
@@ -160,7 +161,7 @@ struct Ctx {
     coverage: Coverage,
     limiter: ConnectLimiter,
     rest: RestClient,
-    book: trades::TradeBook,
+    book: dedupe::TradeBook,
     /// Gap repairs run beside the sockets; shutdown waits for them.
     repairs: TaskTracker,
     cancel: CancellationToken,
@@ -194,7 +195,7 @@ pub async fn run(
             opened: Mutex::new(VecDeque::new()),
         },
         coverage: Coverage::new(),
-        book: trades::TradeBook::new(backfill_from),
+        book: dedupe::TradeBook::new(backfill_from),
         repairs: TaskTracker::new(),
         rest,
         cfg,

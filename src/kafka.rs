@@ -12,6 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::telemetry::{Liveness, metric};
@@ -267,10 +268,80 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
             cfg.assignment_strategy.librdkafka_name(),
         ),
         ("enable.partition.eof", "false"),
-        ("statistics.interval.ms", "5000"),
         ("client.id", "candlestream-consumer"),
     ];
     client_config(&cfg.brokers, &defaults, &cfg.consumer)
+}
+
+/// How often [`report_group_lag`] reads the group's offsets.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets `candlestream_consumer_lag_records` per topic and partition until `cancel`: the
+/// partition's high watermark minus the offset `cfg.group_id` committed there (partitions
+/// without a commit are left out). Read from the brokers, not from the consumers' own statistics:
+/// it has to keep rising while every consumer is stopped, and a consumer that paused its
+/// partitions fetches nothing, so its own view of the high watermark stands still.
+pub async fn report_group_lag(cfg: KafkaConfig, topics: Vec<String>, cancel: CancellationToken) {
+    use rdkafka::consumer::BaseConsumer;
+    // Never subscribes, so it only reads the group's offsets and never joins it.
+    let defaults = [
+        ("group.id", cfg.group_id.as_str()),
+        ("enable.auto.commit", "false"),
+        ("client.id", "candlestream-lag"),
+    ];
+    let client: BaseConsumer = match client_config(&cfg.brokers, &defaults, &cfg.consumer).create()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the client that reads consumer lag; no lag metric");
+            return;
+        }
+    };
+    let client = Arc::new(client);
+    let mut ticker = tokio::time::interval(LAG_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let (c, t) = (client.clone(), topics.clone());
+        match tokio::task::spawn_blocking(move || group_lag(&c, &t, LAG_INTERVAL)).await {
+            Ok(Ok(lags)) => {
+                for (topic, partition, lag) in lags {
+                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
+                        .set(lag as f64);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read consumer lag; trying again"),
+            Err(e) => tracing::error!(error = %e, "consumer lag reader panicked"),
+        }
+    }
+}
+
+/// (topic, partition, high watermark - committed offset) of every committed partition.
+fn group_lag(
+    client: &rdkafka::consumer::BaseConsumer,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Vec<(String, i32, i64)>, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for topic in topics {
+        let metadata = client.fetch_metadata(Some(topic), timeout)?;
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            partitions.add_partition(topic, p.id());
+        }
+    }
+    let committed = client.committed_offsets(partitions, timeout)?;
+    let mut lags = Vec::new();
+    for e in committed.elements() {
+        if let rdkafka::Offset::Offset(offset) = e.offset() {
+            let (_, high) = client.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+            lags.push((e.topic().to_string(), e.partition(), (high - offset).max(0)));
+        }
+    }
+    Ok(lags)
 }
 
 /// Asks the worker's writer to flush; the sender gets an answer once the batch is written and
@@ -278,7 +349,7 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
 pub type FlushRequest = std::sync::mpsc::Sender<()>;
 
 /// Group callbacks of one consumer worker: before partitions are revoked, what was already read
-/// is written and committed, so the next owner does not start behind us; lag goes to metrics.
+/// is written and committed, so the next owner does not start behind us.
 pub struct GroupContext {
     pub worker: usize,
     pub flush: mpsc::Sender<FlushRequest>,
@@ -289,18 +360,7 @@ pub struct GroupContext {
     pub joined: tokio::sync::watch::Sender<bool>,
 }
 
-impl rdkafka::client::ClientContext for GroupContext {
-    fn stats(&self, stats: rdkafka::Statistics) {
-        for (topic, t) in stats.topics {
-            for (partition, p) in t.partitions {
-                if partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
+impl rdkafka::client::ClientContext for GroupContext {}
 
 impl rdkafka::consumer::ConsumerContext for GroupContext {
     /// rust-rdkafka's default asks `rd_kafka_rebalance_protocol()` on every callback: a request

@@ -85,7 +85,9 @@ async fn forward(
         metrics::counter!(metric::TRADES_DUPLICATE, "source" => source.label()).increment(1);
         return Ok(false);
     }
-    metrics::counter!(metric::TRADES_RECEIVED, "source" => source.label()).increment(1);
+    // Symbols are bounded by bitfinex.symbols.
+    metrics::counter!(metric::TRADES_RECEIVED, "source" => source.label(), "symbol" => symbol.to_string())
+        .increment(1);
     let trade = Trade {
         symbol: symbol.to_string(),
         id: t.id,

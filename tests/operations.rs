@@ -650,6 +650,13 @@ async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
     rig.influx.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
     rig.influx.start_again();
+    // Back to steady writing, so that the rates below show the running pipeline.
+    let written = Query {
+        name: "points written".into(),
+        expr: "sum(rate(candlestream_influx_points_written_total[$__rate_interval])) > 0".into(),
+    };
+    returns_data(&prom, &written, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
 
     // Every query returns data.
     let mut results = Vec::new();

@@ -9,10 +9,10 @@ use std::hint::black_box;
 
 #[allow(deprecated)] // The issue asks for exactly this baseline.
 use apache_avro::{Schema, to_avro_datum, to_value};
-use candlestream::candles::{Record, RecordKind, Source, Tick};
 use candlestream::codec::{Encoder, TICKER_SCHEMA};
 use candlestream::config::SchemaRegistryConfig;
 use candlestream::exchange::bitfinex::message::{Frame, Payload, TickerValues, parse_frame};
+use candlestream::model::{Record, RecordKind, Source};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const FRAME: &str = "[224555,[97321,5.22112483,97322,4.31554012,-1200,-0.0122,97321,1210.55304011,99000,96100],1,1763787600123]";
@@ -25,9 +25,8 @@ fn parse(text: &str) -> Record {
         panic!("ticker")
     };
     let values = TickerValues::from_raw(&raw).unwrap();
-    Record::Tick(Tick::new(
+    Record::Tick(values.into_tick(
         "tBTCUSD".into(),
-        values,
         msg.timestamp_ms.unwrap(),
         msg.seq.map(|s| s as i64),
         Source::Websocket,

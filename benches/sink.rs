@@ -6,10 +6,10 @@ mod fake_registry;
 
 use std::hint::black_box;
 
-use candlestream::candles::{Record, Source, Tick};
 use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::SchemaRegistryConfig;
 use candlestream::exchange::bitfinex::message::TickerValues;
+use candlestream::model::{Record, Source};
 use candlestream::sink::influx::write_line;
 use criterion::{Criterion, criterion_group, criterion_main};
 
@@ -27,9 +27,8 @@ fn bench(c: &mut Criterion) {
         high: 99000.0,
         low: 96100.0,
     };
-    let tick = Record::Tick(Tick::new(
+    let tick = Record::Tick(v.into_tick(
         "tBTCUSD".into(),
-        v,
         1_763_787_600_123,
         Some(1),
         Source::Websocket,

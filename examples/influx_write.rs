@@ -6,9 +6,9 @@
 use std::io::Write;
 use std::time::Instant;
 
-use candlestream::candles::{Record, Source, Tick};
 use candlestream::config::{InfluxApi, InfluxConfig};
 use candlestream::exchange::bitfinex::message::TickerValues;
+use candlestream::model::{Record, Source, Tick};
 use candlestream::sink::influx::{InfluxSink, write_line};
 use clap::Parser;
 
@@ -42,9 +42,8 @@ fn tick(i: usize) -> Tick {
         low: price - 5.0,
     };
     let t = 1_763_787_600_000 + (i / symbols.len()) as i64;
-    Tick::new(
+    v.into_tick(
         symbols[i % symbols.len()].into(),
-        v,
         t,
         None,
         Source::Websocket,

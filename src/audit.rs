@@ -12,9 +12,9 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::candles::Candle;
 use crate::config::{InfluxApi, InfluxConfig, Settings};
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
+use crate::model::Candle;
 
 const MINUTE_MS: i64 = 60_000;
 /// Bitfinex's maximum rows per candle history call.
@@ -255,7 +255,7 @@ pub async fn run(
         .build()
         .map_err(|e| AuditError::Influx(e.to_string()))?;
     let rest = RestClient::new(&settings.bitfinex, CancellationToken::new())?;
-    let (start, end) = window(crate::candles::now_ms(), since);
+    let (start, end) = window(crate::model::now_ms(), since);
     let mut reports = Vec::new();
     for symbol in symbols {
         let ours = stored_candles(&http, &settings.influx, symbol, start, end).await?;

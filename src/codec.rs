@@ -10,8 +10,8 @@ use schema_registry_converter::schema_registry_common::{
 
 use serde::de::DeserializeOwned;
 
-use crate::candles::{Record, RecordKind, Tick, Trade};
 use crate::config::{KafkaConfig, SchemaRegistryConfig};
+use crate::model::{Record, RecordKind, Tick, Trade};
 
 /// The ticker schema, as shipped in schemas/ and registered by avro_schema.sh.
 pub const TICKER_SCHEMA: &str = include_str!("../schemas/ticker.avsc");

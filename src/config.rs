@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::candles::RecordKind;
+use crate::model::RecordKind;
 
 pub const ENV_PREFIX: &str = "CANDLESTREAM";
 

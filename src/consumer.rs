@@ -6,6 +6,7 @@
 //! fills and the poller pauses the member's partitions but goes on polling, so the member keeps
 //! its partitions however long that lasts.
 
+mod group;
 mod writer;
 
 use std::collections::VecDeque;
@@ -21,14 +22,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::candles::RecordKind;
 use crate::codec::{CodecError, Decoder};
 use crate::config::{AssignmentStrategy, Settings};
-use crate::kafka::{
-    FlushRequest, GroupContext, consumer_config, is_closed, member_id, producer_config, start_close,
-};
+use crate::kafka::{consumer_config, producer_config};
+use crate::model::RecordKind;
 use crate::sink::influx::{InfluxSink, SinkError};
 use crate::telemetry::{Fault, Health, Liveness, metric, serve_http};
+use group::{GroupContext, is_closed, member_id, start_close};
+use writer::FlushRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {

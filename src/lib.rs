@@ -1,12 +1,12 @@
 //! candlestream: Bitfinex tickers → Avro in Kafka → InfluxDB → Grafana candles.
 
 pub mod audit;
-pub mod candles;
 pub mod codec;
 pub mod config;
 pub mod consumer;
 pub mod exchange;
 pub mod kafka;
+pub mod model;
 pub mod producer;
 pub mod retry;
 pub mod sink;

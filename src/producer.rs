@@ -1,5 +1,7 @@
 //! `candlestream producer`: Bitfinex → Avro (Schema Registry) → Kafka.
 
+mod delivery;
+
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
@@ -7,13 +9,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::candles::{MonotonicClock, Record, RecordKind};
 use crate::codec::{CodecError, Encoder};
 use crate::config::Settings;
 use crate::exchange::bitfinex;
-use crate::kafka::{DeliveryTracker, KafkaStageError, Outgoing, producer_config};
+use crate::kafka::producer_config;
+use crate::model::{MonotonicClock, Record, RecordKind};
 use crate::retry::backoff;
 use crate::telemetry::{Health, metric, serve_http};
+use delivery::{DeliveryTracker, KafkaStageError, Outgoing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerError {

@@ -6,9 +6,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use candlestream::candles::{Record, Tick};
 use candlestream::config::{InfluxApi, Settings};
 use candlestream::consumer::dlq_header;
+use candlestream::model::{Record, Tick};
 use rdkafka::mocking::MockCluster;
 
 use support::fake_registry::FakeRegistry;

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use candlestream::candles::{Record, Source, Tick, Trade};
 use candlestream::config::Settings;
+use candlestream::model::{Record, Source, Tick, Trade};
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -103,8 +103,8 @@ fn identifiers(q: &str) -> (Vec<String>, BTreeSet<String>) {
 
 #[test]
 fn grafana_dashboard_queries_what_the_consumer_writes() {
-    // The datasource: InfluxQL against the bucket's DBRP mapping, token in a header, every value
-    // from an environment variable that docker-compose.yml passes to Grafana.
+    // The datasource: InfluxQL against the bucket's DBRP mapping, Grafana's read-only credential,
+    // every value from an environment variable that docker-compose.yml passes to Grafana.
     let datasources = yaml("grafana/provisioning/datasources/influxdb.yaml");
     let ds = &datasources["datasources"][0];
     let uid = ds["uid"].as_str().unwrap();
@@ -119,13 +119,15 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         ds["jsonData"]["dbName"].as_str(),
         Some("${INFLUXDB_BUCKET}")
     );
+    // Grafana's own read-only credential (launch.sh creates it), never the operator token.
+    assert_eq!(ds["user"].as_str(), Some("${GRAFANA_INFLUXDB_USER}"));
     assert_eq!(
-        ds["jsonData"]["httpHeaderName1"].as_str(),
-        Some("Authorization")
+        ds["secureJsonData"]["password"].as_str(),
+        Some("${GRAFANA_INFLUXDB_PASSWORD}")
     );
-    assert_eq!(
-        ds["secureJsonData"]["httpHeaderValue1"].as_str(),
-        Some("Token ${INFLUXDB_TOKEN}")
+    assert!(
+        !repo("grafana/provisioning/datasources/influxdb.yaml").contains("INFLUXDB_TOKEN"),
+        "Grafana must not get the operator token"
     );
     let compose = yaml("docker-compose.yml");
     let grafana_env = compose["services"]["grafana"]["environment"]
@@ -449,9 +451,8 @@ fn sent_ticks(sent: &[support::fake_bitfinex::Sent]) -> Vec<Tick> {
             let t = x
                 .exchange_time
                 .expect("websocket ticks carry the exchange's time");
-            Tick::new(
+            v.into_tick(
                 x.symbol.clone(),
-                v,
                 t,
                 x.seq.map(|s| s as i64),
                 Source::Websocket,

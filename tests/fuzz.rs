@@ -4,10 +4,10 @@
 
 mod support;
 
-use candlestream::candles::{Record, Source, Tick};
 use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::SchemaRegistryConfig;
 use candlestream::exchange::bitfinex::message::{Frame, Payload, TickerValues, parse_frame};
+use candlestream::model::{Record, Source};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -115,7 +115,7 @@ fn decode_fixture() -> &'static (
                 high: 9.0,
                 low: 10.0,
             };
-            let tick = Tick::new("tBTCUSD".into(), v, 1, Some(2), Source::Websocket, 3);
+            let tick = v.into_tick("tBTCUSD".into(), 1, Some(2), Source::Websocket, 3);
             let kafka = candlestream::config::KafkaConfig {
                 topic: "fuzz".into(),
                 ..Default::default()

@@ -6,9 +6,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use candlestream::candles::Source;
 use candlestream::codec::value_subject;
 use candlestream::config::ExchangeMode;
+use candlestream::model::Source;
 use rdkafka::mocking::MockCluster;
 
 use support::fake_bitfinex::FakeBitfinex;

@@ -16,12 +16,16 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
 
+use super::group::GroupContext;
 use super::{Shared, dlq_header};
-use crate::candles::{Record, RecordKind};
-use crate::kafka::{FlushRequest, GroupContext};
+use crate::model::{Record, RecordKind};
 use crate::retry::backoff;
 use crate::sink::influx::{SinkError, write_line};
 use crate::telemetry::metric;
+
+/// Asks the worker's writer to flush; the sender gets an answer once the batch is written and
+/// its offsets stored.
+pub type FlushRequest = std::sync::mpsc::Sender<()>;
 
 /// A partition of one of the topics read.
 type Partition = (String, i32);
@@ -372,7 +376,7 @@ impl Writer {
 
     /// InfluxDB acknowledged these points: their latency is known now.
     fn acked(&self, points: &[Point]) {
-        let now = crate::candles::now_ms();
+        let now = crate::model::now_ms();
         let mut newest_trade = BTreeMap::new();
         for p in points {
             if p.kind == RecordKind::Trade {

@@ -16,8 +16,8 @@ use flate2::write::GzEncoder;
 use influxdb2::api::write::TimestampPrecision;
 use influxdb2::models::WriteDataPoint;
 
-use crate::candles::{Record, Tick, Trade};
 use crate::config::{InfluxApi, InfluxConfig};
+use crate::model::{Record, Tick, Trade};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -302,7 +302,7 @@ impl InfluxSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::candles::Source;
+    use crate::model::Source;
 
     fn tick(symbol: &str) -> Tick {
         Tick {

@@ -228,7 +228,7 @@ macro_rules! report {
 
 // Not every test binary uses it.
 #[allow(unused_imports)]
-pub use candlestream::candles::now_ms;
+pub use candlestream::model::now_ms;
 
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
 pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

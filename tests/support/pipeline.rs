@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use candlestream::candles::{self, Source, Tick};
 use candlestream::codec::{Decoder, Encoder};
 use candlestream::config::Settings;
+use candlestream::model::{self, Source, Tick};
 use candlestream::producer::{self, ProducerError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -76,14 +76,7 @@ pub fn make_ticks(symbols: &[&str], n: usize, start_ms: i64, step_ms: i64) -> Ve
                 low: price - 10.0,
             };
             let t = start_ms + i as i64 * step_ms + j as i64;
-            out.push(Tick::new(
-                s.to_string(),
-                v,
-                t,
-                Some(i as i64),
-                Source::Websocket,
-                t + 5,
-            ));
+            out.push(v.into_tick(s.to_string(), t, Some(i as i64), Source::Websocket, t + 5));
         }
     }
     out
@@ -101,7 +94,7 @@ pub async fn produce_ticks(
     let producer = raw_producer(brokers, overrides);
     for t in ticks {
         let payload = encoder
-            .encode(&candles::Record::Tick(t.clone()))
+            .encode(&model::Record::Tick(t.clone()))
             .await
             .unwrap();
         produce_raw(&producer, topic, Some(t.symbol.as_bytes()), &payload).await;
@@ -190,7 +183,7 @@ pub async fn stop_when_delivered(
 }
 
 /// Decodes every record through the registry and checks that its key is its symbol.
-pub async fn decode_records(registry: &FakeRegistry, records: &[Record]) -> Vec<candles::Record> {
+pub async fn decode_records(registry: &FakeRegistry, records: &[Record]) -> Vec<model::Record> {
     let decoder = Decoder::new(&candlestream::config::SchemaRegistryConfig {
         url: registry.url(),
         ..Default::default()
@@ -213,7 +206,7 @@ pub async fn decode_all(registry: &FakeRegistry, records: &[Record]) -> Vec<Tick
     decoded
         .into_iter()
         .map(|r| {
-            if let candles::Record::Tick(t) = r {
+            if let model::Record::Tick(t) = r {
                 t
             } else {
                 panic!("a trade among the ticks")
@@ -222,12 +215,12 @@ pub async fn decode_all(registry: &FakeRegistry, records: &[Record]) -> Vec<Tick
         .collect()
 }
 
-pub async fn decode_trades(registry: &FakeRegistry, records: &[Record]) -> Vec<candles::Trade> {
+pub async fn decode_trades(registry: &FakeRegistry, records: &[Record]) -> Vec<model::Trade> {
     let decoded = decode_records(registry, records).await;
     decoded
         .into_iter()
         .map(|r| {
-            if let candles::Record::Trade(t) = r {
+            if let model::Record::Trade(t) = r {
                 t
             } else {
                 panic!("a tick among the trades")

@@ -2,6 +2,7 @@
 //! shards, REST polling for whatever the websocket does not cover at the moment, and REST trade
 //! history to backfill at start and to close the gaps disconnects leave.
 
+pub mod answer;
 pub mod message;
 pub mod rest;
 mod trades;
@@ -17,8 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::candles::{Record, now_ms};
 use crate::config::{BitfinexConfig, ExchangeMode};
+use crate::model::{Record, now_ms};
 use crate::telemetry::Liveness;
 
 pub use rest::RestClient;

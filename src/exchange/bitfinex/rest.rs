@@ -10,13 +10,11 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
-use super::message::{
-    CandleValues, ERROR_RATE_LIMIT, RestAnswer, RestTicker, TickerValues, TradeEntry, TradeValues,
-    parse_rest,
-};
+use super::answer::{CandleValues, ERROR_RATE_LIMIT, RestAnswer, RestTicker, parse_rest};
+use super::message::{TickerValues, TradeEntry, TradeValues};
 use super::{Channel, Ctx, ExchangeError, Sub, now_ms, sleep_or_cancel, subscriptions, trades};
-use crate::candles::{Record, Source, Tick};
 use crate::config::BitfinexConfig;
+use crate::model::{Record, Source, Tick};
 use crate::retry::backoff;
 use crate::telemetry::metric;
 
@@ -184,14 +182,9 @@ impl RestClient {
         let mut ticks = Vec::with_capacity(tickers.len());
         for t in tickers.into_iter().filter(|t| symbols.contains(&t.symbol)) {
             match TickerValues::from_raw(&t.values) {
-                Ok(v) => ticks.push(Tick::new(
-                    t.symbol,
-                    v,
-                    received_at,
-                    None,
-                    Source::Rest,
-                    received_at,
-                )),
+                Ok(v) => {
+                    ticks.push(v.into_tick(t.symbol, received_at, None, Source::Rest, received_at))
+                }
                 Err(e) => {
                     metrics::counter!(metric::TICKS_REJECTED).increment(1);
                     tracing::warn!(symbol = %t.symbol, error = %e, "REST ticker rejected");

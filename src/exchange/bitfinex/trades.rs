@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use super::message::{TradeEntry, TradeValues};
 use super::{Ctx, ExchangeError, now_ms, sleep_or_cancel};
-use crate::candles::{Record, Source, Trade};
+use crate::model::{Record, Source, Trade};
 use crate::retry::backoff;
 use crate::telemetry::metric;
 

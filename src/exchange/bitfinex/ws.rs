@@ -16,7 +16,7 @@ use super::message::{
     INFO_MAINTENANCE_START, INFO_RECONNECT, Payload, TickerValues, parse_frame,
 };
 use super::{Channel, Ctx, ExchangeError, Sub, now_ms, sleep_or_cancel, trades};
-use crate::candles::{Record, Source, Tick};
+use crate::model::{Record, Source};
 use crate::retry::backoff;
 use crate::telemetry::metric;
 
@@ -405,9 +405,8 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         };
-        let tick = Tick::new(
+        let tick = values.into_tick(
             symbol.to_string(),
-            values,
             timestamp_ms.unwrap_or(received_at),
             seq.map(|s| s as i64),
             Source::Websocket,

@@ -1,11 +1,10 @@
-//! The records that flow through the pipeline (ticker updates and trades), and the OHLCV candles
-//! that trades make.
+//! The pipeline's record model: ticker updates and trades as they travel through Kafka into
+//! InfluxDB, and the OHLCV candles that trades make. It depends on no stage: each exchange
+//! converts its own frames into these types.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-
-use crate::exchange::bitfinex::message::TickerValues;
 
 /// The wall clock in milliseconds since the epoch, the unit of every record's times.
 pub fn now_ms() -> i64 {
@@ -49,35 +48,6 @@ pub struct Tick {
     pub sequence: Option<i64>,
     pub source: Source,
     pub received_at: i64,
-}
-
-impl Tick {
-    pub fn new(
-        symbol: String,
-        v: TickerValues,
-        exchange_time: i64,
-        sequence: Option<i64>,
-        source: Source,
-        received_at: i64,
-    ) -> Self {
-        Self {
-            symbol,
-            bid: v.bid,
-            bid_size: v.bid_size,
-            ask: v.ask,
-            ask_size: v.ask_size,
-            daily_change: v.daily_change,
-            daily_change_relative: v.daily_change_relative,
-            last_price: v.last_price,
-            volume: v.volume,
-            high: v.high,
-            low: v.low,
-            exchange_time,
-            sequence,
-            source,
-            received_at,
-        }
-    }
 }
 
 /// Keeps `exchange_time` strictly increasing per symbol, so two distinct updates never share an
@@ -251,7 +221,8 @@ mod tests {
     use super::*;
 
     fn tick(symbol: &str, t: i64, price: f64) -> Tick {
-        let v = TickerValues {
+        Tick {
+            symbol: symbol.into(),
             bid: price,
             bid_size: 1.0,
             ask: price,
@@ -262,8 +233,11 @@ mod tests {
             volume: 1.0,
             high: price,
             low: price,
-        };
-        Tick::new(symbol.into(), v, t, None, Source::Websocket, t)
+            exchange_time: t,
+            sequence: None,
+            source: Source::Websocket,
+            received_at: t,
+        }
     }
 
     fn trade(id: i64, t: i64, amount: f64, price: f64) -> Trade {

@@ -209,7 +209,10 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
         "{image}"
     );
     let ports: Vec<String> = list(&prom["ports"]).iter().map(text).collect();
-    assert_eq!(ports, ["${BIND_ADDRESS:-127.0.0.1}:9090:9090"]);
+    assert_eq!(
+        ports,
+        ["${BIND_ADDRESS:-127.0.0.1}:${PROMETHEUS_PORT:-9090}:9090"]
+    );
     let health: Vec<String> = list(&prom["healthcheck"]["test"])
         .iter()
         .map(text)

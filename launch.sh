@@ -3,7 +3,7 @@
 # secrets, builds the app image, waits for the brokers, the registry and InfluxDB, checks InfluxDB's
 # token, org and bucket, gives Grafana its read-only InfluxDB credential, creates the topics (and
 # applies their retention), registers the schemas, starts (or scales) the producer and the
-# consumers, and prints where to look. Safe to run again at any time: a second run with the same
+# consumers and the verifier, and prints where to look. Safe to run again at any time: a second run with the same
 # settings changes nothing.
 #
 # POSIX sh (no arrays, no [[ ]], no $SECONDS), so it runs the same under macOS's /bin/bash 3.2,
@@ -142,6 +142,7 @@ kafka_ui_port=$(setting KAFKA_UI_PORT 8080)
 registry_port=$(setting SCHEMA_REGISTRY_PORT 8081)
 influx_port=$(setting INFLUXDB_PORT 8086)
 producer_port=$(setting PRODUCER_METRICS_PORT 9101)
+verifier_port=$(setting VERIFIER_METRICS_PORT 9102)
 health_timeout=$(setting HEALTH_TIMEOUT 180)
 positive TOPIC_PARTITIONS "$partitions"
 positive TOPIC_RETENTION_MS "$retention_ms"
@@ -152,6 +153,7 @@ positive KAFKA_UI_PORT "$kafka_ui_port"
 positive SCHEMA_REGISTRY_PORT "$registry_port"
 positive INFLUXDB_PORT "$influx_port"
 positive PRODUCER_METRICS_PORT "$producer_port"
+positive VERIFIER_METRICS_PORT "$verifier_port"
 [ "$topic" != "$trades_topic" ] || die "TOPIC and TRADES_TOPIC must differ (both are '$topic')."
 # InfluxDB refuses a shorter password: its setup would fail and the container never turn healthy.
 [ "${#influx_password}" -ge 8 ] || die "INFLUXDB_PASSWORD must have at least 8 characters (InfluxDB refuses shorter ones)."
@@ -311,7 +313,7 @@ SCHEMA_REGISTRY_URL=http://localhost:8081 SCHEMA_REGISTRY_CURL="$compose_name ex
   TOPIC="$topic" TRADES_TOPIC="$trades_topic" sh ./avro_schema.sh || die "registering the schemas failed (see above)."
 
 # --- The app ---------------------------------------------------------------------------------
-compose --profile app up -d --scale consumer="$replicas" producer consumer
+compose --profile app up -d --scale consumer="$replicas" producer consumer verifier
 
 url_host() {
   case $1 in
@@ -334,6 +336,7 @@ candlestream is running ($replicas consumer(s)).
   Schema Registry  http://$host:$registry_port/subjects
   InfluxDB         http://$host:$influx_port   log in as INFLUXDB_USERNAME (.env; default admin); org $influx_org, bucket $influx_bucket
   Producer health  http://$host:$producer_port/healthz
+  Verifier health  http://$host:$verifier_port/healthz   (every closed candle checked against Bitfinex's)
 Passwords are in .env (without .env: Grafana admin/admin, InfluxDB admin/candlestream-dev).
 Scale the consumers: CONSUMER_REPLICAS=4 ./launch.sh
 INFO

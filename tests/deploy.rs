@@ -227,6 +227,7 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
         "grafana",
         "producer",
         "consumer",
+        "verifier",
         "audit",
     ];
     assert_eq!(
@@ -295,7 +296,7 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
     }
     internal.sort();
 
-    for app in ["producer", "consumer"] {
+    for app in ["producer", "consumer", "verifier"] {
         let s = merged(&services[app]);
         let env: Vec<(String, String)> = merged(&s["environment"])
             .iter()
@@ -348,6 +349,19 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
     assert!(
         consumer.contains_key("deploy"),
         "the consumer can be scaled with replicas"
+    );
+    let verifier = merged(&services["verifier"]);
+    assert!(
+        !verifier.contains_key("deploy"),
+        "one verifier: replicas would heal the same minutes twice"
+    );
+    assert_eq!(
+        merged(&verifier["environment"])
+            .get("CANDLESTREAM__INFLUX__URL")
+            .map(scalar)
+            .as_deref(),
+        Some("http://influxdb:8086"),
+        "the verifier reads and writes the consumers' InfluxDB"
     );
 }
 

@@ -175,7 +175,7 @@ async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
             "created topic crypto-ticker",
             "created topic crypto-trades",
             "created topic crypto-ticker-dlq",
-            "started producer consumer",
+            "started producer consumer verifier",
             "scaled consumer=2",
         ]
     );
@@ -299,7 +299,7 @@ async fn the_callers_variables_win_over_dotenv() {
     assert!(
         calls
             .iter()
-            .any(|c| c.contains("--scale consumer=4 producer consumer")),
+            .any(|c| c.contains("--scale consumer=4 producer consumer verifier")),
         "{calls:#?}"
     );
     assert!(

@@ -30,16 +30,15 @@ use support::pipeline::{WAIT, produce_raw, raw_producer};
 use support::rig::{CLUSTER, Rig, free_port};
 use support::{Process, SYMBOLS, eventually_async, now_ms, settings_toml, topic_size};
 
-/// `candlestream verify` (issue 15) is built on another branch. While it is not in this one, its
-/// scrape job is left out of the test's Prometheus and the queries on its metrics are not
-/// required to return data; set to true once the verifier is merged.
-const VERIFIER_IN_THIS_BRANCH: bool = false;
+/// Whether `candlestream verify` (issue 15) is in this branch: without it, its scrape job is left
+/// out of the test's Prometheus and the queries on its metrics are not required to return data.
+const VERIFIER_IN_THIS_BRANCH: bool = true;
 
 /// Provisioning folders Grafana's compose service does not mount yet: the lead's merge mounts
 /// each folder of grafana/provisioning on its own; empty this once `alerting` is mounted.
 const GRAFANA_MOUNTS_PENDING: &[&str] = &["alerting"];
 
-/// A metric only the verifier serves.
+/// The prefix of the metrics only the verifier serves.
 const VERIFIER_METRIC: &str = "candlestream_candles_";
 
 const PROMETHEUS_UID: &str = "candlestream-prometheus";
@@ -642,7 +641,13 @@ async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
         let port = free_port();
         let mut s = rig.settings.clone();
         s.http.listen = ([127, 0, 0, 1], port).into();
-        _verifier = Some(Process::spawn("verify", &config("verifier", &s)));
+        // Passes every second over the closed minutes of the preloaded history.
+        let path = config("verifier", &s);
+        let verify = "[verify]\ninterval = \"1s\"\ngrace = \"5s\"\nlookback = \"10m\"\n\
+                      timeframes = [\"1m\"]\nrest_trades_per_minute = 6000\n\
+                      rest_candles_per_minute = 6000\n";
+        std::fs::write(&path, settings_toml(&s) + verify).unwrap();
+        _verifier = Some(Process::spawn("verify", &path));
         targets.insert("verifier", vec![format!("127.0.0.1:{port}")]);
     }
     let prom = Prometheus::start(&targets);

@@ -9,7 +9,7 @@
 
 FROM rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082 AS chef
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential pkg-config python3 zlib1g-dev \
+ && apt-get install -y --no-install-recommends build-essential pkg-config python3 zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /build
@@ -28,8 +28,10 @@ COPY . .
 RUN cargo build --release --locked --bin candlestream
 
 FROM debian:bookworm-slim@sha256:7b140f374b289a7c2befc338f42ebe6441b7ea838a042bbd5acbfca6ec875818 AS runtime
+# libssl3: librdkafka's TLS and SASL (SCRAM) for managed Kafka; ca-certificates: the public CAs
+# that Bitfinex, a managed Kafka and an InfluxDB over https are checked against.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home candlestream
 COPY --from=build /build/target/release/candlestream /usr/local/bin/candlestream

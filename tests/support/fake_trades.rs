@@ -310,6 +310,9 @@ impl TradeBook {
     }
 }
 
+/// (symbol, start, end) of one history request.
+pub type HistRequest = (String, Option<i64>, Option<i64>);
+
 /// Trades settings and REST counters, outside the lock.
 pub(super) struct TradeSettings {
     snapshot_len: AtomicUsize,
@@ -320,7 +323,7 @@ pub(super) struct TradeSettings {
     trades_requests: AtomicU64,
     candles_requests: AtomicU64,
     /// (symbol, start, end) of every trades history request, in order.
-    trades_queries: std::sync::Mutex<Vec<(String, Option<i64>, Option<i64>)>>,
+    trades_queries: std::sync::Mutex<Vec<HistRequest>>,
     rate_limited: AtomicU64,
     te_frames: AtomicU64,
     tu_frames: AtomicU64,
@@ -534,7 +537,7 @@ impl FakeBitfinex {
     }
 
     /// (symbol, start, end) of every `/v2/trades/{symbol}/hist` request so far, in order.
-    pub fn trades_queries(&self) -> Vec<(String, Option<i64>, Option<i64>)> {
+    pub fn trades_queries(&self) -> Vec<HistRequest> {
         self.inner.trades.trades_queries.lock().unwrap().clone()
     }
 

@@ -143,6 +143,7 @@ registry_port=$(setting SCHEMA_REGISTRY_PORT 8081)
 influx_port=$(setting INFLUXDB_PORT 8086)
 producer_port=$(setting PRODUCER_METRICS_PORT 9101)
 verifier_port=$(setting VERIFIER_METRICS_PORT 9102)
+prometheus_port=$(setting PROMETHEUS_PORT 9090)
 health_timeout=$(setting HEALTH_TIMEOUT 180)
 positive TOPIC_PARTITIONS "$partitions"
 positive TOPIC_RETENTION_MS "$retention_ms"
@@ -154,6 +155,7 @@ positive SCHEMA_REGISTRY_PORT "$registry_port"
 positive INFLUXDB_PORT "$influx_port"
 positive PRODUCER_METRICS_PORT "$producer_port"
 positive VERIFIER_METRICS_PORT "$verifier_port"
+positive PROMETHEUS_PORT "$prometheus_port"
 [ "$topic" != "$trades_topic" ] || die "TOPIC and TRADES_TOPIC must differ (both are '$topic')."
 # InfluxDB refuses a shorter password: its setup would fail and the container never turn healthy.
 [ "${#influx_password}" -ge 8 ] || die "INFLUXDB_PASSWORD must have at least 8 characters (InfluxDB refuses shorter ones)."
@@ -337,6 +339,7 @@ candlestream is running ($replicas consumer(s)).
   InfluxDB         http://$host:$influx_port   log in as INFLUXDB_USERNAME (.env; default admin); org $influx_org, bucket $influx_bucket
   Producer health  http://$host:$producer_port/healthz
   Verifier health  http://$host:$verifier_port/healthz   (every closed candle checked against Bitfinex's)
+  Prometheus       http://$host:$prometheus_port   (dashboard "candlestream: pipeline health" and alert rules in Grafana)
 Passwords are in .env (without .env: Grafana admin/admin, InfluxDB admin/candlestream-dev).
 Scale the consumers: CONSUMER_REPLICAS=4 ./launch.sh
 INFO

@@ -100,8 +100,6 @@ struct Phase {
 
 struct Proc {
     name: &'static str,
-    /// Of /healthz and /metrics.
-    port: u16,
     process: Process,
     log: PathBuf,
 }
@@ -366,7 +364,6 @@ impl Env {
             .expect("candlestream binary");
         Proc {
             name,
-            port,
             process: Process(child),
             log,
         }
@@ -798,7 +795,7 @@ struct Latency {
     machine_busy: f64,
     cpu_parts: String,
     /// At the end of the window: records awaiting Kafka's ack in the producer, consumer lag (as
-    /// last reported by librdkafka's statistics, every 5 s), measured records not yet in InfluxDB.
+    /// last read from the brokers by the producer, every 5 s), measured records not yet in InfluxDB.
     backlog: (f64, f64, usize),
     /// From the end of the window until the last measured record was seen.
     drain_secs: f64,
@@ -864,10 +861,11 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
                     "candlestream_kafka_in_flight",
                 )
                 .await,
+                // The producer reads the group's lag from the brokers.
                 metric_sum(
                     &env.http,
-                    phase.consumer.as_ref().unwrap().port,
-                    "candlestream_consumer_lag",
+                    phase.producer_port,
+                    "candlestream_consumer_lag_records",
                 )
                 .await,
                 pending.lock().unwrap().len(),

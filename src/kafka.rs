@@ -2,11 +2,15 @@
 //! pass-through tables, and what every client knows about Kafka's errors.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
+use crate::telemetry::metric;
 
 /// Producer defaults: acks from every in-sync replica, no duplicates from retries, and the
 /// Java-compatible key hash so a coin lands on the same partition whichever client wrote it.
@@ -53,7 +57,6 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
             cfg.assignment_strategy.librdkafka_name(),
         ),
         ("enable.partition.eof", "false"),
-        ("statistics.interval.ms", "5000"),
         ("client.id", "candlestream-consumer"),
     ];
     client_config(&cfg.brokers, &defaults, &cfg.consumer)
@@ -81,4 +84,75 @@ pub fn is_retriable(e: &KafkaError) -> bool {
                 | OutOfOrderSequenceNumber
         )
     )
+}
+
+/// How often [`report_group_lag`] reads the group's offsets.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets `candlestream_consumer_lag_records` per topic and partition until `cancel`: the
+/// partition's high watermark minus the offset `cfg.group_id` committed there (partitions
+/// without a commit are left out). Read from the brokers, not from the consumers' own statistics:
+/// it has to keep rising while every consumer is stopped, and a consumer that paused its
+/// partitions fetches nothing, so its own view of the high watermark stands still.
+pub async fn report_group_lag(cfg: KafkaConfig, topics: Vec<String>, cancel: CancellationToken) {
+    use rdkafka::consumer::BaseConsumer;
+    // Never subscribes, so it only reads the group's offsets and never joins it.
+    let defaults = [
+        ("group.id", cfg.group_id.as_str()),
+        ("enable.auto.commit", "false"),
+        ("client.id", "candlestream-lag"),
+    ];
+    let client: BaseConsumer = match client_config(&cfg.brokers, &defaults, &cfg.consumer).create()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the client that reads consumer lag; no lag metric");
+            return;
+        }
+    };
+    let client = Arc::new(client);
+    let mut ticker = tokio::time::interval(LAG_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let (c, t) = (client.clone(), topics.clone());
+        match tokio::task::spawn_blocking(move || group_lag(&c, &t, LAG_INTERVAL)).await {
+            Ok(Ok(lags)) => {
+                for (topic, partition, lag) in lags {
+                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
+                        .set(lag as f64);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read consumer lag; trying again"),
+            Err(e) => tracing::error!(error = %e, "consumer lag reader panicked"),
+        }
+    }
+}
+
+/// (topic, partition, high watermark - committed offset) of every committed partition.
+fn group_lag(
+    client: &rdkafka::consumer::BaseConsumer,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Vec<(String, i32, i64)>, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for topic in topics {
+        let metadata = client.fetch_metadata(Some(topic), timeout)?;
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            partitions.add_partition(topic, p.id());
+        }
+    }
+    let committed = client.committed_offsets(partitions, timeout)?;
+    let mut lags = Vec::new();
+    for e in committed.elements() {
+        if let rdkafka::Offset::Offset(offset) = e.offset() {
+            let (_, high) = client.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+            lags.push((e.topic().to_string(), e.partition(), (high - offset).max(0)));
+        }
+    }
+    Ok(lags)
 }

@@ -49,7 +49,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let acks = health.progress("kafka_acks", settings.health.max_ack_silence);
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();
-    serve_http(settings.http.listen, health, http_stop).await?;
+    serve_http(settings.http.listen, health, http_stop.clone()).await?;
 
     let encoder = Encoder::new(&settings.schema_registry, &settings.kafka)?;
     for kind in RecordKind::ALL {
@@ -64,6 +64,13 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
         .create()
         .map_err(KafkaStageError::Client)?;
     let (tracker, settle) = DeliveryTracker::new(producer, acks);
+    // Consumer lag is read here, where it survives every consumer being stopped.
+    let topics = RecordKind::ALL.map(|k| settings.kafka.topic_of(k).to_string());
+    tokio::spawn(crate::kafka::report_group_lag(
+        settings.kafka.clone(),
+        topics.to_vec(),
+        http_stop.clone(),
+    ));
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
     let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
     let exchange = tokio::spawn(bitfinex::run(

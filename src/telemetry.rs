@@ -37,7 +37,8 @@ pub mod metric {
     pub const IN_FLIGHT: &str = "candlestream_kafka_in_flight";
     pub const ENCODE_ERRORS: &str = "candlestream_encode_errors_total";
     pub const CONSUMED: &str = "candlestream_consumer_records_total";
-    pub const CONSUMER_LAG: &str = "candlestream_consumer_lag";
+    /// Records the consumer group has not committed yet, per topic and partition.
+    pub const CONSUMER_LAG: &str = "candlestream_consumer_lag_records";
     pub const DECODE_RETRIES: &str = "candlestream_consumer_decode_retries_total";
     pub const DEAD_LETTERS: &str = "candlestream_consumer_dead_letters_total";
     pub const POINTS_WRITTEN: &str = "candlestream_influx_points_written_total";
@@ -51,6 +52,13 @@ pub mod metric {
     pub const CANDLES_VERIFIED: &str = "candlestream_candles_verified_ratio";
     pub const VERIFY_LAG: &str = "candlestream_verify_lag_seconds";
     pub const CANDLES_REPAIRED: &str = "candlestream_candles_repaired_total";
+    /// Exchange time of the newest trade InfluxDB acknowledged, per symbol (Unix seconds):
+    /// `time() - it` is how long a symbol has had no trade stored.
+    pub const LAST_TRADE_STORED: &str = "candlestream_trade_last_stored_timestamp_seconds";
+    /// When the websocket last connected (Unix seconds).
+    pub const LAST_CONNECT: &str = "candlestream_exchange_last_connect_timestamp_seconds";
+    /// 1 while /healthz answers 200, 0 while it answers 503.
+    pub const HEALTHY: &str = "candlestream_healthy";
 }
 
 /// Bucket bounds of the latency histograms, in seconds: from a few milliseconds (a record
@@ -257,6 +265,9 @@ pub async fn serve_http(
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let metrics = prometheus();
+    // RSS, CPU, threads and open files of this process, read at each scrape.
+    let process = metrics_process::Collector::default();
+    process.describe();
     let checks = health.clone();
     let app = Router::new()
         .route(
@@ -271,7 +282,13 @@ pub async fn serve_http(
                 }
             }),
         )
-        .route("/metrics", get(move || async move { metrics.render() }));
+        .route(
+            "/metrics",
+            get(move || async move {
+                process.collect();
+                metrics.render()
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(log_transitions(health.clone(), cancel.clone()));
@@ -294,7 +311,9 @@ async fn log_transitions(health: Health, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match (healthy, health.status()) {
+        let status = health.status();
+        metrics::gauge!(metric::HEALTHY).set(if status.is_ok() { 1.0 } else { 0.0 });
+        match (healthy, status) {
             (true, Err(problems)) => {
                 tracing::error!(?problems, "unhealthy");
                 healthy = false;

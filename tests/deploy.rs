@@ -225,6 +225,7 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
         "kafka-ui",
         "influxdb",
         "grafana",
+        "prometheus",
         "producer",
         "consumer",
         "verifier",

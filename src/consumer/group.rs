@@ -10,7 +10,7 @@ use super::writer::FlushRequest;
 use crate::telemetry::metric;
 
 /// Group callbacks of one consumer worker: before partitions are revoked, what was already read
-/// is written and committed, so the next owner does not start behind us; lag goes to metrics.
+/// is written and committed, so the next owner does not start behind us.
 pub struct GroupContext {
     pub worker: usize,
     pub flush: mpsc::Sender<FlushRequest>,
@@ -21,18 +21,7 @@ pub struct GroupContext {
     pub joined: tokio::sync::watch::Sender<bool>,
 }
 
-impl rdkafka::client::ClientContext for GroupContext {
-    fn stats(&self, stats: rdkafka::Statistics) {
-        for (topic, t) in stats.topics {
-            for (partition, p) in t.partitions {
-                if partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
+impl rdkafka::client::ClientContext for GroupContext {}
 
 impl rdkafka::consumer::ConsumerContext for GroupContext {
     /// rust-rdkafka's default asks `rd_kafka_rebalance_protocol()` on every callback: a request

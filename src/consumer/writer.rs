@@ -41,6 +41,7 @@ struct Point {
     kind: RecordKind,
     received_at: i64,
     exchange_time: i64,
+    symbol: String,
 }
 
 #[derive(Default)]
@@ -64,6 +65,7 @@ impl Batch {
             kind: decoded.kind(),
             received_at: decoded.received_at(),
             exchange_time: decoded.exchange_time(),
+            symbol: decoded.symbol().to_string(),
         });
         self.records.push(record);
     }
@@ -375,12 +377,23 @@ impl Writer {
     /// InfluxDB acknowledged these points: their latency is known now.
     fn acked(&self, points: &[Point]) {
         let now = crate::model::now_ms();
+        let mut newest_trade = BTreeMap::new();
         for p in points {
+            if p.kind == RecordKind::Trade {
+                let t = newest_trade
+                    .entry(p.symbol.as_str())
+                    .or_insert(p.exchange_time);
+                *t = p.exchange_time.max(*t);
+            }
             let kind = p.kind.label();
             metrics::histogram!(metric::PIPELINE_LATENCY, "kind" => kind)
                 .record((now - p.received_at) as f64 / 1000.0);
             metrics::histogram!(metric::EXCHANGE_TO_STORE, "kind" => kind)
                 .record((now - p.exchange_time) as f64 / 1000.0);
+        }
+        for (symbol, t) in newest_trade {
+            metrics::gauge!(metric::LAST_TRADE_STORED, "symbol" => symbol.to_string())
+                .set(t as f64 / 1000.0);
         }
         metrics::counter!(metric::POINTS_WRITTEN).increment(points.len() as u64);
         self.shared.writes.beat();

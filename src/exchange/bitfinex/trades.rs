@@ -36,7 +36,9 @@ async fn send(
     sequence: Option<u64>,
     received_at: i64,
 ) -> Result<(), ExchangeError> {
-    metrics::counter!(metric::TRADES_RECEIVED, "source" => source.label()).increment(1);
+    // Symbols are bounded by bitfinex.symbols.
+    metrics::counter!(metric::TRADES_RECEIVED, "source" => source.label(), "symbol" => symbol.to_string())
+        .increment(1);
     let trade = Trade {
         symbol: symbol.to_string(),
         id: t.id,

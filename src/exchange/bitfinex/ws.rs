@@ -114,6 +114,7 @@ impl<'a> Session<'a> {
             .map_err(|_| ExchangeError::ConnectTimeout(cfg.request_timeout))?
             .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
         tracing::info!(shard = self.shard, url = %cfg.ws_url, channels = self.subs.len(), "websocket connected");
+        metrics::gauge!(metric::LAST_CONNECT).set(now_ms() as f64 / 1000.0);
         send(
             &mut ws,
             json!({"event": "conf", "flags": FLAG_TIMESTAMP | FLAG_SEQ_ALL}),

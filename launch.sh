@@ -209,7 +209,22 @@ wait_healthy() {
   done
 }
 
-# The app image first: the release build is the most memory-hungry step of a first start.
+# Memory: the JVMs of the stack need about 3.7 GiB (README, Memory). Said once, before anything
+# starts: too little makes the brokers fail their healthchecks much later, with no word of why.
+memory=$(docker info --format '{{.MemTotal}}' 2>/dev/null) || memory=
+case $memory in
+  '' | *[!0-9]*) ;;
+  *)
+    if [ "$((memory / 1048576))" -lt 3900 ]; then
+      printf 'launch.sh: Docker has %s MiB of memory; the stack needs 4 GiB (README, Memory).
+' "$((memory / 1048576))" >&2
+      printf '           Give Docker more (Docker Desktop: Settings, Resources, Memory), or the brokers may not turn healthy.
+' >&2
+    fi ;;
+esac
+
+# The app image first: the release build (about 0.7 GiB at its peak, README, Memory) is done
+# before the JVMs start, so that the two never need memory at the same time on a first start.
 compose --profile app build producer
 compose up -d
 for service in zookeeper broker_1 broker_2 broker_3 schema-registry influxdb; do

@@ -615,3 +615,24 @@ fn a_password_influxdb_would_refuse_is_refused_first() {
         assert!(sandbox.changes().is_empty());
     }
 }
+
+#[test]
+fn too_little_memory_for_the_stack_is_said_before_anything_starts() {
+    let sandbox = Sandbox::new(None);
+    // 3 GiB, then the first service never turns healthy: the warning came first.
+    let run = sandbox.run(&[
+        ("STUB_MEMORY", "3221225472"),
+        ("STUB_UNHEALTHY", "zookeeper"),
+        ("HEALTH_TIMEOUT", "1"),
+    ]);
+    assert!(!run.ok);
+    assert!(
+        run.stderr
+            .contains("Docker has 3072 MiB of memory; the stack needs 4 GiB"),
+        "{run:?}"
+    );
+    // 8 GiB (the stub's default): not a word.
+    let sandbox = Sandbox::new(None);
+    let run = sandbox.run(&[("STUB_UNHEALTHY", "zookeeper"), ("HEALTH_TIMEOUT", "1")]);
+    assert!(!run.stderr.contains("MiB of memory"), "{run:?}");
+}

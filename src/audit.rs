@@ -13,12 +13,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{InfluxApi, InfluxConfig, Settings};
+use crate::exchange::bitfinex::rest::PAGE;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::model::Candle;
 
 const MINUTE_MS: i64 = 60_000;
-/// Bitfinex's maximum rows per candle history call.
-const PAGE: usize = 10_000;
 const VOLUME_TOLERANCE: f64 = 1e-9;
 /// Differences listed per symbol; the counts cover all of them.
 const SHOWN_DIFFERENCES: usize = 5;
@@ -29,14 +28,6 @@ pub enum AuditError {
     Influx(String),
     #[error("Bitfinex candles unavailable: {0}")]
     Exchange(#[from] ExchangeError),
-}
-
-impl AuditError {
-    /// The audit is run by a person; nothing is retried beyond the REST client's rate-limit
-    /// backoff.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
 }
 
 /// One field that differs in one minute.

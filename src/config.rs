@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::RecordKind;
+use crate::retry::Backoff;
 
 pub const ENV_PREFIX: &str = "CANDLESTREAM";
 
@@ -17,13 +18,6 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
-}
-
-impl ConfigError {
-    /// A bad configuration stays bad until a person fixes it.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -60,10 +54,21 @@ pub struct BitfinexConfig {
     pub rest_poll_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
+    /// Websocket reconnects.
     #[serde(with = "humantime_serde")]
     pub reconnect_backoff_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_backoff_max: Duration,
+    /// REST requests Bitfinex rate-limited, and REST polls that failed.
+    #[serde(with = "humantime_serde")]
+    pub rest_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub rest_backoff_max: Duration,
+    /// Repairs of trade gaps from REST history.
+    #[serde(with = "humantime_serde")]
+    pub repair_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub repair_backoff_max: Duration,
     pub channels_per_connection: usize,
     pub connections_per_minute: usize,
     #[serde(with = "humantime_serde")]
@@ -77,6 +82,20 @@ pub struct BitfinexConfig {
     pub rest_tickers_per_minute: u32,
     pub rest_trades_per_minute: u32,
     pub rest_candles_per_minute: u32,
+}
+
+impl BitfinexConfig {
+    pub fn reconnect_backoff(&self) -> Backoff {
+        Backoff::new(self.reconnect_backoff_min, self.reconnect_backoff_max)
+    }
+
+    pub fn rest_backoff(&self) -> Backoff {
+        Backoff::new(self.rest_backoff_min, self.rest_backoff_max)
+    }
+
+    pub fn repair_backoff(&self) -> Backoff {
+        Backoff::new(self.repair_backoff_min, self.repair_backoff_max)
+    }
 }
 
 impl Default for BitfinexConfig {
@@ -94,6 +113,10 @@ impl Default for BitfinexConfig {
             heartbeat_timeout: Duration::from_secs(20),
             reconnect_backoff_min: Duration::from_millis(500),
             reconnect_backoff_max: Duration::from_secs(30),
+            rest_backoff_min: Duration::from_millis(500),
+            rest_backoff_max: Duration::from_secs(30),
+            repair_backoff_min: Duration::from_millis(500),
+            repair_backoff_max: Duration::from_secs(30),
             channels_per_connection: 25,
             connections_per_minute: 20,
             request_timeout: Duration::from_secs(10),

@@ -7,6 +7,7 @@ use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
 
 use super::writer::FlushRequest;
+use crate::retry::Shutdown;
 use crate::telemetry::metric;
 
 /// Group callbacks of one consumer worker: before partitions are revoked, what was already read
@@ -14,7 +15,10 @@ use crate::telemetry::metric;
 pub struct GroupContext {
     pub worker: usize,
     pub flush: mpsc::Sender<FlushRequest>,
+    /// How long a revoke waits for the writer's flush; during shutdown, at most what is left
+    /// of its budget.
     pub flush_timeout: Duration,
+    pub shutdown: Shutdown,
     /// Known from the configuration, so that no callback has to ask librdkafka for it.
     pub cooperative: bool,
     /// Set once the member has joined the group (its first assignment, even an empty one).
@@ -99,7 +103,10 @@ impl GroupContext {
         // waiting here is only safe where tokio can move that task to another thread.
         let flushed = multi_thread
             && self.flush.try_send(ack).is_ok()
-            && tokio::task::block_in_place(|| done.recv_timeout(self.flush_timeout)).is_ok();
+            && tokio::task::block_in_place(|| {
+                done.recv_timeout(self.shutdown.remaining(self.flush_timeout))
+            })
+            .is_ok();
         // librdkafka also commits on revoke with auto-commit on; asking now puts the offsets
         // just stored first in line. A synchronous commit could wait out the rebalance itself.
         let committed = consumer.commit_consumer_state(CommitMode::Async);

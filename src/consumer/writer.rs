@@ -10,18 +10,154 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::group::GroupContext;
 use super::{Shared, dlq_header};
 use crate::model::{Record, RecordKind};
-use crate::retry::backoff;
+use crate::retry::{Backoff, GaveUp, Verdict, retry};
 use crate::sink::influx::{SinkError, write_line};
-use crate::telemetry::metric;
+use crate::telemetry::{metric, truncate};
+
+/// Waits between retries start here; `consumer.retry_backoff_max` caps them.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(200);
+
+/// Where the records go that can never be written: the dead-letter topic in production, a
+/// fake in the writer's unit tests.
+pub(super) trait DeadLetters: Send + Sync {
+    /// Copies `record`, untouched, with headers saying why; `Err` when it was not taken.
+    fn send(
+        &self,
+        record: &OwnedMessage,
+        reason: &str,
+        detail: &str,
+    ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send;
+}
+
+/// The dead-letter topic.
+pub(super) struct DeadLetterTopic {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+impl DeadLetters for DeadLetterTopic {
+    async fn send(
+        &self,
+        record: &OwnedMessage,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), KafkaError> {
+        let (partition, offset) = (record.partition().to_string(), record.offset().to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: dlq_header::REASON,
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: dlq_header::DETAIL,
+                value: Some(detail),
+            })
+            .insert(Header {
+                key: dlq_header::TOPIC,
+                value: Some(record.topic()),
+            })
+            .insert(Header {
+                key: dlq_header::PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: dlq_header::OFFSET,
+                value: Some(&offset),
+            });
+        let mut out = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(k) = record.key() {
+            out = out.key(k);
+        }
+        if let Some(p) = record.payload() {
+            out = out.payload(p);
+        }
+        self.producer
+            .send(out, Duration::from_secs(5))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+}
+
+/// Copies a record to the dead letters, retrying until they take it or `expired`; true once
+/// taken.
+async fn dead_letter(
+    dlq: &impl DeadLetters,
+    policy: Backoff,
+    expired: &CancellationToken,
+    worker: usize,
+    record: &OwnedMessage,
+    reason: &str,
+    detail: &str,
+) -> bool {
+    let sent = retry(
+        policy,
+        expired,
+        || dlq.send(record, reason, detail),
+        |e, wait| {
+            tracing::error!(worker, error = %e, ?wait, "cannot write to the dead-letter topic; retrying");
+            Verdict::Retry
+        },
+    )
+    .await;
+    let (partition, offset) = (record.partition(), record.offset());
+    match sent {
+        Ok(()) => {
+            metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string()).increment(1);
+            tracing::warn!(
+                worker,
+                reason,
+                detail,
+                topic = record.topic(),
+                partition,
+                offset,
+                "record sent to the dead-letter topic"
+            );
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Dead-letters the records InfluxDB rejected. A record the dead letters did not take before
+/// the deadline blocks its partition: no offset of that partition is stored past it.
+async fn settle_rejected(
+    batch: &mut Batch,
+    rejected: Vec<(usize, String)>,
+    dlq: &impl DeadLetters,
+    policy: Backoff,
+    expired: &CancellationToken,
+    worker: usize,
+) {
+    for (i, reason) in rejected {
+        let record = &batch.records[i];
+        if !dead_letter(
+            dlq,
+            policy,
+            expired,
+            worker,
+            record,
+            "influx-rejected",
+            &reason,
+        )
+        .await
+        {
+            let partition = partition_of(record);
+            batch.block(partition);
+        }
+    }
+}
 
 /// Asks the worker's writer to flush; the sender gets an answer once the batch is written and
 /// its offsets stored.
@@ -95,8 +231,6 @@ pub(super) struct Writer {
     id: usize,
     consumer: Arc<StreamConsumer<GroupContext>>,
     batch: Batch,
-    /// Set at shutdown: retries stop here and what is left is re-read by the next owner.
-    deadline: Option<Instant>,
 }
 
 impl Writer {
@@ -110,7 +244,6 @@ impl Writer {
             id,
             consumer,
             batch: Batch::default(),
-            deadline: None,
         }
     }
 
@@ -119,7 +252,6 @@ impl Writer {
         mut rx: mpsc::Receiver<OwnedMessage>,
         mut flush_rx: mpsc::Receiver<FlushRequest>,
     ) {
-        let cancel = self.shared.cancel.clone();
         loop {
             tokio::select! {
                 biased;
@@ -135,9 +267,6 @@ impl Writer {
                     }
                     None => break,
                 },
-                _ = cancel.cancelled(), if self.deadline.is_none() => {
-                    self.deadline = Some(Instant::now() + self.shared.settings.consumer.shutdown_timeout);
-                }
             }
         }
         self.flush().await;
@@ -163,99 +292,64 @@ impl Writer {
         }
     }
 
-    fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+    /// The writer's retries: InfluxDB, the registry and the dead-letter topic.
+    fn policy(&self) -> Backoff {
+        Backoff::new(
+            RETRY_BACKOFF_MIN,
+            self.shared.settings.consumer.retry_backoff_max,
+        )
+    }
+
+    /// Shutdown's deadline: retries stop there and what is left is re-read by the next owner.
+    fn expired(&self) -> &CancellationToken {
+        &self.shared.shutdown.expired
     }
 
     async fn add(&mut self, record: OwnedMessage) {
         let (partition, offset) = (partition_of(&record), record.offset());
-        let max = self.shared.settings.consumer.retry_backoff_max;
-        let mut delays = backoff(Duration::from_millis(200), max);
-        loop {
-            match self
-                .shared
-                .decoder
-                .decode(record.payload().unwrap_or_default())
-                .await
-            {
-                Ok(decoded) => {
-                    let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
-                    self.batch.push(measurement, &decoded, record);
-                    self.shared.writes.add_pending(1);
+        let id = self.id;
+        let decoded = retry(
+            self.policy(),
+            self.expired(),
+            || {
+                self.shared
+                    .decoder
+                    .decode(record.payload().unwrap_or_default())
+            },
+            |e, wait| {
+                if !e.is_retryable() {
+                    return Verdict::Fail;
+                }
+                metrics::counter!(metric::DECODE_RETRIES).increment(1);
+                tracing::warn!(worker = id, error = %e, ?wait, "cannot decode yet; retrying");
+                Verdict::Retry
+            },
+        )
+        .await;
+        match decoded {
+            Ok(decoded) => {
+                let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
+                self.batch.push(measurement, &decoded, record);
+                self.shared.writes.add_pending(1);
+                self.batch.mark_done(partition, offset);
+            }
+            Err(GaveUp::Stopped) => self.batch.block(partition),
+            Err(GaveUp::Failed(e)) => {
+                let taken = dead_letter(
+                    &self.shared.dlq,
+                    self.policy(),
+                    self.expired(),
+                    id,
+                    &record,
+                    e.reason(),
+                    &e.to_string(),
+                )
+                .await;
+                if taken {
                     self.batch.mark_done(partition, offset);
-                    return;
+                } else {
+                    self.batch.block(partition);
                 }
-                Err(e) if e.is_retryable() && !self.past_deadline() => {
-                    metrics::counter!(metric::DECODE_RETRIES).increment(1);
-                    let wait = delays.next().unwrap_or(max);
-                    tracing::warn!(worker = self.id, error = %e, ?wait, "cannot decode yet; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) if e.is_retryable() => return self.batch.block(partition),
-                Err(e) => {
-                    if self.dead_letter(&record, e.reason(), &e.to_string()).await {
-                        self.batch.mark_done(partition, offset);
-                    } else {
-                        self.batch.block(partition);
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Copies a record, untouched, to the dead-letter topic; true once Kafka acknowledged it.
-    async fn dead_letter(&self, record: &OwnedMessage, reason: &str, detail: &str) -> bool {
-        let kafka = &self.shared.settings.kafka;
-        let (partition, offset) = (record.partition().to_string(), record.offset().to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: dlq_header::REASON,
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: dlq_header::DETAIL,
-                value: Some(detail),
-            })
-            .insert(Header {
-                key: dlq_header::TOPIC,
-                value: Some(record.topic()),
-            })
-            .insert(Header {
-                key: dlq_header::PARTITION,
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: dlq_header::OFFSET,
-                value: Some(&offset),
-            });
-        let mut delays = backoff(
-            Duration::from_millis(200),
-            self.shared.settings.consumer.retry_backoff_max,
-        );
-        loop {
-            let mut out = FutureRecord::to(&kafka.dlq_topic).headers(headers.clone());
-            if let Some(k) = record.key() {
-                out = out.key(k);
-            }
-            if let Some(p) = record.payload() {
-                out = out.payload(p);
-            }
-            match self.shared.dlq.send(out, Duration::from_secs(5)).await {
-                Ok(_) => {
-                    metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string())
-                        .increment(1);
-                    tracing::warn!(worker = self.id, reason, detail, partition, offset, dlq = %kafka.dlq_topic, "record sent to the dead-letter topic");
-                    return true;
-                }
-                Err((e, _)) if !self.past_deadline() => {
-                    let wait = delays
-                        .next()
-                        .unwrap_or(self.shared.settings.consumer.retry_backoff_max);
-                    tracing::error!(worker = self.id, error = %e, ?wait, "cannot write to the dead-letter topic; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(_) => return false,
             }
         }
     }
@@ -277,12 +371,15 @@ impl Writer {
             );
             return;
         };
-        for (i, reason) in rejected {
-            let record = &batch.records[i];
-            if !self.dead_letter(record, "influx-rejected", &reason).await {
-                batch.block(partition_of(record));
-            }
-        }
+        settle_rejected(
+            &mut batch,
+            rejected,
+            &self.shared.dlq,
+            self.policy(),
+            self.expired(),
+            self.id,
+        )
+        .await;
         for ((topic, partition), offset) in batch.offsets {
             if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
                 // Revoked meanwhile: the new owner re-reads from the last commit.
@@ -309,14 +406,7 @@ impl Writer {
                 Err(e) if range.len() == 1 => rejected.push((range.start, e.to_string())),
                 Err(e) => {
                     if range.len() == batch.points.len() {
-                        let first_line = batch
-                            .lines
-                            .lines()
-                            .next()
-                            .unwrap_or_default()
-                            .chars()
-                            .take(300)
-                            .collect::<String>();
+                        let first_line = truncate(batch.lines.lines().next().unwrap_or_default());
                         tracing::error!(worker = self.id, error = %e, points = range.len(), %first_line, "InfluxDB rejected points; splitting the batch to find them");
                     }
                     let mid = range.start + range.len() / 2;
@@ -334,41 +424,49 @@ impl Writer {
         batch: &Batch,
         range: &Range<usize>,
     ) -> Option<Result<(), SinkError>> {
-        let max = self.shared.settings.consumer.retry_backoff_max;
-        let mut delays = backoff(Duration::from_millis(200), max);
-        loop {
-            let started = Instant::now();
-            let error = match self.shared.sink.write(batch.lines_of(range)).await {
-                Ok(()) => {
+        let id = self.id;
+        let setup = &self.shared.setup;
+        let written = retry(
+            self.policy(),
+            self.expired(),
+            || async {
+                let started = Instant::now();
+                let written = self.shared.sink.write(batch.lines_of(range)).await;
+                if written.is_ok() {
                     metrics::histogram!(metric::WRITE_SECONDS)
                         .record(started.elapsed().as_secs_f64());
-                    if self.shared.setup.clear() {
-                        tracing::info!(worker = self.id, "InfluxDB accepts writes again");
-                    }
-                    return Some(Ok(()));
                 }
-                Err(e) if !e.is_retryable() => {
+                written
+            },
+            |error, wait| {
+                if !error.is_retryable() {
                     metrics::counter!(metric::WRITE_ERRORS, "kind" => "rejected").increment(1);
-                    return Some(Err(e));
+                    return Verdict::Fail;
                 }
-                Err(e) => e,
-            };
-            if matches!(error, SinkError::Misconfigured { .. }) {
-                metrics::counter!(metric::WRITE_ERRORS, "kind" => "misconfigured").increment(1);
-                if self.shared.setup.set(error.to_string()) {
-                    tracing::error!(worker = self.id, error = %error, "InfluxDB refuses every write until this is fixed; records are held and nothing is committed");
+                if matches!(error, SinkError::Misconfigured { .. }) {
+                    metrics::counter!(metric::WRITE_ERRORS, "kind" => "misconfigured").increment(1);
+                    if setup.set(error.to_string()) {
+                        tracing::error!(worker = id, error = %error, "InfluxDB refuses every write until this is fixed; records are held and nothing is committed");
+                    }
+                } else {
+                    metrics::counter!(metric::WRITE_ERRORS, "kind" => "retried").increment(1);
+                    // Unreachable now: whatever was wrong with the setup is not what fails.
+                    setup.clear();
                 }
-            } else {
-                metrics::counter!(metric::WRITE_ERRORS, "kind" => "retried").increment(1);
-                // Unreachable now: whatever was wrong with the setup is not what fails.
-                self.shared.setup.clear();
+                tracing::warn!(worker = id, error = %error, ?wait, points = range.len(), "InfluxDB write failed; holding the batch and retrying");
+                Verdict::Retry
+            },
+        )
+        .await;
+        match written {
+            Ok(()) => {
+                if setup.clear() {
+                    tracing::info!(worker = id, "InfluxDB accepts writes again");
+                }
+                Some(Ok(()))
             }
-            if self.past_deadline() {
-                return None;
-            }
-            let wait = delays.next().unwrap_or(max);
-            tracing::warn!(worker = self.id, error = %error, ?wait, points = range.len(), "InfluxDB write failed; holding the batch and retrying");
-            tokio::time::sleep(wait).await;
+            Err(GaveUp::Failed(e)) => Some(Err(e)),
+            Err(GaveUp::Stopped) => None,
         }
     }
 

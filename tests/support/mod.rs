@@ -281,7 +281,7 @@ pub fn settings_toml(s: &Settings) -> String {
          [kafka.producer]\n{}[kafka.consumer]\n{}\
          [schema_registry]\nurl = \"{}\"\n\
          [producer]\nshutdown_timeout = {}\n\
-         [consumer]\nshutdown_timeout = {}\nretry_backoff_max = {}\n\
+         [consumer]\nworkers = {}\nshutdown_timeout = {}\nretry_backoff_max = {}\n\
          [influx]\napi = \"v1\"\nurl = \"{}\"\ndatabase = \"{}\"\nbatch_size = {}\nflush_interval = {}\n\
          [http]\nlisten = \"{}\"\n[log]\nlevel = \"warn\"\n",
         s.bitfinex.ws_url,
@@ -307,6 +307,7 @@ pub fn settings_toml(s: &Settings) -> String {
         table(&s.kafka.consumer),
         s.schema_registry.url,
         d(s.producer.shutdown_timeout),
+        s.consumer.workers,
         d(s.consumer.shutdown_timeout),
         d(s.consumer.retry_backoff_max),
         s.influx.url,

@@ -11,17 +11,15 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use super::message::{TradeEntry, TradeValues};
-use super::{Ctx, ExchangeError, now_ms, sleep_or_cancel};
+use super::rest::PAGE;
+use super::{Ctx, ExchangeError, now_ms};
 use crate::model::{Record, Source, Trade};
-use crate::retry::backoff;
+use crate::retry::{Verdict, retry};
 use crate::telemetry::metric;
 
 /// Trade ids remembered per symbol for dropping duplicates. Overlaps are at most a snapshot or
 /// a REST page boundary, far fewer than this.
 const REMEMBERED_IDS: usize = 10_000;
-
-/// Bitfinex's maximum rows per `/v2/trades/{symbol}/hist` call.
-pub const PAGE: usize = 10_000;
 
 /// Execution order of trades: exchange time, then id.
 pub type Position = (i64, i64);
@@ -161,22 +159,21 @@ pub(super) async fn on_snapshot(
 /// Closes one gap, retrying until it is closed or the producer stops: the book has already
 /// moved past it, so nothing else would ever fetch these trades.
 async fn repair(ctx: &Ctx, symbol: &str, from: i64, until: i64) {
-    let mut delays = backoff(ctx.cfg.reconnect_backoff_min, ctx.cfg.reconnect_backoff_max);
-    loop {
-        match catch_up(ctx, symbol, from, until).await {
-            Ok(n) => {
-                tracing::info!(%symbol, from, until, recovered = n, "trade gap closed from REST history");
-                return;
+    let repaired = retry(
+        ctx.cfg.repair_backoff(),
+        &ctx.cancel,
+        || catch_up(ctx, symbol, from, until),
+        |e, wait| {
+            if !e.is_retryable() {
+                return Verdict::Fail;
             }
-            Err(e) if e.is_retryable() => {
-                let wait = delays.next().unwrap_or(ctx.cfg.reconnect_backoff_max);
-                tracing::warn!(%symbol, from, until, error = %e, ?wait, "trade gap repair failed; retrying");
-                if !sleep_or_cancel(wait, &ctx.cancel).await {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
+            tracing::warn!(%symbol, from, until, error = %e, ?wait, "trade gap repair failed; retrying");
+            Verdict::Retry
+        },
+    )
+    .await;
+    if let Ok(n) = repaired {
+        tracing::info!(%symbol, from, until, recovered = n, "trade gap closed from REST history");
     }
 }
 

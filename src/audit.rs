@@ -12,10 +12,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{InfluxApi, InfluxConfig, Settings};
+use crate::config::{InfluxConfig, Settings};
 use crate::exchange::bitfinex::rest::PAGE;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::model::Candle;
+use crate::sink::influx::InfluxConnection;
 
 const MINUTE_MS: i64 = 60_000;
 const VOLUME_TOLERANCE: f64 = 1e-9;
@@ -115,7 +116,7 @@ pub fn compare(symbol: &str, ours: &[Candle], theirs: &[Candle]) -> SymbolReport
 
 /// The candles InfluxDB computes from the stored trades, as the dashboard's query does.
 async fn stored_candles(
-    http: &reqwest::Client,
+    influx: &InfluxConnection,
     cfg: &InfluxConfig,
     symbol: &str,
     start: i64,
@@ -128,43 +129,7 @@ async fn stored_candles(
         measurement = cfg.trades_measurement,
         symbol = symbol.replace('\'', "\\'"),
     );
-    // InfluxDB 2.x answers InfluxQL on its v1-compatible /query, with the bucket as database.
-    let db = match cfg.api {
-        InfluxApi::V1 => &cfg.database,
-        InfluxApi::V2 => &cfg.bucket,
-    };
-    let mut req = http
-        .get(format!("{}/query", cfg.url.trim_end_matches('/')))
-        .query(&[("db", db.as_str()), ("q", &q), ("epoch", "ms")]);
-    match cfg.api {
-        InfluxApi::V1 => {
-            if let Some(user) = &cfg.username {
-                req = req.basic_auth(user, cfg.password.as_ref());
-            }
-        }
-        InfluxApi::V2 => {
-            req = req.header(
-                reqwest::header::AUTHORIZATION,
-                format!("Token {}", cfg.token.as_deref().unwrap_or_default()),
-            )
-        }
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| AuditError::Influx(e.to_string()))?;
-    let status = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .map_err(|e| AuditError::Influx(format!("HTTP {status}: {e}")))?;
-    if !status.is_success() {
-        return Err(AuditError::Influx(format!("HTTP {status}: {body}")));
-    }
-    let result = &body["results"][0];
-    if let Some(e) = result["error"].as_str() {
-        return Err(AuditError::Influx(e.to_string()));
-    }
+    let result = influx.query(&q).await.map_err(AuditError::Influx)?;
     let mut candles = Vec::new();
     for series in result["series"].as_array().into_iter().flatten() {
         let columns: Vec<&str> = series["columns"]
@@ -241,15 +206,13 @@ pub async fn run(
     symbols: &[String],
     since: Duration,
 ) -> Result<Vec<SymbolReport>, AuditError> {
-    let http = reqwest::Client::builder()
-        .timeout(settings.influx.timeout)
-        .build()
-        .map_err(|e| AuditError::Influx(e.to_string()))?;
+    let influx =
+        InfluxConnection::new(&settings.influx).map_err(|e| AuditError::Influx(e.to_string()))?;
     let rest = RestClient::new(&settings.bitfinex, CancellationToken::new())?;
     let (start, end) = window(crate::model::now_ms(), since);
     let mut reports = Vec::new();
     for symbol in symbols {
-        let ours = stored_candles(&http, &settings.influx, symbol, start, end).await?;
+        let ours = stored_candles(&influx, &settings.influx, symbol, start, end).await?;
         let theirs = exchange_candles(&rest, symbol, start, end).await?;
         reports.push(compare(symbol, &ours, &theirs));
     }

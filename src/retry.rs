@@ -99,6 +99,7 @@ where
 pub struct Shutdown {
     pub stop: CancellationToken,
     pub expired: CancellationToken,
+    budget: Duration,
     deadline: Arc<OnceLock<Instant>>,
 }
 
@@ -108,31 +109,34 @@ impl Shutdown {
     pub fn new(stop: CancellationToken, budget: Duration) -> Self {
         let expired = CancellationToken::new();
         let deadline = Arc::new(OnceLock::new());
-        {
-            let (stop, expired, deadline) = (stop.clone(), expired.clone(), deadline.clone());
-            tokio::spawn(async move {
-                stop.cancelled().await;
-                let at = *deadline.get_or_init(|| Instant::now() + budget);
-                tokio::time::sleep_until(at).await;
-                expired.cancel();
-            });
-        }
-        Self {
+        let shutdown = Self {
             stop,
             expired,
+            budget,
             deadline,
-        }
+        };
+        let timer = shutdown.clone();
+        tokio::spawn(async move {
+            timer.stop.cancelled().await;
+            let at = timer.deadline().expect("stop is cancelled");
+            tokio::time::sleep_until(at).await;
+            timer.expired.cancel();
+        });
+        shutdown
     }
 
-    /// When the budget runs out; `None` before the shutdown started.
+    /// When the budget runs out; `None` before the shutdown started. Whoever first sees `stop`
+    /// cancelled (the timer, or a stage that got there sooner) starts the clock.
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline.get().copied()
+        self.stop
+            .is_cancelled()
+            .then(|| *self.deadline.get_or_init(|| Instant::now() + self.budget))
     }
 
-    /// Time left of the budget: all of `budget` before the shutdown started.
-    pub fn remaining(&self, budget: Duration) -> Duration {
+    /// Time left of the budget: all of `otherwise` before the shutdown started.
+    pub fn remaining(&self, otherwise: Duration) -> Duration {
         self.deadline()
-            .map_or(budget, |d| d.saturating_duration_since(Instant::now()))
+            .map_or(otherwise, |d| d.saturating_duration_since(Instant::now()))
     }
 }
 

@@ -484,3 +484,144 @@ impl Writer {
         self.shared.writes.beat();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rdkafka::Timestamp;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::*;
+
+    /// Dead letters that refuse the first `failures` copies, then keep what they are sent.
+    #[derive(Default)]
+    struct FakeDeadLetters {
+        failures: AtomicUsize,
+        attempts: AtomicUsize,
+        kept: Mutex<Vec<(String, i32, i64, String)>>,
+    }
+
+    impl FakeDeadLetters {
+        fn failing(failures: usize) -> Self {
+            Self {
+                failures: AtomicUsize::new(failures),
+                ..Default::default()
+            }
+        }
+    }
+
+    impl DeadLetters for FakeDeadLetters {
+        async fn send(
+            &self,
+            record: &OwnedMessage,
+            reason: &str,
+            _detail: &str,
+        ) -> Result<(), KafkaError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let failing = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::BrokerTransportFailure,
+                ));
+            }
+            self.kept.lock().unwrap().push((
+                record.topic().to_string(),
+                record.partition(),
+                record.offset(),
+                reason.to_string(),
+            ));
+            Ok(())
+        }
+    }
+
+    fn record(partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"payload".to_vec()),
+            Some(b"tBTCUSD".to_vec()),
+            "ticks".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    /// Records 0..n, alternating between partitions 0 and 1, each read and marked done.
+    fn batch(n: i64) -> Batch {
+        let mut batch = Batch::default();
+        for offset in 0..n {
+            let r = record((offset % 2) as i32, offset);
+            batch.mark_done(partition_of(&r), offset);
+            batch.records.push(r);
+        }
+        batch
+    }
+
+    const POLICY: Backoff = Backoff {
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    };
+
+    fn offsets(batch: &Batch) -> Vec<(i32, i64)> {
+        batch.offsets.iter().map(|((_, p), o)| (*p, *o)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_points_are_dead_lettered_and_their_partitions_advance() {
+        let mut batch = batch(4);
+        let dlq = FakeDeadLetters::failing(2);
+        let expired = CancellationToken::new();
+        let rejected = vec![(1, "field type conflict".to_string())];
+        settle_rejected(&mut batch, rejected, &dlq, POLICY, &expired, 0).await;
+        assert_eq!(
+            *dlq.kept.lock().unwrap(),
+            [("ticks".to_string(), 1, 1, "influx-rejected".to_string())],
+            "the rejected record, once, after two refusals"
+        );
+        assert_eq!(dlq.attempts.load(Ordering::SeqCst), 3);
+        assert_eq!(offsets(&batch), [(0, 2), (1, 3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_not_taken_by_the_deadline_blocks_only_its_partition() {
+        let mut batch = batch(4);
+        let dlq = FakeDeadLetters::failing(usize::MAX);
+        let expired = CancellationToken::new();
+        let deadline = expired.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            deadline.cancel();
+        });
+        let started = Instant::now();
+        let rejected = vec![(2, "outside the retention policy".to_string())];
+        settle_rejected(&mut batch, rejected, &dlq, POLICY, &expired, 0).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(10),
+            "retried until the deadline"
+        );
+        assert!(dlq.attempts.load(Ordering::SeqCst) > 5);
+        assert_eq!(
+            offsets(&batch),
+            [(1, 3)],
+            "partition 0 keeps its last commit: the record is read again"
+        );
+        batch.mark_done(("ticks".into(), 0), 4);
+        assert_eq!(offsets(&batch), [(1, 3)], "nothing passes a blocked record");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_after_the_deadline_is_not_attempted() {
+        let dlq = FakeDeadLetters::default();
+        let expired = CancellationToken::new();
+        expired.cancel();
+        let taken = dead_letter(&dlq, POLICY, &expired, 0, &record(0, 7), "bad", "x").await;
+        assert!(!taken);
+        assert_eq!(dlq.attempts.load(Ordering::SeqCst), 0);
+    }
+}

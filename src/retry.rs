@@ -61,6 +61,34 @@ pub enum GaveUp<E> {
 pub async fn retry<T, E, Fut>(
     policy: Backoff,
     stop: &CancellationToken,
+    attempt: impl FnMut() -> Fut,
+    classify: impl FnMut(&E, Duration) -> Verdict,
+) -> Result<T, GaveUp<E>>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    run(policy, stop, true, attempt, classify).await
+}
+
+/// Like [`retry`], but an attempt in progress is not interrupted by `stop`: it watches `stop`
+/// itself and ends in a bounded time with what it owes (a websocket session unsubscribes and
+/// reads what the exchange sent until then). Only the waits end at once.
+pub async fn retry_letting_attempts_finish<T, E, Fut>(
+    policy: Backoff,
+    stop: &CancellationToken,
+    attempt: impl FnMut() -> Fut,
+    classify: impl FnMut(&E, Duration) -> Verdict,
+) -> Result<T, GaveUp<E>>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    run(policy, stop, false, attempt, classify).await
+}
+
+async fn run<T, E, Fut>(
+    policy: Backoff,
+    stop: &CancellationToken,
+    interrupt: bool,
     mut attempt: impl FnMut() -> Fut,
     mut classify: impl FnMut(&E, Duration) -> Verdict,
 ) -> Result<T, GaveUp<E>>
@@ -69,10 +97,14 @@ where
 {
     let mut delays = policy.delays();
     loop {
-        let result = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Err(GaveUp::Stopped),
-            r = attempt() => r,
+        let result = if interrupt {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Err(GaveUp::Stopped),
+                r = attempt() => r,
+            }
+        } else {
+            attempt().await
         };
         let error = match result {
             Ok(v) => return Ok(v),

@@ -22,6 +22,27 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(6);
 /// runtime) once everything that waits has given up.
 const EXIT_SLACK: Duration = Duration::from_secs(1);
 
+/// SIGTERM, then waits for the exit; a process still running `give_up` after the signal is
+/// killed, so that a shutdown that hangs fails the test instead of hanging it.
+fn terminate(
+    process: &mut Process,
+    give_up: Duration,
+) -> (Option<std::process::ExitStatus>, Duration) {
+    let signalled = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &process.0.id().to_string()])
+        .status()
+        .unwrap();
+    while signalled.elapsed() < give_up {
+        if let Some(status) = process.0.try_wait().unwrap() {
+            return (Some(status), signalled.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    process.kill();
+    (None, signalled.elapsed())
+}
+
 fn config_file(settings: &candlestream::config::Settings) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), support::settings_toml(settings)).unwrap();
@@ -76,13 +97,12 @@ async fn consumer_stopped_during_an_influx_outage_exits_in_time_and_commits_noth
     rig.influx.stop();
     // Both members are holding batches and retrying by now.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let t = Instant::now();
-    let status = tokio::task::block_in_place(|| consumer.terminate());
-    let exit = t.elapsed();
+    let (status, exit) =
+        tokio::task::block_in_place(|| terminate(&mut consumer, SHUTDOWN_TIMEOUT * 4));
     load.stop().await;
     assert!(
-        status.success(),
-        "consumer exits 0 on SIGTERM during the outage: {status:?}"
+        status.is_some_and(|s| s.success()),
+        "consumer exits 0 on SIGTERM during the outage: {status:?} after {exit:?}"
     );
     assert!(
         exit <= SHUTDOWN_TIMEOUT + EXIT_SLACK,
@@ -154,13 +174,12 @@ async fn producer_stopped_while_kafka_is_unreachable_exits_in_time() {
         }
     });
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let t = Instant::now();
-    let status = tokio::task::block_in_place(|| producer.terminate());
-    let exit = t.elapsed();
+    let (status, exit) =
+        tokio::task::block_in_place(|| terminate(&mut producer, SHUTDOWN_TIMEOUT * 4));
     let emitted = load.stop().await;
     assert!(
-        status.success(),
-        "producer exits 0 on SIGTERM with every broker down: {status:?}"
+        status.is_some_and(|s| s.success()),
+        "producer exits 0 on SIGTERM with every broker down: {status:?} after {exit:?}"
     );
     assert!(
         exit <= SHUTDOWN_TIMEOUT + EXIT_SLACK,

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::config::BitfinexConfig;
 use crate::model::{Record, Source, Tick};
-use crate::retry::{Backoff, GaveUp, Verdict, retry};
+use crate::retry::{Backoff, GaveUp, Verdict, retry, retry_letting_attempts_finish};
 use crate::telemetry::{metric, truncate};
 
 /// The REST endpoints we call; Bitfinex limits each on its own.
@@ -279,7 +279,8 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
                 _ = coverage.wait_for(|covered| !all.is_subset(covered)) => {}
             }
         }
-        let polled = retry(
+        // Records fetched are sent even when the producer stops meanwhile.
+        let polled = retry_letting_attempts_finish(
             after_failure,
             &ctx.cancel,
             || {

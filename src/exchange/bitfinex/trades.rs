@@ -14,7 +14,7 @@ use super::message::{TradeEntry, TradeValues};
 use super::rest::PAGE;
 use super::{Ctx, ExchangeError, now_ms};
 use crate::model::{Record, Source, Trade};
-use crate::retry::{Verdict, retry};
+use crate::retry::{Verdict, retry_letting_attempts_finish};
 use crate::telemetry::metric;
 
 /// Trade ids remembered per symbol for dropping duplicates. Overlaps are at most a snapshot or
@@ -159,7 +159,8 @@ pub(super) async fn on_snapshot(
 /// Closes one gap, retrying until it is closed or the producer stops: the book has already
 /// moved past it, so nothing else would ever fetch these trades.
 async fn repair(ctx: &Ctx, symbol: &str, from: i64, until: i64) {
-    let repaired = retry(
+    // Trades fetched are sent even when the producer stops meanwhile.
+    let repaired = retry_letting_attempts_finish(
         ctx.cfg.repair_backoff(),
         &ctx.cancel,
         || catch_up(ctx, symbol, from, until),

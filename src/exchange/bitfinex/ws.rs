@@ -17,7 +17,7 @@ use super::message::{
 };
 use super::{Channel, Ctx, ExchangeError, Sub, now_ms, trades};
 use crate::model::{Record, Source};
-use crate::retry::{Verdict, retry};
+use crate::retry::{Verdict, retry_letting_attempts_finish};
 use crate::telemetry::{metric, truncate};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -42,7 +42,8 @@ enum End {
 /// Keeps one shard connected until cancelled.
 pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, subs: Vec<Sub>) {
     loop {
-        let ended = retry(
+        // A session drains on cancellation (unsubscribe, read what was sent): not cut short.
+        let ended = retry_letting_attempts_finish(
             ctx.cfg.reconnect_backoff(),
             &ctx.cancel,
             || connect(&ctx, shard, &subs),
@@ -78,7 +79,10 @@ async fn connect(ctx: &Arc<Ctx>, shard: usize, subs: &[Sub]) -> Result<End, Exch
             shard,
             "connection rate limit reached; waiting before reconnecting"
         );
-        ctx.connects.until_ready().await;
+        tokio::select! {
+            _ = ctx.connects.until_ready() => {}
+            _ = ctx.cancel.cancelled() => return Ok(End::Cancelled),
+        }
     }
     let mut session = Session::new(ctx, shard, subs);
     let outcome = session.run().await;

@@ -1,8 +1,10 @@
 #!/bin/sh
-# Brings candlestream up on top of `docker compose up -d`: waits for the brokers, the registry and
-# InfluxDB, checks InfluxDB's token, org and bucket, creates the topics, registers the schemas,
-# starts (or scales) the producer and the consumers, and prints where to look. Safe to run again at
-# any time: a second run with the same settings changes nothing.
+# Brings candlestream up on top of `docker compose up -d`: refuses public exposure with default
+# secrets, builds the app image, waits for the brokers, the registry and InfluxDB, checks InfluxDB's
+# token, org and bucket, gives Grafana its read-only InfluxDB credential, creates the topics (and
+# applies their retention), registers the schemas, starts (or scales) the producer and the
+# consumers and the verifier, and prints where to look. Safe to run again at any time: a second run with the same
+# settings changes nothing.
 #
 # POSIX sh (no arrays, no [[ ]], no $SECONDS), so it runs the same under macOS's /bin/bash 3.2,
 # dash and busybox; tests/run.sh checks it with `shellcheck -s sh` and tests/launch.rs runs it
@@ -128,12 +130,58 @@ bind_address=$(setting BIND_ADDRESS 127.0.0.1)
 influx_org=$(setting INFLUXDB_ORG candlestream)
 influx_bucket=$(setting INFLUXDB_BUCKET crypto)
 influx_token=$(setting INFLUXDB_TOKEN candlestream-dev-token)
+influx_password=$(setting INFLUXDB_PASSWORD candlestream-dev)
+grafana_bind_address=$(setting GRAFANA_BIND_ADDRESS 127.0.0.1)
+grafana_anonymous=$(setting GRAFANA_ANONYMOUS false)
+grafana_admin_user=$(setting GRAFANA_ADMIN_USER admin)
+grafana_admin_password=$(setting GRAFANA_ADMIN_PASSWORD admin)
+grafana_influx_user=$(setting GRAFANA_INFLUXDB_USER grafana)
+grafana_influx_password=$(setting GRAFANA_INFLUXDB_PASSWORD candlestream-grafana-dev)
+grafana_port=$(setting GRAFANA_PORT 3000)
+kafka_ui_port=$(setting KAFKA_UI_PORT 8080)
+registry_port=$(setting SCHEMA_REGISTRY_PORT 8081)
+influx_port=$(setting INFLUXDB_PORT 8086)
+producer_port=$(setting PRODUCER_METRICS_PORT 9101)
+verifier_port=$(setting VERIFIER_METRICS_PORT 9102)
 health_timeout=$(setting HEALTH_TIMEOUT 180)
 positive TOPIC_PARTITIONS "$partitions"
 positive TOPIC_RETENTION_MS "$retention_ms"
 positive CONSUMER_REPLICAS "$replicas"
 positive HEALTH_TIMEOUT "$health_timeout"
+positive GRAFANA_PORT "$grafana_port"
+positive KAFKA_UI_PORT "$kafka_ui_port"
+positive SCHEMA_REGISTRY_PORT "$registry_port"
+positive INFLUXDB_PORT "$influx_port"
+positive PRODUCER_METRICS_PORT "$producer_port"
+positive VERIFIER_METRICS_PORT "$verifier_port"
 [ "$topic" != "$trades_topic" ] || die "TOPIC and TRADES_TOPIC must differ (both are '$topic')."
+# InfluxDB refuses a shorter password: its setup would fail and the container never turn healthy.
+[ "${#influx_password}" -ge 8 ] || die "INFLUXDB_PASSWORD must have at least 8 characters (InfluxDB refuses shorter ones)."
+[ "${#grafana_influx_password}" -ge 8 ] || die "GRAFANA_INFLUXDB_PASSWORD must have at least 8 characters (InfluxDB refuses shorter ones)."
+
+# --- Exposure --------------------------------------------------------------------------------
+# Published beyond this machine, or open to viewers without a login, the stack must not run with a
+# password or token that anyone can read in this repository: the compose defaults and the
+# .env.example placeholders.
+loopback() {
+  case $1 in
+    127.* | localhost | ::1 | '[::1]') return 0 ;;
+    *) return 1 ;;
+  esac
+}
+exposure=
+loopback "$grafana_bind_address" || exposure="GRAFANA_BIND_ADDRESS=$grafana_bind_address"
+loopback "$bind_address" || exposure="BIND_ADDRESS=$bind_address"
+[ "$grafana_anonymous" != true ] || exposure="GRAFANA_ANONYMOUS=true"
+if [ -n "$exposure" ]; then
+  defaults=
+  case $grafana_admin_password in admin | change-me-please) defaults="$defaults GRAFANA_ADMIN_PASSWORD" ;; esac
+  case $influx_token in candlestream-dev-token | change-me-to-a-long-random-token) defaults="$defaults INFLUXDB_TOKEN" ;; esac
+  case $influx_password in candlestream-dev | change-me-please) defaults="$defaults INFLUXDB_PASSWORD" ;; esac
+  case $grafana_influx_password in candlestream-grafana-dev | change-me-please) defaults="$defaults GRAFANA_INFLUXDB_PASSWORD" ;; esac
+  [ -z "$defaults" ] || die "$exposure opens the stack to others, but these are still development defaults:$defaults.
+  Set each in .env to a value of your own (InfluxDB's take effect only on its first start: see README, Public dashboard)."
+fi
 
 # --- Platform --------------------------------------------------------------------------------
 wait_healthy() {
@@ -159,6 +207,8 @@ wait_healthy() {
   done
 }
 
+# The app image first: the release build is the most memory-hungry step of a first start.
+compose --profile app build producer
 compose up -d
 for service in zookeeper broker_1 broker_2 broker_3 schema-registry influxdb; do
   wait_healthy "$service"
@@ -191,42 +241,102 @@ case $out in
 esac
 echo "InfluxDB: token, org '$influx_org' and bucket '$influx_bucket' are valid"
 
+# --- Grafana's read-only InfluxDB credential -------------------------------------------------
+# A v1 authorization that may only read the bucket: InfluxQL through Grafana then cannot write,
+# drop or delete. Created once; its password is set from .env on every run, so changing
+# GRAFANA_INFLUXDB_PASSWORD takes effect with ./launch.sh (and Grafana's next start). Token and
+# password travel on stdin.
+bucket_id=$(printf '%s\n' "$out" | sed -n 's/.*"id": "\([0-9a-f]*\)".*/\1/p' | head -n 1)
+[ -n "$bucket_id" ] || die "could not read the id of bucket '$influx_bucket' from: $out"
+# shellcheck disable=SC2016 # $1..$4 expand in the container's shell
+if ! out=$(printf '%s\n%s\n' "$influx_token" "$grafana_influx_password" | compose exec -T influxdb sh -c '
+  read -r INFLUX_TOKEN && read -r password && export INFLUX_TOKEN
+  host=http://localhost:8086
+  if influx v1 auth list --host $host --username "$1" --json | grep -q "\"token\": \"$1\""; then
+    influx v1 auth set-password --host $host --username "$1" --password "$password" && echo "password set"
+  else
+    influx v1 auth create --host $host --org "$2" --read-bucket "$3" --username "$1" --password "$password" \
+      --description "Grafana: read-only on bucket $4" >/dev/null && echo created
+  fi' grafana-reader "$grafana_influx_user" "$influx_org" "$bucket_id" "$influx_bucket" 2>&1); then
+  die "could not give Grafana its read-only InfluxDB credential '$grafana_influx_user': $out"
+fi
+echo "InfluxDB: Grafana reads as '$grafana_influx_user', read-only on bucket '$influx_bucket' ($out)"
+
 # --- Topics and schemas ----------------------------------------------------------------------
-# A broker's port opens a moment before it has registered, and a replication factor of 3 needs all
-# three registered: retry for up to a minute.
-create_topic() {
+# transient OUTPUT: whether a failed Kafka tool call may pass by itself. A broker's port opens a
+# moment before it has registered, and a replication factor of 3 needs all three registered; a
+# leader election or a timeout passes too. Anything else (a bad config value, a name Kafka refuses)
+# fails the same way every time, so it stops at once.
+transient() {
+  case $1 in
+    *"larger than available brokers"* | *[Tt]imeout* | *"LEADER_NOT_AVAILABLE"* | *"NOT_CONTROLLER"* | \
+      *"not available"* | *"Connection to node"* | *"disconnected"*) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# kafka_tool WHAT COMMAND...: runs a Kafka tool in broker_1, retrying transient failures for up
+# to a minute.
+kafka_tool() {
+  what=$1
+  shift
   tries=1
-  until out=$(compose exec -T -e KAFKA_HEAP_OPTS=-Xmx256m broker_1 kafka-topics --bootstrap-server broker-1:29092 \
-    --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 3 \
-    --config min.insync.replicas=2 --config retention.ms="$retention_ms" 2>&1); do
-    [ "$tries" -lt 30 ] || die "creating topic $1 failed: $out"
+  until out=$(compose exec -T -e KAFKA_HEAP_OPTS=-Xmx256m broker_1 "$@" 2>&1); do
+    transient "$out" || die "$what failed: $out"
+    [ "$tries" -lt 30 ] || die "$what still failing after $tries tries: $out"
     tries=$((tries + 1))
     sleep 2
   done
+}
+
+create_topic() {
+  kafka_tool "creating topic $1" kafka-topics --bootstrap-server broker-1:29092 \
+    --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 3 \
+    --config min.insync.replicas=2 --config retention.ms="$retention_ms"
   [ -z "$out" ] || printf '%s\n' "$out"
+}
+# --create --if-not-exists leaves an existing topic's settings alone: TOPIC_RETENTION_MS is
+# applied to existing topics here, so a changed value takes effect with the next ./launch.sh.
+set_retention() {
+  kafka_tool "setting the retention of topic $1" kafka-configs --bootstrap-server broker-1:29092 \
+    --alter --entity-type topics --entity-name "$1" --add-config retention.ms="$retention_ms"
 }
 create_topic "$topic" "$partitions"
 create_topic "$trades_topic" "$partitions"
 create_topic "$dlq_topic" 1
+set_retention "$topic"
+set_retention "$trades_topic"
+set_retention "$dlq_topic"
 
 # Through the registry's own container: no published port and no host curl needed.
 SCHEMA_REGISTRY_URL=http://localhost:8081 SCHEMA_REGISTRY_CURL="$compose_name exec -T schema-registry curl" \
   TOPIC="$topic" TRADES_TOPIC="$trades_topic" sh ./avro_schema.sh || die "registering the schemas failed (see above)."
 
 # --- The app ---------------------------------------------------------------------------------
-compose --profile app up -d --build --scale consumer="$replicas" producer consumer
+compose --profile app up -d --scale consumer="$replicas" producer consumer verifier
 
-case $bind_address in
-  127.0.0.1 | 0.0.0.0 | '') host=localhost ;;
-  *) host=$bind_address ;;
-esac
+url_host() {
+  case $1 in
+    127.0.0.1 | 0.0.0.0 | '') echo localhost ;;
+    *) echo "$1" ;;
+  esac
+}
+host=$(url_host "$bind_address")
+grafana_host=$(url_host "$grafana_bind_address")
+if [ "$grafana_anonymous" = true ]; then
+  viewers="anyone may view without logging in"
+else
+  viewers="viewers log in"
+fi
 cat <<INFO
 
 candlestream is running ($replicas consumer(s)).
-  Grafana          http://$host:3000   (dashboard "candlestream: 2-minute candles")
-  Kafka-UI         http://$host:8080   (topics $topic, $trades_topic, $dlq_topic)
-  Schema Registry  http://$host:8081/subjects
-  InfluxDB         http://$host:8086   (org $influx_org, bucket $influx_bucket)
-  Producer health  http://$host:9101/healthz
+  Grafana          http://$grafana_host:$grafana_port   dashboard "candlestream: candles"; log in as $grafana_admin_user ($viewers)
+  Kafka-UI         http://$host:$kafka_ui_port   topics $topic, $trades_topic, $dlq_topic
+  Schema Registry  http://$host:$registry_port/subjects
+  InfluxDB         http://$host:$influx_port   log in as INFLUXDB_USERNAME (.env; default admin); org $influx_org, bucket $influx_bucket
+  Producer health  http://$host:$producer_port/healthz
+  Verifier health  http://$host:$verifier_port/healthz   (every closed candle checked against Bitfinex's)
+Passwords are in .env (without .env: Grafana admin/admin, InfluxDB admin/candlestream-dev).
 Scale the consumers: CONSUMER_REPLICAS=4 ./launch.sh
 INFO

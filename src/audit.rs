@@ -4,6 +4,10 @@
 //! same InfluxQL aggregation the dashboard runs) are compared with Bitfinex's own `trade:1m`
 //! candles. Prices must be equal exactly; volumes within a relative 1e-9, since the two sides
 //! add the amounts in different orders.
+//!
+//! The comparison ([`judge`]) and both readers ([`stored_candles`], [`exchange_candles`]) are
+//! shared with `candlestream verify` (crate::verify), which runs them continuously: one
+//! implementation, two front ends.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,7 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{InfluxConfig, Settings};
+use crate::config::{InfluxConfig, Settings, Timeframe};
 use crate::exchange::bitfinex::rest::PAGE;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::model::Candle;
@@ -66,7 +70,71 @@ pub fn window(now_ms: i64, since: Duration) -> (i64, i64) {
     (start, current - MINUTE_MS)
 }
 
-/// Compares two candle series of one symbol, minute by minute.
+/// The verdict on one candle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Equal,
+    /// Both sides have the candle; these fields differ.
+    Differs(Vec<Difference>),
+    /// The exchange has the candle, InfluxDB has no trade in it.
+    MissingHere,
+    /// InfluxDB has trades in it, the exchange has no candle.
+    MissingThere,
+}
+
+/// Compares one candle of both sides; `None` when neither has one (no trades, nothing to say).
+pub fn judge(start_ms: i64, ours: Option<&Candle>, theirs: Option<&Candle>) -> Option<Verdict> {
+    let (o, t) = match (ours, theirs) {
+        (None, None) => return None,
+        (None, Some(_)) => return Some(Verdict::MissingHere),
+        (Some(_), None) => return Some(Verdict::MissingThere),
+        (Some(o), Some(t)) => (o, t),
+    };
+    let prices = [
+        ("open", o.open, t.open),
+        ("high", o.high, t.high),
+        ("low", o.low, t.low),
+        ("close", o.close, t.close),
+    ];
+    let mut fields: Vec<(&'static str, f64, f64)> =
+        prices.into_iter().filter(|(_, a, b)| a != b).collect();
+    if (o.volume - t.volume).abs() > VOLUME_TOLERANCE * o.volume.abs().max(t.volume.abs()) {
+        fields.push(("volume", o.volume, t.volume));
+    }
+    if fields.is_empty() {
+        return Some(Verdict::Equal);
+    }
+    Some(Verdict::Differs(
+        fields
+            .into_iter()
+            .map(|(field, ours, theirs)| Difference {
+                start_ms,
+                field,
+                ours,
+                theirs,
+            })
+            .collect(),
+    ))
+}
+
+/// What differs, for a person: `high ours 97400 theirs 97321.5 (+78.5)`, `; `-separated.
+pub fn detail(differences: &[Difference]) -> String {
+    differences
+        .iter()
+        .map(|d| {
+            format!(
+                "{} ours {} theirs {} ({:+})",
+                d.field,
+                d.ours,
+                d.theirs,
+                d.ours - d.theirs
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Compares two candle series of one symbol, candle by candle.
 pub fn compare(symbol: &str, ours: &[Candle], theirs: &[Candle]) -> SymbolReport {
     let ours: BTreeMap<i64, &Candle> = ours.iter().map(|c| (c.start_ms, c)).collect();
     let theirs: BTreeMap<i64, &Candle> = theirs.iter().map(|c| (c.start_ms, c)).collect();
@@ -74,60 +142,53 @@ pub fn compare(symbol: &str, ours: &[Candle], theirs: &[Candle]) -> SymbolReport
         symbol: symbol.to_string(),
         ..Default::default()
     };
-    for (start, o) in &ours {
-        let Some(t) = theirs.get(start) else {
-            report.missing_at_exchange.push(*start);
-            continue;
-        };
+    let starts: std::collections::BTreeSet<i64> =
+        ours.keys().chain(theirs.keys()).copied().collect();
+    for start in starts {
+        let verdict = judge(
+            start,
+            ours.get(&start).copied(),
+            theirs.get(&start).copied(),
+        );
         report.compared += 1;
-        let prices = [
-            ("open", o.open, t.open),
-            ("high", o.high, t.high),
-            ("low", o.low, t.low),
-            ("close", o.close, t.close),
-        ];
-        let mut fields: Vec<(&'static str, f64, f64)> =
-            prices.into_iter().filter(|(_, a, b)| a != b).collect();
-        if (o.volume - t.volume).abs() > VOLUME_TOLERANCE * o.volume.abs().max(t.volume.abs()) {
-            fields.push(("volume", o.volume, t.volume));
-        }
-        if fields.is_empty() {
-            report.equal += 1;
-        } else {
-            report.different += 1;
-            report
-                .differences
-                .extend(fields.into_iter().map(|(field, ours, theirs)| Difference {
-                    start_ms: *start,
-                    field,
-                    ours,
-                    theirs,
-                }));
+        match verdict {
+            Some(Verdict::Equal) => report.equal += 1,
+            Some(Verdict::Differs(d)) => {
+                report.different += 1;
+                report.differences.extend(d);
+            }
+            Some(Verdict::MissingHere) => report.missing_here.push(start),
+            Some(Verdict::MissingThere) => report.missing_at_exchange.push(start),
+            None => unreachable!("a start comes from one side or the other"),
         }
     }
-    report.missing_here = theirs
-        .keys()
-        .filter(|s| !ours.contains_key(s))
-        .copied()
-        .collect();
-    report.compared += report.missing_here.len() + report.missing_at_exchange.len();
     report
 }
 
-/// The candles InfluxDB computes from the stored trades, as the dashboard's query does.
-async fn stored_candles(
+/// One candle computed by InfluxDB, with the number of trades behind it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stored {
+    pub candle: Candle,
+    pub trades: u64,
+}
+
+/// The candles of width `timeframe` starting in `[start, end)` that InfluxDB computes from the
+/// stored trades, as the dashboard's query does (plus the count of trades behind each).
+pub async fn stored_candles(
     influx: &InfluxConnection,
     cfg: &InfluxConfig,
     symbol: &str,
+    timeframe: Timeframe,
     start: i64,
     end: i64,
-) -> Result<Vec<Candle>, AuditError> {
+) -> Result<Vec<Stored>, AuditError> {
     let q = format!(
         "SELECT first(\"price\") AS open, max(\"price\") AS high, min(\"price\") AS low, last(\"price\") AS close, \
-         sum(\"amount\") AS volume FROM \"{measurement}\" WHERE \"symbol\" = '{symbol}' AND time >= {start}ms AND time < {end}ms \
-         GROUP BY time(1m) fill(none)",
+         sum(\"amount\") AS volume, count(\"price\") AS trades FROM \"{measurement}\" WHERE \"symbol\" = '{symbol}' \
+         AND time >= {start}ms AND time < {end}ms GROUP BY time({width}) fill(none)",
         measurement = cfg.trades_measurement,
         symbol = symbol.replace('\'', "\\'"),
+        width = timeframe.influxql(),
     );
     let result = influx.query(&q).await.map_err(AuditError::Influx)?;
     let mut candles = Vec::new();
@@ -145,40 +206,57 @@ async fn stored_candles(
                     .position(|c| *c == name)
                     .and_then(|i| row[i].as_f64())
             };
-            let (Some(start_ms), Some(open), Some(high), Some(low), Some(close), Some(volume)) = (
+            let (
+                Some(start_ms),
+                Some(open),
+                Some(high),
+                Some(low),
+                Some(close),
+                Some(volume),
+                Some(trades),
+            ) = (
                 get("time"),
                 get("open"),
                 get("high"),
                 get("low"),
                 get("close"),
                 get("volume"),
-            ) else {
+                get("trades"),
+            )
+            else {
                 return Err(AuditError::Influx(format!("unexpected row {row}")));
             };
-            candles.push(Candle {
-                start_ms: start_ms as i64,
-                open,
-                high,
-                low,
-                close,
-                volume,
+            candles.push(Stored {
+                candle: Candle {
+                    start_ms: start_ms as i64,
+                    open,
+                    high,
+                    low,
+                    close,
+                    volume,
+                },
+                trades: trades as u64,
             });
         }
     }
     Ok(candles)
 }
 
-/// Bitfinex's candles starting in `[start, end)`, page by page.
-async fn exchange_candles(
+/// Bitfinex's candles of width `timeframe` starting in `[start, end)`: one request per 10 000
+/// candles.
+pub async fn exchange_candles(
     rest: &RestClient,
     symbol: &str,
+    timeframe: Timeframe,
     start: i64,
     end: i64,
 ) -> Result<Vec<Candle>, AuditError> {
     let mut out: Vec<Candle> = Vec::new();
     let mut from = start;
     while from < end {
-        let page = rest.candles_1m(symbol, from, end - 1, PAGE).await?;
+        let page = rest
+            .candles(symbol, timeframe.label(), from, end - 1, PAGE)
+            .await?;
         let full = page.len() >= PAGE;
         out.extend(
             page.into_iter()
@@ -193,7 +271,7 @@ async fn exchange_candles(
                 }),
         );
         match out.last() {
-            Some(last) if full => from = last.start_ms + MINUTE_MS,
+            Some(last) if full => from = last.start_ms + timeframe.width_ms(),
             _ => break,
         }
     }
@@ -212,8 +290,14 @@ pub async fn run(
     let (start, end) = window(crate::model::now_ms(), since);
     let mut reports = Vec::new();
     for symbol in symbols {
-        let ours = stored_candles(&influx, &settings.influx, symbol, start, end).await?;
-        let theirs = exchange_candles(&rest, symbol, start, end).await?;
+        let minute = Timeframe::ONE_MINUTE;
+        let ours: Vec<Candle> =
+            stored_candles(&influx, &settings.influx, symbol, minute, start, end)
+                .await?
+                .into_iter()
+                .map(|s| s.candle)
+                .collect();
+        let theirs = exchange_candles(&rest, symbol, minute, start, end).await?;
         reports.push(compare(symbol, &ours, &theirs));
     }
     Ok(reports)

@@ -92,6 +92,7 @@ pub struct Settings {
     pub http: HttpConfig,
     pub health: HealthConfig,
     pub log: LogConfig,
+    pub verify: VerifyConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -183,8 +184,8 @@ impl Default for BitfinexConfig {
             trades: true,
             backfill: Duration::from_secs(6 * 3600),
             rest_tickers_per_minute: 90,
-            rest_trades_per_minute: 15,
-            rest_candles_per_minute: 30,
+            rest_trades_per_minute: 12,
+            rest_candles_per_minute: 10,
         }
     }
 }
@@ -535,6 +536,136 @@ impl Default for LogConfig {
     }
 }
 
+/// A candle width Bitfinex offers and InfluxQL can group by, aligned to UTC midnight on both
+/// sides (widths that divide a day).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Timeframe {
+    label: &'static str,
+    width_ms: i64,
+}
+
+impl Timeframe {
+    const ALL: [(&'static str, i64); 9] = [
+        ("1m", 60_000),
+        ("5m", 5 * 60_000),
+        ("15m", 15 * 60_000),
+        ("30m", 30 * 60_000),
+        ("1h", 3_600_000),
+        ("3h", 3 * 3_600_000),
+        ("6h", 6 * 3_600_000),
+        ("12h", 12 * 3_600_000),
+        ("1D", 86_400_000),
+    ];
+    pub const ONE_MINUTE: Timeframe = Timeframe {
+        label: "1m",
+        width_ms: 60_000,
+    };
+
+    /// Bitfinex's name, as in `trade:1h:tBTCUSD`; also the `timeframe` tag of checks.
+    pub fn label(self) -> &'static str {
+        self.label
+    }
+
+    pub fn width_ms(self) -> i64 {
+        self.width_ms
+    }
+
+    /// The duration literal of InfluxQL's `GROUP BY time(…)`.
+    pub fn influxql(self) -> String {
+        format!("{}ms", self.width_ms)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timeframe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl TryFrom<String> for Timeframe {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(label, _)| *label == s)
+            .map(|&(label, width_ms)| Timeframe { label, width_ms })
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|(l, _)| *l).collect();
+                format!("timeframe {s:?} is not one of {known:?}")
+            })
+    }
+}
+
+/// `candlestream verify`: every closed candle compared with Bitfinex's, 1-minute ones healed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Time between passes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A candle is compared once it closed this long ago: its trades may still be on their way.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// History the first pass covers; `None`: `bitfinex.backfill`.
+    #[serde(with = "humantime_serde")]
+    pub lookback: Option<Duration>,
+    pub timeframes: Vec<Timeframe>,
+    /// Trade fetches for one 1-minute candle before it stays as it is.
+    pub max_repairs: u32,
+    /// Measurement of the verdicts (tags symbol, timeframe; string field status).
+    pub measurement: String,
+    /// The verifier's own share of Bitfinex's per-IP REST limits (the producer has
+    /// `bitfinex.rest_*_per_minute`).
+    pub rest_trades_per_minute: u32,
+    pub rest_candles_per_minute: u32,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            grace: Duration::from_secs(120),
+            lookback: None,
+            timeframes: ["1m", "1h", "1D"]
+                .map(|t| Timeframe::try_from(t.to_string()).expect("known timeframe"))
+                .into(),
+            max_repairs: 3,
+            measurement: "candle_checks".into(),
+            rest_trades_per_minute: 3,
+            rest_candles_per_minute: 20,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// The first pass's history.
+    pub fn lookback_or(&self, backfill: Duration) -> Duration {
+        self.lookback.unwrap_or(backfill)
+    }
+
+    fn validate(&self, influx: &InfluxConfig) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.interval.is_zero() {
+            return invalid("verify.interval must be positive");
+        }
+        if self.timeframes.is_empty() {
+            return invalid("verify.timeframes is empty");
+        }
+        if self.rest_trades_per_minute == 0 || self.rest_candles_per_minute == 0 {
+            return invalid("verify.rest_*_per_minute limits must be positive");
+        }
+        if self.measurement.is_empty()
+            || self.measurement == influx.measurement
+            || self.measurement == influx.trades_measurement
+        {
+            return invalid(
+                "verify.measurement must be set and differ from influx.measurement and influx.trades_measurement",
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Settings {
     /// Loads defaults, then `file` (if any), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -564,6 +695,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("bitfinex.symbols")
+                .with_list_parse_key("verify.timeframes")
                 .source(Some(env)),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
@@ -623,7 +755,7 @@ impl Settings {
         if self.influx.measurement.is_empty() || self.influx.trades_measurement.is_empty() {
             return invalid("influx.measurement and influx.trades_measurement must be set");
         }
-        Ok(())
+        self.verify.validate(&self.influx)
     }
 }
 
@@ -781,5 +913,34 @@ mod tests {
             ..Default::default()
         };
         assert!(v1.target().unwrap_err().to_string().contains("influx.url"));
+    }
+
+    #[test]
+    fn verify_section_reads_timeframes_and_rejects_what_cannot_be_checked() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("CANDLESTREAM__VERIFY__TIMEFRAMES", "1m,1D"),
+                ("CANDLESTREAM__VERIFY__GRACE", "5s"),
+            ]),
+        )
+        .unwrap();
+        let labels: Vec<&str> = s.verify.timeframes.iter().map(|t| t.label()).collect();
+        assert_eq!(labels, ["1m", "1D"]);
+        assert_eq!(s.verify.timeframes[1].width_ms(), 86_400_000);
+        assert_eq!(s.verify.grace, Duration::from_secs(5));
+        assert_eq!(
+            s.verify.lookback_or(s.bitfinex.backfill),
+            s.bitfinex.backfill
+        );
+        for (k, v) in [
+            ("CANDLESTREAM__VERIFY__TIMEFRAMES", "1W"),
+            ("CANDLESTREAM__VERIFY__INTERVAL", "0s"),
+            ("CANDLESTREAM__VERIFY__MEASUREMENT", "trades"),
+            ("CANDLESTREAM__VERIFY__MAX_REPAIR", "3"),
+        ] {
+            let r = Settings::load_with_env(None, env(&[(k, v)]));
+            assert!(r.is_err(), "{k}={v} should be rejected");
+        }
     }
 }

@@ -11,3 +11,4 @@ pub mod producer;
 pub mod retry;
 pub mod sink;
 pub mod telemetry;
+pub mod verify;

@@ -63,7 +63,19 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         symbols: Vec<String>,
     },
-    /// Exit 0 when a running producer or consumer reports healthy on /healthz (for container
+    /// Check every closed candle against Bitfinex's, continuously, and heal what differs.
+    ///
+    /// Every `verify.interval`, for each symbol and each of `verify.timeframes`, the candles that
+    /// closed at least `verify.grace` ago are compared like `audit` does (InfluxDB's candles from
+    /// the stored trades against `/v2/candles/trade:{TF}:{symbol}/hist`); the first pass covers
+    /// `verify.lookback`. Each verdict is a point in `verify.measurement` (string field `status`:
+    /// equal, differs, missing_here, missing_there, repaired). A 1-minute candle that differs or is
+    /// missing here gets its trades from `/v2/trades/{symbol}/hist` produced to the trades topic
+    /// (duplicates overwrite), and is checked again once they are stored, at most
+    /// `verify.max_repairs` times. Never deletes data. Serves /healthz and /metrics like the other
+    /// roles. SIGINT/SIGTERM stop at once and exit 0 after delivering healed trades in flight.
+    Verify,
+    /// Exit 0 when a running producer, consumer or verifier reports healthy on /healthz (for container
     /// healthchecks; the runtime image has no curl).
     Healthcheck {
         /// Defaults to http://127.0.0.1:<port of http.listen>/healthz.
@@ -118,6 +130,12 @@ async fn main() -> anyhow::Result<()> {
             candlestream::consumer::run(settings, workers, cancel)
                 .await
                 .context("consumer failed")
+        }
+        Command::Verify => {
+            let cancel = start(&settings);
+            candlestream::verify::run(settings, cancel)
+                .await
+                .context("verifier failed")
         }
         Command::Healthcheck { url } => {
             let port = settings.http.listen.port();

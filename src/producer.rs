@@ -1,6 +1,6 @@
 //! `candlestream producer`: Bitfinex → Avro (Schema Registry) → Kafka.
 
-mod delivery;
+pub(crate) mod delivery;
 
 use std::time::Duration;
 

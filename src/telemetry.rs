@@ -47,6 +47,10 @@ pub mod metric {
     pub const EXCHANGE_TO_STORE: &str = "candlestream_exchange_to_store_seconds";
     pub const PAUSES: &str = "candlestream_consumer_pauses_total";
     pub const REBALANCES: &str = "candlestream_consumer_rebalances_total";
+    pub const CANDLES_CHECKED: &str = "candlestream_candles_checked_total";
+    pub const CANDLES_VERIFIED: &str = "candlestream_candles_verified_ratio";
+    pub const VERIFY_LAG: &str = "candlestream_verify_lag_seconds";
+    pub const CANDLES_REPAIRED: &str = "candlestream_candles_repaired_total";
 }
 
 /// Bucket bounds of the latency histograms, in seconds: from a few milliseconds (a record

@@ -21,6 +21,7 @@ use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use support::fake_trades::Trader;
+use support::influx1::Influx1;
 use support::now_ms;
 use support::pipeline::{Emitter, WAIT};
 use support::rig::MockPipeline;
@@ -36,6 +37,37 @@ fn yaml(path: &str) -> Yaml {
 /// The trades measurement's tags and fields, as the consumer's InfluxDB contract defines them.
 const TRADE_TAGS: [&str; 2] = ["symbol", "side"];
 const TRADE_FIELDS: [&str; 3] = ["id", "price", "amount"];
+
+/// The verifier's `candle_checks` measurement (issue 15): one point per (symbol, timeframe, candle
+/// start), `status` a string field so that a re-check overwrites the point.
+const CHECK_TAGS: [&str; 2] = ["symbol", "timeframe"];
+const CHECK_FIELDS: [&str; 12] = [
+    "status",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "ex_open",
+    "ex_high",
+    "ex_low",
+    "ex_close",
+    "ex_volume",
+    "detail",
+];
+
+/// The InfluxDB datasource's uid; panels of any other datasource (a Prometheus dashboard) are not
+/// InfluxQL and are left to their own tests.
+const INFLUX_UID: &str = "candlestream-influxdb";
+
+fn is_influx(panel: &Value) -> bool {
+    panel["datasource"]["uid"] == INFLUX_UID
+}
+
+/// How every dashboard query filters by coin: a regex match with Grafana's regex escaping of the
+/// value (`${var:regex}`), so that no value can close the regex and add to the statement.
+const SYMBOL_FILTER: &str = "\"symbol\" =~ /^${symbol:regex}$/";
+const SYMBOLS_FILTER: &str = "\"symbol\" =~ /^${symbols:regex}$/";
 
 /// Every dashboard file, with its name.
 fn dashboards() -> Vec<(String, Value)> {
@@ -103,8 +135,8 @@ fn identifiers(q: &str) -> (Vec<String>, BTreeSet<String>) {
 
 #[test]
 fn grafana_dashboard_queries_what_the_consumer_writes() {
-    // The datasource: InfluxQL against the bucket's DBRP mapping, token in a header, every value
-    // from an environment variable that docker-compose.yml passes to Grafana.
+    // The datasource: InfluxQL against the bucket's DBRP mapping, Grafana's read-only credential,
+    // every value from an environment variable that docker-compose.yml passes to Grafana.
     let datasources = yaml("grafana/provisioning/datasources/influxdb.yaml");
     let ds = &datasources["datasources"][0];
     let uid = ds["uid"].as_str().unwrap();
@@ -119,13 +151,15 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         ds["jsonData"]["dbName"].as_str(),
         Some("${INFLUXDB_BUCKET}")
     );
+    // Grafana's own read-only credential (launch.sh creates it), never the operator token.
+    assert_eq!(ds["user"].as_str(), Some("${GRAFANA_INFLUXDB_USER}"));
     assert_eq!(
-        ds["jsonData"]["httpHeaderName1"].as_str(),
-        Some("Authorization")
+        ds["secureJsonData"]["password"].as_str(),
+        Some("${GRAFANA_INFLUXDB_PASSWORD}")
     );
-    assert_eq!(
-        ds["secureJsonData"]["httpHeaderValue1"].as_str(),
-        Some("Token ${INFLUXDB_TOKEN}")
+    assert!(
+        !repo("grafana/provisioning/datasources/influxdb.yaml").contains("INFLUXDB_TOKEN"),
+        "Grafana must not get the operator token"
     );
     let compose = yaml("docker-compose.yml");
     let grafana_env = compose["services"]["grafana"]["environment"]
@@ -200,42 +234,79 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         "the consumer writes the trade contract"
     );
 
+    schema.insert(
+        "candle_checks".to_string(),
+        CHECK_TAGS
+            .iter()
+            .chain(&CHECK_FIELDS)
+            .map(|s| s.to_string())
+            .collect(),
+    );
     for (file, dashboard) in dashboards() {
         let mut queries = 0;
-        for p in panels(&dashboard) {
-            assert_eq!(p["datasource"]["uid"], uid, "{file}: panel {}", p["title"]);
+        let influx_panels: Vec<&Value> = panels(&dashboard)
+            .into_iter()
+            .filter(|p| is_influx(p))
+            .collect();
+        if influx_panels.is_empty() {
+            continue;
+        }
+        // Every target of an InfluxDB panel, and every InfluxDB annotation query.
+        let mut texts: Vec<(String, &str)> = Vec::new();
+        for p in influx_panels {
             for t in p["targets"].as_array().unwrap() {
-                queries += 1;
-                let q = query_of(t);
-                let at = format!("{file}: panel {}: {q}", p["title"]);
+                let at = format!("{file}: panel {}", p["title"]);
                 assert_eq!(t["datasource"]["uid"], uid, "{at}");
                 // Raw InfluxQL text, so what Grafana runs is exactly what the live test runs.
                 assert_eq!(t["rawQuery"], true, "{at}");
+                texts.push((at, query_of(t)));
+            }
+        }
+        for a in dashboard["annotations"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if a["datasource"]["uid"] == uid {
+                texts.push((format!("{file}: annotation {}", a["name"]), query_of(a)));
+            }
+        }
+        for (at, q) in texts {
+            queries += 1;
+            let at = format!("{at}: {q}");
+            assert!(
+                !q.contains("|>") && !q.contains("from(bucket"),
+                "Flux left in {at}"
+            );
+            assert!(q.contains("$timeFilter"), "{at}: no $timeFilter");
+            // Filtered by coin, and only through Grafana's regex escaping: `$symbol` anywhere
+            // else (a quoted string, a bare value) would go into the statement verbatim.
+            assert!(
+                q.contains(SYMBOL_FILTER) || q.contains(SYMBOLS_FILTER),
+                "{at}: not filtered by $symbol"
+            );
+            let bare = q.replace(SYMBOL_FILTER, "").replace(SYMBOLS_FILTER, "");
+            assert!(
+                !bare.contains("symbol}") && !bare.contains("$symbol"),
+                "{at}: $symbol outside the escaped regex"
+            );
+            // Every quoted name is the measurement, one of its tags or fields, or an alias.
+            let measurements: BTreeSet<&str> = q
+                .split("FROM \"")
+                .skip(1)
+                .map(|s| s.split('"').next().unwrap())
+                .collect();
+            assert_eq!(measurements.len(), 1, "{at}: one measurement");
+            let measurement = *measurements.first().unwrap();
+            let names = schema
+                .get(measurement)
+                .unwrap_or_else(|| panic!("{at}: unknown measurement"));
+            let (idents, aliases) = identifiers(q);
+            for ident in idents {
                 assert!(
-                    !q.contains("|>") && !q.contains("from(bucket"),
-                    "Flux left in {at}"
+                    ident == measurement || names.contains(&ident) || aliases.contains(&ident),
+                    "{at}: \"{ident}\" is not written to {measurement}"
                 );
-                assert!(q.contains("$timeFilter"), "{at}: no $timeFilter");
-                assert!(
-                    q.contains("\"symbol\" = '$symbol'"),
-                    "{at}: not filtered by $symbol"
-                );
-                // Every quoted name is the measurement, one of its tags or fields, or an alias.
-                let measurement = q
-                    .split("FROM \"")
-                    .nth(1)
-                    .and_then(|s| s.split('"').next())
-                    .unwrap();
-                let names = schema
-                    .get(measurement)
-                    .unwrap_or_else(|| panic!("{at}: unknown measurement"));
-                let (idents, aliases) = identifiers(q);
-                for ident in idents {
-                    assert!(
-                        ident == measurement || names.contains(&ident) || aliases.contains(&ident),
-                        "{at}: \"{ident}\" is not written by the consumer"
-                    );
-                }
             }
         }
         assert!(queries > 0, "{file} has no queries");
@@ -245,20 +316,56 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         .into_iter()
         .find(|(f, _)| f == "candles.json")
         .unwrap();
+    // The default range starts on a whole hour, in UTC: every timeframe divides an hour, so the
+    // first candle is whole and does not change from one refresh to the next.
+    assert_eq!(dashboard["time"]["from"], "now-3h/h");
+    assert_eq!(dashboard["time"]["to"], "now");
+    assert_eq!(dashboard["timezone"], "utc");
+
     let vars = dashboard["templating"]["list"].as_array().unwrap();
-    let symbol = vars
-        .iter()
-        .find(|v| v["name"] == "symbol")
-        .expect("$symbol");
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name}"))
+    };
+    let list_query = format!("SHOW TAG VALUES FROM \"{trades}\" WITH KEY = \"symbol\"");
+    // $symbol: the charted coin, one of every stored symbol; Grafana's picker searches as you
+    // type. Both coin lists are read once on dashboard load (refresh 1), not on every
+    // auto-refresh (2 = on time range change, which the 10 s refresh triggers).
+    let symbol = var("symbol");
     assert_eq!(symbol["datasource"]["uid"], uid);
+    assert_eq!(symbol["query"].as_str(), Some(list_query.as_str()));
+    assert_eq!(symbol["refresh"], 1, "$symbol refreshed on dashboard load");
+    assert_eq!(symbol["multi"], false, "the chart shows one coin");
+    // $symbols: the data-quality row's coins. By default the first six configured symbols, not
+    // every stored one; All is there for when it is asked for.
+    let symbols = var("symbols");
+    assert_eq!(symbols["query"].as_str(), Some(list_query.as_str()));
     assert_eq!(
-        symbol["query"].as_str(),
-        Some(format!("SHOW TAG VALUES FROM \"{trades}\" WITH KEY = \"symbol\"").as_str())
+        symbols["refresh"], 1,
+        "$symbols refreshed on dashboard load"
     );
-    let timeframe = vars
+    assert_eq!(symbols["multi"], true);
+    let configured = Settings::default().bitfinex.symbols;
+    let first_six: Vec<&str> = configured.iter().take(6).map(String::as_str).collect();
+    let default: Vec<&str> = symbols["current"]["value"]
+        .as_array()
+        .expect("a list of coins by default")
         .iter()
-        .find(|v| v["name"] == "timeframe")
-        .expect("$timeframe");
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(default, first_six, "the first six configured symbols");
+    assert!(!default.contains(&"$__all"));
+    assert_eq!(
+        symbol["current"]["value"].as_str(),
+        Some(first_six[0]),
+        "the first configured coin is charted by default"
+    );
+
+    // $timeframe: the narrowest candle (the panels' min interval). Each choice gives at least
+    // three whole candles on the default range of three hours, so 4h and 1d are not offered:
+    // wide ranges get such candles from $__interval.
+    let timeframe = var("timeframe");
     assert_eq!(timeframe["type"], "custom");
     let options: Vec<&str> = timeframe["options"]
         .as_array()
@@ -266,7 +373,7 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         .iter()
         .map(|o| o["value"].as_str().unwrap())
         .collect();
-    assert_eq!(options, ["1m", "2m", "5m", "15m", "1h", "4h", "1d"]);
+    assert_eq!(options, ["1m", "2m", "5m", "15m", "1h"]);
     assert_eq!(
         timeframe["query"].as_str(),
         Some(options.join(",").as_str())
@@ -275,7 +382,12 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         timeframe["current"]["value"], "2m",
         "2-minute candles are the default"
     );
+    for o in &options {
+        assert_eq!(60 * MINUTE % interval_ms(o), 0, "{o} divides an hour");
+        assert!(3 * 60 * MINUTE / interval_ms(o) >= 3, "{o} on three hours");
+    }
 
+    let all = panels(&dashboard);
     let candles = candle_panel(&dashboard);
     assert_eq!(candles["options"]["mode"], "candles+volume");
     for f in ["open", "high", "low", "close", "volume"] {
@@ -283,6 +395,28 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
             candles["options"]["fields"][f], f,
             "candlestick field mapping of {f}"
         );
+    }
+    // Grafana 11.6's CandlestickPanel hides every field it draws as a candle or a volume bar
+    // from the legend, and `includeAllFields` is off: a shown legend would be an empty strip.
+    assert_eq!(candles["options"]["includeAllFields"], false);
+    assert_eq!(candles["options"]["legend"]["showLegend"], false);
+    // It draws flat candles in the up colour (drawMarkers' flatAsUp): `flat` would be unused.
+    let colors = candles["options"]["colors"].as_object().unwrap();
+    assert_eq!(
+        colors.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["down", "up"]
+    );
+    // Candles and the volume split: $__interval, never narrower than $timeframe, a few hundred
+    // candles at most.
+    let split = all
+        .iter()
+        .find(|p| query_of(&p["targets"][0]).contains("\"side\" fill"))
+        .expect("volume split");
+    for p in [candles, *split] {
+        assert_eq!(p["interval"], "$timeframe", "{}", p["title"]);
+        let max = p["maxDataPoints"].as_i64().unwrap();
+        assert!((200..=500).contains(&max), "{}: {max}", p["title"]);
+        assert!(query_of(&p["targets"][0]).contains("GROUP BY time($__interval)"));
     }
     let targets = candles["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 1, "one query feeds the candles");
@@ -294,18 +428,22 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         "last(\"price\") AS \"close\"",
         "sum(\"amount\") AS \"volume\"",
         &format!("FROM \"{trades}\""),
-        "GROUP BY time($timeframe) fill(none)",
+        "GROUP BY time($__interval) fill(none)",
     ] {
         assert!(q.contains(needle), "candlestick query lacks {needle}:\n{q}");
     }
-    // The ticker row: bid, ask, spread, last price and the 24-hour change.
-    let all = panels(&dashboard);
-    for (title, field) in [
-        ("Bid", "bid"),
-        ("Ask", "ask"),
-        ("Spread", "ask"),
-        ("Last price", "last_price"),
-        ("24 h change", "daily_change_relative"),
+
+    // The ticker row: bid, ask, spread, last price, the 24-hour change and volume. Each reads
+    // the last hour only, whatever the dashboard's range. Prices in a fixed text colour (no
+    // thresholds, whose default turns values above 80 red), with up to 8 decimals and no
+    // padding (Grafana's `locale` unit), so that Bitfinex's 5 significant digits show whole.
+    for (title, field, price) in [
+        ("Bid", "bid", true),
+        ("Ask", "ask", true),
+        ("Spread", "ask", true),
+        ("Last price", "last_price", true),
+        ("24 h change", "daily_change_relative", false),
+        ("24 h volume", "volume", false),
     ] {
         let p = all
             .iter()
@@ -316,6 +454,41 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
             q.contains(&format!("FROM \"{ticker}\"")) && q.contains(&format!("\"{field}\"")),
             "{title}: {q}"
         );
+        assert_eq!(p["timeFrom"], "1h", "{title}");
+        let defaults = &p["fieldConfig"]["defaults"];
+        if price {
+            assert_eq!(defaults["unit"], "locale", "{title}");
+            assert_eq!(defaults["decimals"], PRICE_DECIMALS, "{title}");
+        }
+        if title != "24 h change" {
+            assert_eq!(defaults["color"]["mode"], "fixed", "{title}");
+            assert_eq!(defaults["color"]["fixedColor"], "text", "{title}");
+            assert!(defaults.get("thresholds").is_none(), "{title}");
+        }
+    }
+
+    // The data-quality row and the candlestick panel's annotations read candle_checks.
+    for title in [
+        "Verified",
+        "Candles that differ from Bitfinex's, or were repaired",
+    ] {
+        let p = all.iter().find(|p| p["title"] == title).unwrap();
+        assert!(query_of(&p["targets"][0]).contains(SYMBOLS_FILTER));
+    }
+    let annotations = dashboard["annotations"]["list"].as_array().unwrap();
+    let colours: Vec<&str> = annotations
+        .iter()
+        .map(|a| a["iconColor"].as_str().unwrap())
+        .collect();
+    assert_eq!(colours, ["red", AMBER]);
+    for a in annotations {
+        assert_eq!(a["datasource"]["uid"], uid);
+        assert_eq!(a["enable"], true);
+        assert!(query_of(a).contains(SYMBOL_FILTER), "the charted coin only");
+        assert_eq!(a["textColumn"], "detail");
+        assert_eq!(a["tagsColumn"], "status");
+        assert_eq!(a["filter"]["exclude"], false);
+        assert_eq!(a["filter"]["ids"], serde_json::json!([candles["id"]]));
     }
 }
 
@@ -328,6 +501,10 @@ type LedgerTrade = support::fake_trades::Trade;
 
 const SYMBOLS: [&str; 3] = ["tBTCUSD", "tETHUSD", "tSOLUSD"];
 const MINUTE: i64 = 60_000;
+/// Decimals of the price panels: Bitfinex quotes 5 significant digits, down to 8 decimals.
+const PRICE_DECIMALS: i64 = 8;
+/// The repaired-candle annotations' colour.
+const AMBER: &str = "#FFBF00";
 
 /// Small deterministic generator (xorshift64*), so the ledger is the same shape on every run.
 struct Rng(u64);
@@ -464,7 +641,10 @@ fn sent_ticks(sent: &[support::fake_bitfinex::Sent]) -> Vec<Tick> {
 // (b) the dashboard's queries, expanded as Grafana does, against the ledger.
 // ---------------------------------------------------------------------------------------------
 
-/// Grafana's `roundInterval` (@grafana/data rangeutil): the "nice" interval for a raw one.
+/// Grafana's `roundInterval` (packages/grafana-data/src/datetime/rangeutil.ts): the "nice"
+/// interval at or below a raw one, in ms. Grafana compares a float (range / maxDataPoints) with
+/// integer bounds; for a whole number of ms `floor(x) < n` exactly when `x < n`, so the integer
+/// division below picks the same rung.
 fn round_interval(ms: i64) -> i64 {
     const LADDER: [(i64, i64); 29] = [
         (10, 1),
@@ -503,6 +683,8 @@ fn round_interval(ms: i64) -> i64 {
         .map_or(31_536_000_000, |(_, r)| *r)
 }
 
+/// Grafana's `intervalToMs` / `describeInterval` (rangeutil.ts): a number and a unit (`ms`, `s`,
+/// `m`, `h`, `d`, `w`, `M` = 30 d, `y` = 365 d); a bare number is seconds.
 fn interval_ms(text: &str) -> i64 {
     let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let n: i64 = digits
@@ -515,83 +697,142 @@ fn interval_ms(text: &str) -> i64 {
         "h" => 60 * MINUTE,
         "d" => 1_440 * MINUTE,
         "w" => 7 * 1_440 * MINUTE,
+        "M" => 30 * 1_440 * MINUTE,
+        "y" => 365 * 1_440 * MINUTE,
         u => panic!("interval unit {u:?}"),
     }
 }
 
-/// Grafana's text for an interval (gtime.FormatInterval): the largest whole unit.
+/// Grafana's `secondsToHms` (rangeutil.ts), the text of `$__interval`: the largest unit with a
+/// non-zero count, the rest dropped.
 fn format_interval(ms: i64) -> String {
-    for (unit, size) in [
-        ("d", 1_440 * MINUTE),
-        ("h", 60 * MINUTE),
-        ("m", MINUTE),
-        ("s", 1_000),
+    let s = ms / 1_000;
+    for (count, unit) in [
+        (s / 31_536_000, "y"),
+        (s % 31_536_000 / 86_400, "d"),
+        (s % 86_400 / 3_600, "h"),
+        (s % 3_600 / 60, "m"),
+        (s % 60, "s"),
     ] {
-        if ms >= size {
-            return format!("{}{unit}", ms / size);
+        if count > 0 {
+            return format!("{count}{unit}");
         }
     }
-    format!("{}ms", ms.max(1))
+    format!("{ms}ms")
 }
 
-/// One dashboard target expanded the way Grafana 11 does it for a raw InfluxQL query.
-///
-/// 1. The browser (templateSrv.replace) substitutes dashboard variables written `$name`,
-///    `${name}` or `[[name]]`, plus the built-in `$__interval` / `$__interval_ms`; single values
-///    that are not inside a regex go in verbatim; unknown names stay.
-/// 2. The backend (pkg/tsdb/influxdb/models/query.go, Build) replaces `$timeFilter` with
-///    `time >= <from>ms and time <= <to>ms`, then `$interval`, `$__interval_ms`, `$__interval`.
-///
-/// `$__interval` is the range divided by the panel's maxDataPoints, rounded by Grafana's ladder,
-/// and never below the panel's `interval` (the min interval).
-fn expand(
-    query: &str,
-    panel: &Value,
-    vars: &BTreeMap<&str, String>,
-    from_ms: i64,
-    to_ms: i64,
-) -> String {
-    let resolution = panel["maxDataPoints"].as_i64().unwrap_or(1_000);
-    let floor = panel["interval"].as_str().map_or(1, interval_ms);
-    let interval = round_interval((to_ms - from_ms) / resolution).max(floor);
-    let mut all: BTreeMap<&str, String> = vars.clone();
-    all.insert("__interval", format_interval(interval));
-    all.insert("__interval_ms", interval.to_string());
+/// A panel's `$__interval` in ms, as Grafana 11.6 computes it before it runs the panel's
+/// queries: scenes' SceneQueryRunner (and the older PanelQueryRunner) interpolates the panel's
+/// min interval (`interval`, here `$timeframe`) and calls rangeutil's `calculateInterval(range,
+/// maxDataPoints, minInterval)`: `roundInterval((to - from) / maxDataPoints)`, raised to the min
+/// interval. The dashboard sets maxDataPoints on every panel that uses `$__interval` (without
+/// it Grafana uses the panel's width in pixels, which a test cannot know).
+fn grafana_interval(panel: &Value, vars: &Vars, from_ms: i64, to_ms: i64) -> i64 {
+    let max_data_points = panel["maxDataPoints"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{}: no maxDataPoints", panel["title"]));
+    let min = panel["interval"]
+        .as_str()
+        .map_or(1, |i| interval_ms(&interpolate(i, vars)));
+    round_interval((to_ms - from_ms) / max_data_points).max(min)
+}
 
+/// Variable values: one for a single-value variable, a list for a multi-value one.
+type Vars = BTreeMap<&'static str, Vec<String>>;
+
+fn vars(pairs: &[(&'static str, &str)]) -> Vars {
+    pairs
+        .iter()
+        .map(|(k, v)| (*k, vec![v.to_string()]))
+        .collect()
+}
+
+/// Grafana's `escapeRegex` (packages/grafana-data/src/text/string.ts), the `regex` variable
+/// format: a backslash before each of `\ ^ $ * + ? . ( ) | [ ] { } /`.
+fn escape_regex(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if "\\^$*+?.()|[]{}/".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The browser's part of the expansion (scenes' sceneInterpolator, Grafana's TemplateSrv):
+/// `$name`, `${name}`, `${name:format}` and `[[name]]` are replaced; an explicit format wins over
+/// the datasource's own interpolation function. Only the formats this dashboard uses exist here:
+/// `regex` (escaped; several values as `(a|b)`), and no format for single values that are not
+/// in a regex (verbatim, as the InfluxDB datasource's `interpolateQueryExpr` leaves them).
+/// Unknown names stay.
+fn interpolate(text: &str, vars: &Vars) -> String {
     let mut out = String::new();
-    let mut rest = query;
+    let mut rest = text;
     while let Some(at) = rest.find(['$', '[']) {
         out.push_str(&rest[..at]);
         rest = &rest[at..];
-        let (name, len) = if let Some(r) = rest.strip_prefix("${") {
+        let (name, format, len) = if let Some(r) = rest.strip_prefix("${") {
             let end = r.find('}').unwrap_or(r.len());
-            (&r[..end], end + 3)
+            let (name, format) = r[..end]
+                .split_once(':')
+                .map_or((&r[..end], None), |(n, f)| (n, Some(f)));
+            (name, format, end + 3)
         } else if let Some(r) = rest.strip_prefix("[[") {
             let end = r.find("]]").unwrap_or(r.len());
-            (&r[..end], end + 4)
+            (&r[..end], None, end + 4)
         } else if let Some(r) = rest.strip_prefix('$') {
             let end = r
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(r.len());
-            (&r[..end], end + 1)
+            (&r[..end], None, end + 1)
         } else {
-            ("", 1)
+            ("", None, 1)
         };
-        match all.get(name) {
-            Some(value) if len <= rest.len() => out.push_str(value),
-            _ => out.push_str(&rest[..len.min(rest.len())]),
+        if len > rest.len() {
+            // An unterminated `${` or `[[`: Grafana leaves it.
+            break;
         }
-        rest = &rest[len.min(rest.len())..];
+        match (vars.get(name), format) {
+            (Some(values), Some("regex")) => {
+                let escaped: Vec<String> = values.iter().map(|v| escape_regex(v)).collect();
+                if escaped.len() == 1 {
+                    out.push_str(&escaped[0]);
+                } else {
+                    out.push_str(&format!("({})", escaped.join("|")));
+                }
+            }
+            (Some(values), None) => {
+                assert_eq!(values.len(), 1, "${name} without a format holds one value");
+                out.push_str(&values[0]);
+            }
+            (Some(_), Some(f)) => panic!("format {f} of ${name} is not emulated"),
+            (None, _) => out.push_str(&rest[..len]),
+        }
+        rest = &rest[len..];
     }
     out.push_str(rest);
+    out
+}
 
-    out.replace(
+/// One dashboard query expanded the way Grafana 11.6 does it for raw InfluxQL, over the range
+/// [from, to] (a panel's `timeFrom` is the caller's business).
+///
+/// 1. The browser substitutes the dashboard's variables (see `interpolate`) and the built-in
+///    `$__interval` / `$__interval_ms` of the panel (see `grafana_interval`).
+/// 2. The backend (pkg/tsdb/influxdb/influxql, Query.Build) replaces `$timeFilter` with
+///    `time >= <from>ms and time <= <to>ms`, then `$interval`, `$__interval_ms`, `$__interval`.
+fn expand(query: &str, panel: &Value, vars: &Vars, from_ms: i64, to_ms: i64) -> String {
+    let mut all = vars.clone();
+    if query.contains("$__interval") {
+        let interval = grafana_interval(panel, vars, from_ms, to_ms);
+        all.insert("__interval", vec![format_interval(interval)]);
+        all.insert("__interval_ms", vec![interval.to_string()]);
+    }
+    interpolate(query, &all).replace(
         "$timeFilter",
         &format!("time >= {from_ms}ms and time <= {to_ms}ms"),
     )
-    .replace("$interval", &format_interval(interval))
-    .replace("$__interval_ms", &interval.to_string())
-    .replace("$__interval", &format_interval(interval))
 }
 
 #[derive(Debug)]
@@ -739,37 +980,41 @@ fn candles_of(series: &[Series]) -> Vec<Candle> {
         .collect()
 }
 
-/// Compares every symbol's candles of one timeframe; returns (compared, equal, empty windows
-/// between each symbol's first and last candle).
+/// Compares every symbol's candles of one timeframe over [from, to]; returns (compared, equal,
+/// empty windows between each symbol's first and last candle, the candle width Grafana chose).
 async fn compare_candles(
     url: &str,
     db: &str,
     panel: &Value,
-    query: &str,
     ledger: &[LedgerTrade],
     tf: &str,
     (from_ms, to_ms): (i64, i64),
-) -> (usize, usize, usize) {
+) -> (usize, usize, usize, i64) {
+    let query = query_of(&panel["targets"][0]);
     let (mut compared, mut equal, mut empty) = (0, 0, 0);
+    let mut width = 0;
     for symbol in SYMBOLS {
-        let vars = BTreeMap::from([
-            ("symbol", symbol.to_string()),
-            ("timeframe", tf.to_string()),
-        ]);
-        let q = expand(query, panel, &vars, from_ms, to_ms);
+        let v = vars(&[("symbol", symbol), ("timeframe", tf)]);
+        width = grafana_interval(panel, &v, from_ms, to_ms);
+        let q = expand(query, panel, &v, from_ms, to_ms);
+        assert!(
+            q.contains(&format!("GROUP BY time({})", format_interval(width))),
+            "{q}"
+        );
         let got = candles_of(
             &influxql(url, db, &q)
                 .await
                 .unwrap_or_else(|e| panic!("{q}: {e}")),
         );
-        let want = ledger_candles(ledger, symbol, interval_ms(tf), from_ms, to_ms);
+        // The ledger's candles at the width Grafana chose, computed without InfluxDB.
+        let want = ledger_candles(ledger, symbol, width, from_ms, to_ms);
         assert_eq!(
             got.iter().map(|c| c.start).collect::<Vec<_>>(),
             want.iter().map(|c| c.start).collect::<Vec<_>>(),
             "{symbol} {tf}: candle windows differ\n{q}"
         );
         if let (Some(a), Some(b)) = (got.first(), got.last()) {
-            empty += ((b.start - a.start) / interval_ms(tf)) as usize + 1 - got.len();
+            empty += ((b.start - a.start) / width) as usize + 1 - got.len();
         }
         for (g, w) in got.iter().zip(&want) {
             compared += 1;
@@ -780,7 +1025,15 @@ async fn compare_candles(
             }
         }
     }
-    (compared, equal, empty)
+    (compared, equal, empty, width)
+}
+
+/// The range a panel queries: the dashboard's, or the last `timeFrom` of it.
+fn panel_range(panel: &Value, (from_ms, to_ms): (i64, i64)) -> (i64, i64) {
+    match panel["timeFrom"].as_str() {
+        Some(last) => (to_ms - interval_ms(last), to_ms),
+        None => (from_ms, to_ms),
+    }
 }
 
 async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[Tick]) {
@@ -790,6 +1043,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         .unwrap();
     let candles = candle_panel(&dashboard);
     let candle_query = query_of(&candles["targets"][0]);
+    let max_candles = candles["maxDataPoints"].as_i64().unwrap();
     let to_ms = now_ms();
     // InfluxQL's GROUP BY time() windows are aligned to the Unix epoch, not to the query's start:
     // with `$timeFilter` starting inside a window, InfluxDB still labels that window with its
@@ -806,11 +1060,13 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
 
     let symbols = SYMBOLS.join(",");
     for tf in ["1m", "2m", "5m"] {
-        let (compared, equal, empty) =
-            compare_candles(url, db, candles, candle_query, ledger, tf, (from_ms, to_ms)).await;
+        let (compared, equal, empty, width) =
+            compare_candles(url, db, candles, ledger, tf, (from_ms, to_ms)).await;
         crate::report!(
             "DASHBOARD | {tf} | {symbols} | {compared} candles compared, {equal} equal ({empty} empty windows left out)"
         );
+        // On a range of minutes the timeframe is the width: $__interval stays below it.
+        assert_eq!(width, interval_ms(tf), "{tf}");
         // The ledger has windows without trades: fill(none) must leave them out, not draw empty
         // candles (the window lists were compared above).
         let minutes = ((to_ms - first) / MINUTE) as usize;
@@ -822,22 +1078,22 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         assert_eq!(equal, compared, "{tf}: candles differ from the ledger");
     }
 
-    // Wide ranges run: the same candles over the last 7 days at 2m and 30 days at 1m.
-    for (tf, days) in [("2m", 7), ("1m", 30)] {
+    // Wide ranges get coarser candles: at 7 days the 2-minute minimum gives way to 30-minute
+    // candles, at 30 days the 1-minute minimum to 2-hour ones (Grafana's rounding of
+    // range / maxDataPoints). No range holds more windows than maxDataPoints, and the candles
+    // are still exactly the ledger's at that width.
+    for (tf, days, want_width) in [("2m", 7, "30m"), ("1m", 30, "2h")] {
         let wide_from = to_ms - days * 1_440 * MINUTE;
-        let (compared, equal, _) = compare_candles(
-            url,
-            db,
-            candles,
-            candle_query,
-            ledger,
-            tf,
-            (wide_from, to_ms),
-        )
-        .await;
+        let (compared, equal, _, width) =
+            compare_candles(url, db, candles, ledger, tf, (wide_from, to_ms)).await;
+        let windows = to_ms.div_euclid(width) - wide_from.div_euclid(width) + 1;
         crate::report!(
-            "DASHBOARD | {tf} over {days} days | {symbols} | {compared} candles compared, {equal} equal"
+            "DASHBOARD | {tf} over {days} days | {symbols} | candles {} wide, at most {windows} in the range; {compared} compared, {equal} equal",
+            format_interval(width)
         );
+        assert_eq!(format_interval(width), want_width);
+        assert!(windows <= max_candles, "{windows} windows");
+        assert!(compared as i64 <= max_candles * SYMBOLS.len() as i64);
         assert!(compared > 0 && equal == compared);
     }
 
@@ -858,11 +1114,8 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         })
         .unwrap();
     let mid = window.start + 30_000;
-    let vars = BTreeMap::from([
-        ("symbol", symbol.to_string()),
-        ("timeframe", "2m".to_string()),
-    ]);
-    let q = expand(candle_query, candles, &vars, mid, to_ms);
+    let v = vars(&[("symbol", symbol), ("timeframe", "2m")]);
+    let q = expand(candle_query, candles, &v, mid, to_ms);
     let got = candles_of(&influxql(url, db, &q).await.unwrap());
     let partial = ledger_candles(ledger, symbol, 2 * MINUTE, mid, to_ms);
     assert_eq!(
@@ -882,20 +1135,19 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         window.volume
     );
 
-    // Every other target runs and returns rows, for every symbol, at the default timeframe.
+    // Every other target on trades and ticker runs and returns rows, for every symbol, at the
+    // default timeframe (candle_checks, the verifier's, has its own test).
     let mut others = 0;
     for p in panels(&dashboard) {
         for t in p["targets"].as_array().unwrap() {
-            if std::ptr::eq(p, candles) {
+            if std::ptr::eq(p, candles) || query_of(t).contains("\"candle_checks\"") {
                 continue;
             }
             others += 1;
             for symbol in SYMBOLS {
-                let vars = BTreeMap::from([
-                    ("symbol", symbol.to_string()),
-                    ("timeframe", "2m".to_string()),
-                ]);
-                let q = expand(query_of(t), p, &vars, from_ms, to_ms);
+                let v = vars(&[("symbol", symbol), ("timeframe", "2m")]);
+                let (a, b) = panel_range(p, (from_ms, to_ms));
+                let q = expand(query_of(t), p, &v, a, b);
                 let series = influxql(url, db, &q)
                     .await
                     .unwrap_or_else(|e| panic!("{}: {q}: {e}", p["title"]));
@@ -908,7 +1160,7 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
             }
         }
     }
-    assert!(others >= 6, "the ticker row and the volume split");
+    assert!(others >= 8, "the ticker row, bid/ask and the volume split");
 
     // The spread is the last ticker update's ask minus bid.
     let spread = panels(&dashboard)
@@ -916,14 +1168,9 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         .find(|p| p["title"] == "Spread")
         .unwrap();
     for symbol in SYMBOLS {
-        let vars = BTreeMap::from([("symbol", symbol.to_string())]);
-        let q = expand(
-            query_of(&spread["targets"][0]),
-            spread,
-            &vars,
-            from_ms,
-            to_ms,
-        );
+        let v = vars(&[("symbol", symbol)]);
+        let (a, b) = panel_range(spread, (from_ms, to_ms));
+        let q = expand(query_of(&spread["targets"][0]), spread, &v, a, b);
         let got = f(&influxql(url, db, &q).await.unwrap()[0].rows[0], "spread");
         let last = ticks
             .iter()
@@ -942,11 +1189,8 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         .find(|p| query_of(&p["targets"][0]).contains("\"side\" fill"))
         .expect("volume split");
     for symbol in SYMBOLS {
-        let vars = BTreeMap::from([
-            ("symbol", symbol.to_string()),
-            ("timeframe", "2m".to_string()),
-        ]);
-        let q = expand(query_of(&split["targets"][0]), split, &vars, from_ms, to_ms);
+        let v = vars(&[("symbol", symbol), ("timeframe", "2m")]);
+        let q = expand(query_of(&split["targets"][0]), split, &v, from_ms, to_ms);
         let mut got: BTreeMap<(String, i64), f64> = BTreeMap::new();
         for s in influxql(url, db, &q).await.unwrap() {
             for r in &s.rows {
@@ -977,22 +1221,24 @@ async fn check_dashboard(url: &str, db: &str, ledger: &[LedgerTrade], ticks: &[T
         }
     }
 
-    // The $symbol variable lists the stored symbols.
-    let var = dashboard["templating"]["list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "symbol")
-        .unwrap();
-    let series = influxql(url, db, var["query"].as_str().unwrap())
-        .await
-        .unwrap();
-    let listed: BTreeSet<String> = series
-        .iter()
-        .flat_map(|s| &s.rows)
-        .map(|r| r["value"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(listed, SYMBOLS.iter().map(|s| s.to_string()).collect());
+    // The coin variables list the stored symbols.
+    for name in ["symbol", "symbols"] {
+        let var = dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap();
+        let series = influxql(url, db, var["query"].as_str().unwrap())
+            .await
+            .unwrap();
+        let listed: BTreeSet<String> = series
+            .iter()
+            .flat_map(|s| &s.rows)
+            .map(|r| r["value"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(listed, SYMBOLS.iter().map(|s| s.to_string()).collect());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1047,4 +1293,524 @@ async fn dashboard_queries_give_the_ledger_candles_on_influxdb_1_6() {
     // (b) the dashboard against what is stored.
     check_dashboard(&pipeline.influx.url(), &pipeline.db, &ledger, &ticks).await;
     pipeline.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The data-quality row, the price display and crafted $symbol values, on points written directly.
+// ---------------------------------------------------------------------------------------------
+
+/// POSTs line protocol (nanosecond timestamps) to InfluxDB 1.x.
+async fn write_points(url: &str, db: &str, lines: &str) {
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/write"))
+        .query(&[("db", db)])
+        .body(lines.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+}
+
+/// How many statements InfluxDB executed for a query text, and the rows of all of them, or the
+/// error if one failed.
+async fn statements(url: &str, db: &str, q: &str) -> (usize, Result<usize, String>) {
+    let body: Value = reqwest::Client::new()
+        .get(format!("{url}/query"))
+        .query(&[("db", db), ("q", q), ("epoch", "ms")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    if let Some(e) = body.get("error") {
+        return (0, Err(e.to_string()));
+    }
+    let results = body["results"].as_array().unwrap();
+    let mut rows = 0;
+    for r in results {
+        if let Some(e) = r.get("error") {
+            return (results.len(), Err(e.to_string()));
+        }
+        for s in r["series"].as_array().into_iter().flatten() {
+            rows += s["values"].as_array().unwrap().len();
+        }
+    }
+    (results.len(), Ok(rows))
+}
+
+/// Grafana's `locale` unit (valueFormats.ts `locale`): `toLocaleString(undefined,
+/// { maximumFractionDigits: decimals })`, here in the en-US locale: at most `decimals` digits
+/// after the point, trailing zeros dropped, thousands grouped.
+fn locale_text(value: f64, decimals: usize) -> String {
+    let fixed = format!("{:.*}", decimals, value.abs());
+    let (int, frac) = fixed.split_once('.').unwrap_or((&fixed, ""));
+    let frac = frac.trim_end_matches('0');
+    let mut grouped = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let sign = if value < 0.0 && (int != "0" || !frac.is_empty()) {
+        "-"
+    } else {
+        ""
+    };
+    if frac.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{frac}")
+    }
+}
+
+/// One `candle_checks` point as the verifier writes it (issue 15): `ours`/`theirs` are
+/// open, high, low, close, volume where that side has the candle.
+fn check_line(
+    symbol: &str,
+    timeframe: &str,
+    start_ms: i64,
+    status: &str,
+    ours: Option<[f64; 5]>,
+    theirs: Option<[f64; 5]>,
+    detail: &str,
+) -> String {
+    let mut fields = vec![format!("status=\"{status}\"")];
+    for (prefix, side) in [("", ours), ("ex_", theirs)] {
+        if let Some(v) = side {
+            for (name, x) in ["open", "high", "low", "close", "volume"].iter().zip(v) {
+                fields.push(format!("{prefix}{name}={x}"));
+            }
+        }
+    }
+    fields.push(format!("detail=\"{detail}\""));
+    format!(
+        "candle_checks,symbol={symbol},timeframe={timeframe} {} {}\n",
+        fields.join(","),
+        start_ms * 1_000_000
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_quality_row_prices_and_crafted_symbols_on_influxdb_1_6() {
+    let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
+    let (url, db) = (influx.url(), "dashboard_checks");
+    influx.create_database(db).await;
+    let (_, dashboard) = dashboards()
+        .into_iter()
+        .find(|(f, _)| f == "candles.json")
+        .unwrap();
+    let all = panels(&dashboard);
+    let panel = |title: &str| {
+        *all.iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no {title} panel"))
+    };
+    let to_ms = now_ms();
+    let from_ms = to_ms - 60 * MINUTE;
+    let m0 = (to_ms - 50 * MINUTE).div_euclid(MINUTE) * MINUTE;
+    let minute = |i: i64| m0 + i * MINUTE;
+
+    // (a) The verifier's verdicts, in its schema. Inside the range: tBTCUSD 5 equal, 1 repaired,
+    // 1 differs, 1 missing_here, 1 missing_there; tETHUSD 4 equal minutes, one equal and one
+    // differing hour; tSOLUSD 2 differing minutes. Outside the selection or the range: tXRPUSD,
+    // and a differing tBTCUSD minute two hours ago.
+    let c = |o: f64| Some([o, o + 10.0, o - 10.0, o + 5.0, 1.25]);
+    let mut lines = String::new();
+    for i in 0..5 {
+        lines += &check_line(
+            "tBTCUSD",
+            "1m",
+            minute(i),
+            "equal",
+            c(97_000.0),
+            c(97_000.0),
+            "",
+        );
+    }
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(5),
+        "repaired",
+        c(97_100.0),
+        c(97_100.0),
+        "",
+    );
+    let (ours, theirs) = (
+        [97_140.0, 97_150.0, 97_130.0, 97_145.0, 0.5],
+        [97_140.0, 97_160.0, 97_130.0, 97_145.0, 0.5],
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(6),
+        "differs",
+        Some(ours),
+        Some(theirs),
+        "high: ours 97150, Bitfinex 97160",
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(7),
+        "missing_here",
+        None,
+        c(97_200.0),
+        "no trades here",
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        minute(8),
+        "missing_there",
+        c(97_300.0),
+        None,
+        "no candle at Bitfinex",
+    );
+    lines += &check_line(
+        "tBTCUSD",
+        "1m",
+        to_ms - 120 * MINUTE,
+        "differs",
+        c(1.0),
+        c(2.0),
+        "outside the range",
+    );
+    for i in 0..4 {
+        lines += &check_line(
+            "tETHUSD",
+            "1m",
+            minute(i),
+            "equal",
+            c(3_400.0),
+            c(3_400.0),
+            "",
+        );
+    }
+    let hour = (to_ms - 30 * MINUTE).div_euclid(60 * MINUTE) * 60 * MINUTE;
+    lines += &check_line(
+        "tETHUSD",
+        "1h",
+        hour.max(from_ms.div_euclid(MINUTE) * MINUTE + MINUTE),
+        "differs",
+        c(3_400.0),
+        c(3_401.0),
+        "open: ours 3400, Bitfinex 3401",
+    );
+    lines += &check_line(
+        "tETHUSD",
+        "1h",
+        hour - 60 * MINUTE,
+        "equal",
+        c(3_300.0),
+        c(3_300.0),
+        "",
+    );
+    for i in 0..2 {
+        lines += &check_line(
+            "tSOLUSD",
+            "1m",
+            minute(10 + i),
+            "differs",
+            c(180.0),
+            c(181.0),
+            "open: ours 180, Bitfinex 181",
+        );
+    }
+    lines += &check_line(
+        "tXRPUSD",
+        "1m",
+        minute(3),
+        "differs",
+        c(2.0),
+        c(2.1),
+        "not selected",
+    );
+    write_points(&url, db, &lines).await;
+
+    let selected = ["tBTCUSD", "tETHUSD", "tSOLUSD"];
+    let mut v: Vars = vars(&[("symbol", "tBTCUSD"), ("timeframe", "2m")]);
+    v.insert("symbols", selected.iter().map(|s| s.to_string()).collect());
+
+    // "Verified": equal or repaired over all checked 1-minute candles, per selected coin; a coin
+    // with none verified shows 0, not nothing.
+    let stat = panel("Verified");
+    let q = expand(query_of(&stat["targets"][0]), stat, &v, from_ms, to_ms);
+    let got: BTreeMap<String, f64> = influxql(&url, db, &q)
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e}"))
+        .into_iter()
+        .map(|s| {
+            assert_eq!(s.rows.len(), 1, "{q}");
+            (s.tags["symbol"].clone(), f(&s.rows[0], "verified"))
+        })
+        .collect();
+    crate::report!("DASHBOARD | verified | {got:?} | {q}");
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            ("tBTCUSD".to_string(), 6.0 / 9.0),
+            ("tETHUSD".to_string(), 1.0),
+            ("tSOLUSD".to_string(), 0.0),
+        ])
+    );
+
+    // The table: every selected candle whose status is not equal, ours next to Bitfinex's.
+    let table = panel("Candles that differ from Bitfinex's, or were repaired");
+    let q = expand(query_of(&table["targets"][0]), table, &v, from_ms, to_ms);
+    let mut rows: BTreeMap<(String, String, i64), BTreeMap<String, Value>> = BTreeMap::new();
+    for s in influxql(&url, db, &q)
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e}"))
+    {
+        for r in s.rows {
+            let key = (
+                s.tags["symbol"].clone(),
+                s.tags["timeframe"].clone(),
+                r["time"].as_i64().unwrap(),
+            );
+            rows.insert(key, r);
+        }
+    }
+    let status_of: BTreeMap<(String, String, i64), &str> = rows
+        .iter()
+        .map(|(k, r)| (k.clone(), r["status"].as_str().unwrap()))
+        .collect();
+    let key = |s: &str, tf: &str, t: i64| (s.to_string(), tf.to_string(), t);
+    assert_eq!(
+        status_of,
+        BTreeMap::from([
+            (key("tBTCUSD", "1m", minute(5)), "repaired"),
+            (key("tBTCUSD", "1m", minute(6)), "differs"),
+            (key("tBTCUSD", "1m", minute(7)), "missing_here"),
+            (key("tBTCUSD", "1m", minute(8)), "missing_there"),
+            (
+                key(
+                    "tETHUSD",
+                    "1h",
+                    hour.max(from_ms.div_euclid(MINUTE) * MINUTE + MINUTE)
+                ),
+                "differs"
+            ),
+            (key("tSOLUSD", "1m", minute(10)), "differs"),
+            (key("tSOLUSD", "1m", minute(11)), "differs"),
+        ]),
+        "{q}"
+    );
+    let differs = &rows[&key("tBTCUSD", "1m", minute(6))];
+    for (i, name) in ["open", "high", "low", "close", "volume"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(f(differs, name), ours[i], "{name}");
+        assert_eq!(f(differs, &format!("ex_{name}")), theirs[i], "ex_{name}");
+    }
+    assert_eq!(differs["detail"], "high: ours 97150, Bitfinex 97160");
+    let here = &rows[&key("tBTCUSD", "1m", minute(7))];
+    assert!(here["open"].is_null() && f(here, "ex_open") == 97_200.0);
+    let there = &rows[&key("tBTCUSD", "1m", minute(8))];
+    assert!(there["ex_open"].is_null() && f(there, "open") == 97_300.0);
+
+    // The annotations on the candlestick panel, for the charted coin: red for differs and
+    // missing_here, amber for repaired, with the verifier's detail as their text.
+    let annotations = dashboard["annotations"]["list"].as_array().unwrap();
+    let marks = |symbol: &'static str, i: usize| {
+        let mut v = v.clone();
+        v.insert("symbol", vec![symbol.to_string()]);
+        let q = expand(query_of(&annotations[i]), &Value::Null, &v, from_ms, to_ms);
+        let url = url.clone();
+        async move {
+            let series = influxql(&url, db, &q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e}"));
+            series
+                .iter()
+                .flat_map(|s| &s.rows)
+                .map(|r| {
+                    (
+                        r["time"].as_i64().unwrap(),
+                        r["detail"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        marks("tBTCUSD", 0).await,
+        [
+            (minute(6), "high: ours 97150, Bitfinex 97160".to_string()),
+            (minute(7), "no trades here".to_string())
+        ]
+    );
+    assert_eq!(marks("tBTCUSD", 1).await, [(minute(5), String::new())]);
+    assert_eq!(marks("tSOLUSD", 0).await.len(), 2);
+    assert_eq!(
+        marks("tETHUSD", 0).await,
+        [],
+        "the 1h verdict is not a minute"
+    );
+    assert_eq!(marks("tSOLUSD", 1).await, []);
+    crate::report!("DASHBOARD | data quality | 7 table rows, 2 red and 1 amber marks on tBTCUSD");
+
+    // (b) Prices at Bitfinex's 5 significant digits: tADAUSD's bid and ask differ in the fifth,
+    // and so the spread is not zero. With `decimals: 2` both would read 0.71.
+    let tick = |symbol: &str, bid: f64, ask: f64, at: i64| {
+        let v = candlestream::exchange::bitfinex::message::TickerValues {
+            bid,
+            bid_size: 1.0,
+            ask,
+            ask_size: 1.0,
+            daily_change: 0.0,
+            daily_change_relative: 0.0,
+            last_price: bid,
+            volume: 10.0,
+            high: ask,
+            low: bid,
+        };
+        Record::Tick(v.into_tick(symbol.to_string(), at, None, Source::Websocket, at))
+    };
+    let ticker = Settings::default().influx.measurement;
+    let mut lines = String::new();
+    for record in [
+        tick("tADAUSD", 0.71234, 0.71245, to_ms - 2 * MINUTE),
+        tick("tBTCUSD", 97_123.0, 97_124.0, to_ms - 2 * MINUTE),
+        // Two hours old: outside the stats' last hour, so it must not be the one shown.
+        tick("tADAUSD", 0.5, 0.6, to_ms - 120 * MINUTE + 1),
+    ] {
+        candlestream::sink::influx::write_line(&mut lines, &ticker, &record);
+    }
+    write_points(&url, db, &lines).await;
+    let shown = |symbol: &'static str, title: &'static str, column: &'static str| {
+        let p = panel(title);
+        let v = vars(&[("symbol", symbol)]);
+        let (a, b) = panel_range(p, (to_ms - 3 * 60 * MINUTE, to_ms));
+        let q = expand(query_of(&p["targets"][0]), p, &v, a, b);
+        let decimals = p["fieldConfig"]["defaults"]["decimals"].as_u64().unwrap() as usize;
+        let url = url.clone();
+        async move {
+            let value = f(&influxql(&url, db, &q).await.unwrap()[0].rows[0], column);
+            (value, locale_text(value, decimals))
+        }
+    };
+    let (bid, bid_text) = shown("tADAUSD", "Bid", "bid").await;
+    let (ask, ask_text) = shown("tADAUSD", "Ask", "ask").await;
+    let (_, spread_text) = shown("tADAUSD", "Spread", "spread").await;
+    let (_, btc_text) = shown("tBTCUSD", "Bid", "bid").await;
+    let (_, btc_spread) = shown("tBTCUSD", "Spread", "spread").await;
+    crate::report!(
+        "DASHBOARD | prices | tADAUSD bid {bid_text} ask {ask_text} spread {spread_text}; tBTCUSD bid {btc_text} spread {btc_spread}"
+    );
+    assert_eq!(
+        (bid_text.as_str(), ask_text.as_str()),
+        ("0.71234", "0.71245")
+    );
+    assert_eq!(spread_text, "0.00011");
+    assert_eq!((btc_text.as_str(), btc_spread.as_str()), ("97,123", "1"));
+    assert_eq!(
+        format!("{bid:.2}"),
+        format!("{ask:.2}"),
+        "what decimals: 2 showed"
+    );
+
+    // (c) Crafted $symbol values from a URL (`?var-symbol=…`): with Grafana's regex escaping
+    // none can end the regex, so each query stays one statement that returns nothing or fails.
+    let trade = |id: i64| {
+        Record::Trade(Trade {
+            symbol: "tBTCUSD".into(),
+            id,
+            exchange_time: to_ms - MINUTE,
+            amount: 0.5,
+            price: 97_000.0,
+            source: Source::Websocket,
+            sequence: None,
+            received_at: to_ms,
+        })
+    };
+    let trades = Settings::default().influx.trades_measurement;
+    let mut lines = String::new();
+    for id in 1..=3 {
+        candlestream::sink::influx::write_line(&mut lines, &trades, &trade(id));
+    }
+    lines += "canary value=1\n";
+    write_points(&url, db, &lines).await;
+    let count = |m: &'static str| {
+        let url = url.clone();
+        async move {
+            statements(&url, db, &format!("SELECT count(*) FROM \"{m}\""))
+                .await
+                .1
+                .unwrap()
+        }
+    };
+    assert_eq!((count("trades").await, count("canary").await), (1, 1));
+    let crafted = [
+        "x'; DROP MEASUREMENT \"canary\"; SELECT * FROM \"trades\" WHERE symbol = 'x",
+        "x/ ; DROP MEASUREMENT \"canary\" ; SELECT * FROM \"trades\" WHERE \"symbol\" =~ /x",
+        // Numeric-looking: the InfluxDB datasource's own interpolation passes these verbatim,
+        // which is why the queries ask for the regex format explicitly.
+        "1/ ; DROP MEASUREMENT \"canary\" ; SELECT * FROM \"trades\" WHERE \"symbol\" =~ /x",
+        "tBTCUSD\\",
+        "\\/ ; DROP MEASUREMENT \"canary\" ; SELECT /x",
+        ".*",
+        "tBTCUSD|tETHUSD",
+    ];
+    let mut checked = 0;
+    for value in crafted {
+        let mut v = vars(&[("symbol", value), ("timeframe", "2m")]);
+        v.insert("symbols", vec![value.to_string()]);
+        // Every panel target, and the annotations (which need no panel: no $__interval).
+        let queries = all
+            .iter()
+            .filter(|p| is_influx(p))
+            .flat_map(|p| {
+                p["targets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(move |t| (*p, query_of(t)))
+            })
+            .chain(annotations.iter().map(|a| (&Value::Null, query_of(a))));
+        for (p, query) in queries {
+            let q = expand(query, p, &v, from_ms, to_ms);
+            let (n, result) = statements(&url, db, &q).await;
+            assert!(n <= 1, "{value:?} made {n} statements: {q}");
+            assert!(
+                matches!(result, Ok(0) | Err(_)),
+                "{value:?} matched rows: {result:?}: {q}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!((count("trades").await, count("canary").await), (1, 1));
+    crate::report!(
+        "DASHBOARD | crafted $symbol | {} values × every query: {checked} runs, one statement each, no rows",
+        crafted.len()
+    );
+
+    // The guard is real: the same value in the old `"symbol" = '$symbol'` form, inserted
+    // verbatim as Grafana does for a single value outside a regex, runs a second statement.
+    let old = "SELECT last(\"bid\") FROM \"ticker\" WHERE \"symbol\" = '$symbol' AND $timeFilter";
+    let q = expand(
+        old,
+        &Value::Null,
+        &vars(&[("symbol", crafted[0])]),
+        from_ms,
+        to_ms,
+    );
+    let (n, _) = statements(&url, db, &q).await;
+    assert_eq!(n, 3, "{q}");
+    let left: Vec<String> = influxql(&url, db, "SHOW MEASUREMENTS")
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|s| &s.rows)
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        ["candle_checks", "ticker", "trades"],
+        "canary dropped"
+    );
 }

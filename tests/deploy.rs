@@ -15,7 +15,11 @@ use yaml_rust2::{Yaml, YamlLoader};
 use support::fake_registry::FakeRegistry;
 
 fn repo(path: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+    std::fs::read_to_string(repo_path(path)).unwrap()
+}
+
+fn repo_path(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -223,6 +227,7 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
         "grafana",
         "producer",
         "consumer",
+        "verifier",
         "audit",
     ];
     assert_eq!(
@@ -291,7 +296,7 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
     }
     internal.sort();
 
-    for app in ["producer", "consumer"] {
+    for app in ["producer", "consumer", "verifier"] {
         let s = merged(&services[app]);
         let env: Vec<(String, String)> = merged(&s["environment"])
             .iter()
@@ -345,6 +350,19 @@ fn compose_services_are_pinned_healthchecked_and_configured_with_real_keys() {
         consumer.contains_key("deploy"),
         "the consumer can be scaled with replicas"
     );
+    let verifier = merged(&services["verifier"]);
+    assert!(
+        !verifier.contains_key("deploy"),
+        "one verifier: replicas would heal the same minutes twice"
+    );
+    assert_eq!(
+        merged(&verifier["environment"])
+            .get("CANDLESTREAM__INFLUX__URL")
+            .map(scalar)
+            .as_deref(),
+        Some("http://influxdb:8086"),
+        "the verifier reads and writes the consumers' InfluxDB"
+    );
 }
 
 #[test]
@@ -378,9 +396,21 @@ fn every_port_is_published_on_bind_address_and_kafka_external_is_opt_in() {
     let services = merged(&compose["services"]);
     for (name, service) in &services {
         for port in ports(service) {
+            // Grafana alone has an address of its own: a public dashboard publishes nothing else.
+            let address = if name == "grafana" {
+                "${GRAFANA_BIND_ADDRESS:-127.0.0.1}:"
+            } else {
+                "${BIND_ADDRESS:-127.0.0.1}:"
+            };
             assert!(
-                port.starts_with("${BIND_ADDRESS:-127.0.0.1}:"),
-                "{name} publishes {port} on every interface"
+                port.starts_with(address),
+                "{name} publishes {port}, not on {address}"
+            );
+            // Host ports of the UIs and APIs can be moved off ports already taken.
+            let host_port = port[address.len()..].rsplit_once(':').unwrap().0;
+            assert!(
+                host_port.starts_with("${") || name.starts_with("broker_"),
+                "{name}: host port {host_port} is fixed"
             );
             assert!(
                 !port.contains(":3909"),
@@ -442,6 +472,68 @@ fn healthchecks_send_what_zookeeper_reads_and_start_no_jvm() {
         !repo("docker-compose.yml").contains("SUPPORT_METRICS"),
         "stray Confluent support-metrics setting"
     );
+    // The influxdb image's entrypoint first runs a setup server on another port; a bare
+    // `influx ping` could pass against it.
+    assert_eq!(
+        healthcheck(&services["influxdb"]),
+        "CMD influx ping --host http://localhost:8086"
+    );
+}
+
+#[test]
+fn grafana_reads_with_its_own_credential_and_mounts_only_its_provisioning_folders() {
+    let services = merged(&yaml("docker-compose.yml")["services"]);
+    let grafana = merged(&services["grafana"]);
+    let env = merged(&grafana["environment"]);
+    for (key, value) in &env {
+        let value = scalar(value);
+        assert!(
+            !value.contains("INFLUXDB_TOKEN") && !key.contains("TOKEN"),
+            "Grafana gets the operator token through {key}"
+        );
+    }
+    // Only what the provisioning files read.
+    let mut passed: Vec<&str> = env
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !k.starts_with("GF_"))
+        .collect();
+    passed.sort();
+    assert_eq!(
+        passed,
+        [
+            "GRAFANA_INFLUXDB_PASSWORD",
+            "GRAFANA_INFLUXDB_USER",
+            "INFLUXDB_BUCKET"
+        ]
+    );
+    assert_eq!(scalar(&env["GF_AUTH_ANONYMOUS_HIDE_VERSION"]), "true");
+    // Each provisioning folder is mounted on its own, so the image's others stay visible.
+    let mounts: Vec<String> = grafana["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(scalar)
+        .collect();
+    assert!(
+        !mounts
+            .iter()
+            .any(|m| m.contains(":/etc/grafana/provisioning:")),
+        "{mounts:?}"
+    );
+    for mount in mounts
+        .iter()
+        .filter(|m| m.contains("/etc/grafana/provisioning/"))
+    {
+        let (host, rest) = mount.split_once(':').unwrap();
+        let folder = host.trim_start_matches("./grafana/provisioning/");
+        assert_eq!(
+            rest,
+            format!("/etc/grafana/provisioning/{folder}:ro,z"),
+            "{mount}"
+        );
+        assert!(repo_path(host).is_dir(), "{mount}: no such folder");
+    }
 }
 
 /// -Xmx of a JVM option string, in MiB.
@@ -554,7 +646,7 @@ fn scripts_and_env_files_are_checked_out_with_lf() {
 }
 
 #[test]
-fn readme_quick_start_is_two_commands_and_every_reset_includes_the_app_profile() {
+fn readme_quick_start_is_one_command_and_every_reset_includes_the_app_profile() {
     let readme = repo("README.md");
     let quick_start = readme.split("## Quick start").nth(1).unwrap();
     let block = quick_start
@@ -564,9 +656,10 @@ fn readme_quick_start_is_two_commands_and_every_reset_includes_the_app_profile()
         .split("```")
         .next()
         .unwrap();
-    assert_eq!(block, "docker compose up -d\n./launch.sh\n");
+    // launch.sh builds the image, then starts the platform itself: one command.
+    assert_eq!(block, "./launch.sh\n");
     assert!(
-        readme.contains("before the first `docker compose up -d`"),
+        readme.contains("before the first `./launch.sh`"),
         "README must say when to create .env"
     );
     for (i, _) in readme.match_indices("down -v") {

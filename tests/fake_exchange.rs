@@ -513,9 +513,24 @@ async fn candles_of_the_fixture_trades() {
         expected[..1]
     );
     assert!(candles_hist(&ex, "tETHUSD", "").await.is_empty());
-    let (status, body) = get(&ex, "/v2/candles/trade:5m:tBTCUSD/hist").await;
+    let (status, body) = get(&ex, "/v2/candles/trade:7m:tBTCUSD/hist").await;
     assert_eq!((status, &body[0]), (500, &json!("error")), "{body}");
     assert_eq!(ex.rest_requests_by("candles"), 8);
+    // Wider timeframes fold the same trades, aligned to UTC: both minutes are in one hour.
+    let (_, hour) = get(&ex, "/v2/candles/trade:1h:tBTCUSD/hist").await;
+    let hour: Vec<Vec<f64>> = serde_json::from_value(hour).unwrap();
+    let (first, last) = (&expected[0], &expected[1]);
+    assert_eq!(
+        hour,
+        [[
+            1_763_787_600_000.0,
+            first[1],
+            last[2],
+            first[3].max(last[3]),
+            first[4].min(last[4]),
+            ((first[5] + last[5]) * 1e8).round() / 1e8
+        ]]
+    );
 
     // A later trade in a new minute makes a new candle; minutes without trades have none.
     ex.load_ledger(

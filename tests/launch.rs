@@ -169,11 +169,13 @@ async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
     assert_eq!(
         sandbox.changes(),
         [
+            "built the app image",
             "started the platform",
+            "created InfluxDB v1 user grafana, read-only on bucket crypto",
             "created topic crypto-ticker",
             "created topic crypto-trades",
             "created topic crypto-ticker-dlq",
-            "started producer consumer",
+            "started producer consumer verifier",
             "scaled consumer=2",
         ]
     );
@@ -222,11 +224,18 @@ async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
             .any(|c| c.starts_with("docker compose exec -T influxdb")),
         "{calls:#?}"
     );
-    assert!(
-        !calls.iter().any(|c| c.contains("candlestream-dev-token")),
-        "{calls:#?}"
-    );
-    assert!(first.stdout.contains("http://localhost:3000"), "{first:?}");
+    for secret in ["candlestream-dev-token", "candlestream-grafana-dev"] {
+        assert!(!calls.iter().any(|c| c.contains(secret)), "{calls:#?}");
+    }
+    // What a new user needs to find their way: the dashboard's real title and the logins.
+    for shown in [
+        "http://localhost:3000",
+        "dashboard \"candlestream: candles\"; log in as admin (viewers log in)",
+        "log in as INFLUXDB_USERNAME",
+        "Grafana admin/admin, InfluxDB admin/candlestream-dev",
+    ] {
+        assert!(first.stdout.contains(shown), "{shown}: {first:?}");
+    }
 
     let ids: Vec<u32> = registry
         .subjects()
@@ -237,7 +246,7 @@ async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
     assert!(second.ok, "{second:?}");
     assert_eq!(
         sandbox.changes().len(),
-        6,
+        8,
         "the second run changed something: {:#?}",
         sandbox.changes()
     );
@@ -290,7 +299,7 @@ async fn the_callers_variables_win_over_dotenv() {
     assert!(
         calls
             .iter()
-            .any(|c| c.contains("--scale consumer=4 producer consumer")),
+            .any(|c| c.contains("--scale consumer=4 producer consumer verifier")),
         "{calls:#?}"
     );
     assert!(
@@ -308,7 +317,7 @@ async fn the_callers_variables_win_over_dotenv() {
     );
     assert!(
         run.stdout
-            .contains("(org second-wins, bucket crypto#not-a-comment)"),
+            .contains("org second-wins, bucket crypto#not-a-comment\n"),
         "{run:?}"
     );
     assert!(!run.stderr.contains("no .env"), "{run:?}");
@@ -347,7 +356,7 @@ fn a_wrong_influxdb_token_org_or_bucket_stops_it_before_the_app_with_what_to_do(
         );
         assert_eq!(
             sandbox.changes(),
-            ["started the platform"],
+            ["built the app image", "started the platform"],
             "nothing after the check"
         );
         assert!(
@@ -445,7 +454,10 @@ fn a_service_that_never_turns_healthy_is_named_with_where_to_look() {
         "{run:?}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
-    assert_eq!(sandbox.changes(), ["started the platform"]);
+    assert_eq!(
+        sandbox.changes(),
+        ["built the app image", "started the platform"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,4 +485,133 @@ fn bad_numbers_are_refused_before_anything_starts() {
         "{run:?}"
     );
     assert!(sandbox.changes().is_empty());
+}
+
+#[test]
+fn a_topic_error_that_cannot_pass_stops_at_once() {
+    let sandbox = Sandbox::new(None);
+    let run = sandbox.run(&[(
+        "STUB_TOPIC_ERROR",
+        "Invalid value 0 for configuration min.insync.replicas",
+    )]);
+    assert!(!run.ok, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("creating topic crypto-ticker failed: Error while executing topic command : Invalid value"),
+        "{run:?}"
+    );
+    assert_eq!(
+        topic_call(&sandbox.calls(), "crypto-ticker").len(),
+        1,
+        "retried an error that cannot pass"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_grafanas_password_follow_the_settings_on_the_next_run() {
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+    let first = run_async(&sandbox, &[]).await;
+    assert!(first.ok, "{first:?}");
+    let before = sandbox.changes().len();
+    let second = run_async(
+        &sandbox,
+        &[
+            ("TOPIC_RETENTION_MS", "3600000"),
+            ("GRAFANA_INFLUXDB_PASSWORD", "a-new-reader-pw"),
+        ],
+    )
+    .await;
+    assert!(second.ok, "{second:?}");
+    assert_eq!(
+        sandbox.changes()[before..],
+        [
+            "set the password of InfluxDB v1 user grafana",
+            "set retention.ms=3600000 on topic crypto-ticker",
+            "set retention.ms=3600000 on topic crypto-trades",
+            "set retention.ms=3600000 on topic crypto-ticker-dlq",
+        ]
+    );
+    assert!(
+        !sandbox
+            .calls()
+            .iter()
+            .any(|c| c.contains("a-new-reader-pw")),
+        "password on a command line"
+    );
+}
+
+/// Every secret set to a value of its own, as a public deployment must.
+const OWN_SECRETS: &str = "GRAFANA_ADMIN_PASSWORD=an-admin-secret\n\
+    INFLUXDB_TOKEN=a-long-operator-token\n\
+    INFLUXDB_PASSWORD=an-influx-secret\n\
+    GRAFANA_INFLUXDB_PASSWORD=a-reader-secret\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_exposure_is_refused_while_a_secret_is_a_default() {
+    let example = std::fs::read_to_string(repo(".env.example")).unwrap();
+    for (env, exposure) in [
+        ("", "GRAFANA_ANONYMOUS=true"),
+        ("", "GRAFANA_BIND_ADDRESS=0.0.0.0"),
+        (example.as_str(), "GRAFANA_ANONYMOUS=true"),
+        (example.as_str(), "BIND_ADDRESS=0.0.0.0"),
+    ] {
+        let sandbox = Sandbox::new(None);
+        sandbox.write_env(&format!("{env}\n{exposure}\n"));
+        let run = sandbox.run(&[]);
+        assert!(!run.ok, "{exposure} with defaults: {run:?}");
+        assert!(
+            run.stderr.contains(&format!(
+                "{exposure} opens the stack to others, but these are still development defaults: \
+                 GRAFANA_ADMIN_PASSWORD INFLUXDB_TOKEN INFLUXDB_PASSWORD GRAFANA_INFLUXDB_PASSWORD."
+            )),
+            "{run:?}"
+        );
+        assert!(sandbox.changes().is_empty(), "{:#?}", sandbox.changes());
+    }
+
+    // One default left is one too many.
+    let sandbox = Sandbox::new(None);
+    sandbox.write_env(&format!(
+        "{}GRAFANA_ADMIN_PASSWORD=admin\nGRAFANA_ANONYMOUS=true\n",
+        OWN_SECRETS
+    ));
+    let run = sandbox.run(&[("STUB_INFLUX_TOKEN", "a-long-operator-token")]);
+    assert!(!run.ok, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("still development defaults: GRAFANA_ADMIN_PASSWORD."),
+        "{run:?}"
+    );
+
+    // With secrets of its own, the public dashboard starts, on its own address and port.
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+    sandbox.write_env(&format!(
+        "{OWN_SECRETS}GRAFANA_ANONYMOUS=true\nGRAFANA_BIND_ADDRESS=0.0.0.0\nGRAFANA_PORT=8443\n"
+    ));
+    let run = run_async(&sandbox, &[("STUB_INFLUX_TOKEN", "a-long-operator-token")]).await;
+    assert!(run.ok, "{run:?}");
+    assert!(
+        run.stdout.contains(
+            "http://localhost:8443   dashboard \"candlestream: candles\"; log in as admin (anyone may view without logging in)"
+        ),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn a_password_influxdb_would_refuse_is_refused_first() {
+    for name in ["INFLUXDB_PASSWORD", "GRAFANA_INFLUXDB_PASSWORD"] {
+        let sandbox = Sandbox::new(None);
+        sandbox.write_env(&format!("{name}=short\n"));
+        let run = sandbox.run(&[]);
+        assert!(!run.ok, "{run:?}");
+        assert!(
+            run.stderr
+                .contains(&format!("{name} must have at least 8 characters")),
+            "{run:?}"
+        );
+        assert!(sandbox.changes().is_empty());
+    }
 }

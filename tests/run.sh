@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs the test dependencies if missing, checks the deployment files that
-# need no Docker engine, then runs every Rust test.
+# need no Docker engine, formatting and lints, then runs every Rust test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/install-deps.sh
@@ -14,4 +14,10 @@ shellcheck tests/*.sh benches/*.sh .ci/run
 docker-compose --env-file .env.example config -q
 docker-compose --env-file .env.example -f docker-compose.yml -f docker-compose.kafka-external.yml config -q
 echo "deployment files: shellcheck, dash -n and docker-compose config passed"
+# The habits of the field, kept by CI: rustfmt's default style and no clippy warning on any target.
+# clippy checks into target/check, which tests/dockerfile.rs's replay of the image build shares:
+# the dependencies are checked once for both.
+cargo fmt --check
+CARGO_TARGET_DIR=target/check cargo clippy --all-targets --locked -- -D warnings
+echo "cargo fmt --check and cargo clippy -D warnings passed"
 cargo test --locked "$@"

@@ -105,7 +105,9 @@ fn float_fields(out: &mut String, first: char, fields: &[(&str, f64)]) {
     }
 }
 
-fn escape(out: &mut String, text: &str, special: &[char]) {
+/// Appends `text` with line protocol's escapes: backslash, newline and the `special` characters
+/// of its position (measurement, tag, string field).
+pub fn escape(out: &mut String, text: &str, special: &[char]) {
     for c in text.chars() {
         match c {
             '\n' => out.push_str("\\n"),

@@ -1,7 +1,8 @@
 //! The fake exchange's trading: a ledger of every executed trade (whether or not anybody is
 //! subscribed), the trades channel's snapshot, `GET /v2/trades/{symbol}/hist` and
-//! `GET /v2/candles/trade:1m:{symbol}/hist` computed from the ledger, rate-limit refusals now and
-//! then, candle overrides for audit tests, and a background [`Trader`].
+//! `GET /v2/candles/trade:{TF}:{symbol}/hist` (1m to 1D) computed from the ledger, rate-limit
+//! refusals now and then, 1-minute candle overrides for audit and verify tests, a log of trade
+//! history requests, and a background [`Trader`].
 //!
 //! Values are exact decimals: prices are whole cents, amounts whole 1e-8 units, so every value
 //! prints and parses back to the same `f64`.
@@ -78,6 +79,18 @@ const AMOUNT_UNITS: [i64; 12] = [
     12_345_678,
 ];
 const MINUTE_MS: i64 = 60_000;
+/// Bitfinex's candle timeframes of fixed width, aligned to the epoch (UTC midnight).
+const TIMEFRAMES: [(&str, i64); 9] = [
+    ("1m", MINUTE_MS),
+    ("5m", 5 * MINUTE_MS),
+    ("15m", 15 * MINUTE_MS),
+    ("30m", 30 * MINUTE_MS),
+    ("1h", 60 * MINUTE_MS),
+    ("3h", 180 * MINUTE_MS),
+    ("6h", 360 * MINUTE_MS),
+    ("12h", 720 * MINUTE_MS),
+    ("1D", 1440 * MINUTE_MS),
+];
 pub const HIST_LIMIT_MAX: usize = 10_000;
 pub const TRADES_LIMIT_DEFAULT: usize = 125;
 pub const CANDLES_LIMIT_DEFAULT: usize = 100;
@@ -241,14 +254,14 @@ impl TradeBook {
             .collect()
     }
 
-    /// 1-minute candles `[MTS, OPEN, CLOSE, HIGH, LOW, VOLUME]` computed from the ledger, with
-    /// the overrides applied.
-    fn candles(&self, symbol: &str) -> BTreeMap<i64, [f64; 5]> {
+    /// Candles `[OPEN, CLOSE, HIGH, LOW, VOLUME]` of `width_ms` by start, computed from the
+    /// ledger; 1-minute ones with the overrides applied.
+    fn candles(&self, symbol: &str, width_ms: i64) -> BTreeMap<i64, [f64; 5]> {
         let mut mine: Vec<&Trade> = self.ledger.iter().filter(|t| t.symbol == symbol).collect();
         mine.sort_by_key(|t| t.key());
         let mut minutes: BTreeMap<i64, ([f64; 4], i64)> = BTreeMap::new();
         for t in mine {
-            let minute = t.mts - t.mts.rem_euclid(MINUTE_MS);
+            let minute = t.mts - t.mts.rem_euclid(width_ms);
             // Volume summed in whole 1e-8 units, so it is the exact decimal sum.
             let units = (t.amount.abs() * 1e8).round() as i64;
             let e = minutes
@@ -264,7 +277,7 @@ impl TradeBook {
             .map(|(m, (p, units))| (m, [p[0], p[1], p[2], p[3], units as f64 / 1e8]))
             .collect();
         for ((s, minute), row) in &self.overrides {
-            if s == symbol {
+            if s == symbol && width_ms == MINUTE_MS {
                 match row {
                     Some(row) => rows.insert(*minute, *row),
                     None => rows.remove(minute),
@@ -274,8 +287,8 @@ impl TradeBook {
         rows
     }
 
-    fn candles_hist(&self, symbol: &str, q: &HistQuery) -> Vec<Value> {
-        let rows = self.candles(symbol);
+    fn candles_hist(&self, symbol: &str, width_ms: i64, q: &HistQuery) -> Vec<Value> {
+        let rows = self.candles(symbol, width_ms);
         let mut rows: Vec<(i64, [f64; 5])> =
             rows.into_iter().filter(|(m, _)| q.contains(*m)).collect();
         if !q.oldest_first() {
@@ -297,6 +310,9 @@ impl TradeBook {
     }
 }
 
+/// (symbol, start, end) of one trades history request.
+type TradesQuery = (String, Option<i64>, Option<i64>);
+
 /// Trades settings and REST counters, outside the lock.
 pub(super) struct TradeSettings {
     snapshot_len: AtomicUsize,
@@ -306,6 +322,8 @@ pub(super) struct TradeSettings {
     hist_requests: AtomicU64,
     trades_requests: AtomicU64,
     candles_requests: AtomicU64,
+    /// (symbol, start, end) of every trades history request, in order.
+    trades_queries: std::sync::Mutex<Vec<TradesQuery>>,
     rate_limited: AtomicU64,
     te_frames: AtomicU64,
     tu_frames: AtomicU64,
@@ -322,6 +340,7 @@ impl Default for TradeSettings {
             hist_requests: AtomicU64::new(0),
             trades_requests: AtomicU64::new(0),
             candles_requests: AtomicU64::new(0),
+            trades_queries: std::sync::Mutex::new(Vec::new()),
             rate_limited: AtomicU64::new(0),
             te_frames: AtomicU64::new(0),
             tu_frames: AtomicU64::new(0),
@@ -492,7 +511,34 @@ impl FakeBitfinex {
     /// The 1-minute candles the endpoint would answer for `symbol`, overrides applied, by minute:
     /// `[open, close, high, low, volume]`.
     pub fn candles(&self, symbol: &str) -> BTreeMap<i64, [f64; 5]> {
-        self.inner.exchange.lock().unwrap().book.candles(symbol)
+        self.candles_of(symbol, MINUTE_MS)
+    }
+
+    /// Like [`FakeBitfinex::candles`] for candles of `width_ms` (1-minute overrides apply only to
+    /// 1-minute candles).
+    pub fn candles_of(&self, symbol: &str, width_ms: i64) -> BTreeMap<i64, [f64; 5]> {
+        self.inner
+            .exchange
+            .lock()
+            .unwrap()
+            .book
+            .candles(symbol, width_ms)
+    }
+
+    /// From now on the 1-minute candle of `symbol` at `minute_ms` reports `high` instead of its
+    /// own; the trades and every other candle stay as executed.
+    pub fn report_wrong_high(&self, symbol: &str, minute_ms: i64, high: f64) {
+        let minute = minute_ms - minute_ms.rem_euclid(MINUTE_MS);
+        let [open, close, _, low, volume] = *self
+            .candles(symbol)
+            .get(&minute)
+            .expect("a minute with trades");
+        self.override_candle(symbol, minute, Some([open, close, high, low, volume]));
+    }
+
+    /// (symbol, start, end) of every `/v2/trades/{symbol}/hist` request so far, in order.
+    pub fn trades_queries(&self) -> Vec<(String, Option<i64>, Option<i64>)> {
+        self.inner.trades.trades_queries.lock().unwrap().clone()
     }
 
     /// Numbers of `te` and `tu` frames sent over websocket so far.
@@ -535,6 +581,12 @@ pub(super) async fn trades_hist(
     Query(q): Query<HistQuery>,
 ) -> Response {
     inner.trades.trades_requests.fetch_add(1, Ordering::SeqCst);
+    inner
+        .trades
+        .trades_queries
+        .lock()
+        .unwrap()
+        .push((symbol.clone(), q.start, q.end));
     if let Some(refusal) = inner.trades.refuse() {
         return refusal;
     }
@@ -542,7 +594,7 @@ pub(super) async fn trades_hist(
     Json(Value::Array(rows)).into_response()
 }
 
-/// `GET /v2/candles/trade:1m:{symbol}/hist?start=&end=&limit=&sort=`
+/// `GET /v2/candles/trade:{TF}:{symbol}/hist?start=&end=&limit=&sort=`
 pub(super) async fn candles_hist(
     State(inner): State<Arc<Inner>>,
     Path(key): Path<String>,
@@ -552,8 +604,11 @@ pub(super) async fn candles_hist(
     if let Some(refusal) = inner.trades.refuse() {
         return refusal;
     }
-    let symbol = match key.split(':').collect::<Vec<_>>()[..] {
-        ["trade", "1m", symbol] if !symbol.is_empty() => symbol.to_string(),
+    let width = |tf: &str| TIMEFRAMES.iter().find(|(t, _)| *t == tf).map(|(_, w)| *w);
+    let (symbol, width_ms) = match key.split(':').collect::<Vec<_>>()[..] {
+        ["trade", tf, symbol] if !symbol.is_empty() && width(tf).is_some() => {
+            (symbol.to_string(), width(tf).unwrap())
+        }
         ["trade", _, _] => {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -574,7 +629,7 @@ pub(super) async fn candles_hist(
         .lock()
         .unwrap()
         .book
-        .candles_hist(&symbol, &q);
+        .candles_hist(&symbol, width_ms, &q);
     Json(Value::Array(rows)).into_response()
 }
 

@@ -3,6 +3,10 @@
 //!
 //! The distribution is found at `$CANDLESTREAM_KAFKA_HOME`, else `.test-deps/kafka` in the
 //! repository (`tests/install-deps.sh` puts it there).
+//!
+//! [`KafkaCluster::start_with_tls`] adds an SSL listener beside the PLAINTEXT one, with a broker
+//! certificate that [`TestCa`] signed: the shape of a managed cluster's TLS. Topic tooling and
+//! the test's own readers keep using PLAINTEXT; the clients under test use the SSL ports.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +21,14 @@ pub struct KafkaCluster {
     zk: Child,
     zk_port: u16,
     ports: Vec<u16>,
+    tls: Option<Tls>,
     brokers: Vec<Option<Child>>,
+}
+
+/// The SSL listener: one port per broker, and the keystore every broker serves from.
+struct Tls {
+    ports: Vec<u16>,
+    keystore: BrokerKeystore,
 }
 
 /// Settings every client of a 0.9 broker needs. They live here, not in production code: the
@@ -63,6 +74,17 @@ fn free_port() -> u16 {
 impl KafkaCluster {
     /// Starts ZooKeeper and `brokers` brokers and waits until all have registered.
     pub fn start(brokers: usize) -> Self {
+        Self::start_inner(brokers, None)
+    }
+
+    /// Like [`KafkaCluster::start`], each broker also listening for SSL on 127.0.0.1 with the
+    /// certificate in `keystore` (see [`KafkaCluster::ssl_bootstrap`]).
+    pub fn start_with_tls(brokers: usize, keystore: BrokerKeystore) -> Self {
+        let ports = (0..brokers).map(|_| free_port()).collect();
+        Self::start_inner(brokers, Some(Tls { ports, keystore }))
+    }
+
+    fn start_inner(brokers: usize, tls: Option<Tls>) -> Self {
         let home = kafka_home();
         let dir = tempfile::Builder::new()
             .prefix("kafka09-")
@@ -92,6 +114,7 @@ impl KafkaCluster {
             zk,
             zk_port,
             ports,
+            tls,
             brokers: Vec::new(),
         };
         cluster.wait_for_port(zk_port, Duration::from_secs(30));
@@ -113,23 +136,54 @@ impl KafkaCluster {
             .join(",")
     }
 
+    /// The SSL listeners' addresses; panics unless started with [`KafkaCluster::start_with_tls`].
+    pub fn ssl_bootstrap(&self) -> String {
+        let tls = self.tls.as_ref().expect("cluster started without TLS");
+        tls.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn zookeeper(&self) -> String {
         format!("127.0.0.1:{}", self.zk_port)
     }
 
     fn spawn_broker(&self, i: usize) -> Child {
         let conf = self.dir.path().join(format!("broker-{i}.properties"));
+        // Kafka 0.9's SSL settings (broker configs `listeners`, `ssl.*`); brokers replicate over
+        // PLAINTEXT, the default of `security.inter.broker.protocol`. TLS 1.2, said outright:
+        // 0.9's default list is TLSv1.2,TLSv1.1,TLSv1, and Java 17 refuses the older two.
+        let (listeners, ssl) = match &self.tls {
+            None => (
+                format!("PLAINTEXT://127.0.0.1:{}", self.ports[i]),
+                String::new(),
+            ),
+            Some(tls) => (
+                format!(
+                    "PLAINTEXT://127.0.0.1:{},SSL://127.0.0.1:{}",
+                    self.ports[i], tls.ports[i]
+                ),
+                format!(
+                    "ssl.keystore.type=PKCS12\nssl.keystore.location={}\n\
+                     ssl.keystore.password={pw}\nssl.key.password={pw}\n\
+                     ssl.enabled.protocols=TLSv1.2\nssl.protocol=TLSv1.2\n",
+                    tls.keystore.path.display(),
+                    pw = tls.keystore.password,
+                ),
+            ),
+        };
         std::fs::write(
             &conf,
             format!(
-                "broker.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{port}\n\
+                "broker.id={id}\nlisteners={listeners}\n{ssl}\
                  log.dirs={logs}\nzookeeper.connect=127.0.0.1:{zk}\nunclean.leader.election.enable=false\n\
                  auto.create.topics.enable=false\noffsets.topic.replication.factor={n}\n\
                  offsets.topic.num.partitions=3\ndefault.replication.factor={n}\n\
                  controlled.shutdown.enable=true\nlog.flush.interval.messages=1\n\
                  replica.lag.time.max.ms=5000\nzookeeper.session.timeout.ms=6000\n",
                 id = i + 1,
-                port = self.ports[i],
                 logs = self.dir.path().join(format!("data-{i}")).display(),
                 zk = self.zk_port,
                 n = self.ports.len().min(3),
@@ -275,6 +329,178 @@ impl Drop for KafkaCluster {
         let _ = self.zk.kill();
         let _ = self.zk.wait();
     }
+}
+
+/// A certificate authority made with Java's keytool, as the operator of a managed cluster runs
+/// one: clients trust its certificate (PEM, librdkafka's `ssl.ca.location`), brokers serve
+/// certificates it signed.
+pub struct TestCa {
+    dir: TempDir,
+    store: PathBuf,
+    password: String,
+}
+
+/// A broker's PKCS12 keystore: its key pair, with a certificate for 127.0.0.1 and the CA's chain.
+pub struct BrokerKeystore {
+    _dir: TempDir,
+    path: PathBuf,
+    password: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("test-ca-")
+            .tempdir()
+            .unwrap();
+        let store = dir.path().join("ca.p12");
+        // Generated per run: no key material or password lives in the repository.
+        let password = format!("{:016x}", rand::random::<u64>());
+        keytool(&[
+            "-genkeypair",
+            "-alias",
+            "ca",
+            "-dname",
+            &format!("CN={name}"),
+            "-ext",
+            "bc:c",
+            "-keystore",
+            &store.display().to_string(),
+            "-storepass",
+            &password,
+        ]);
+        keytool(&[
+            "-exportcert",
+            "-rfc",
+            "-alias",
+            "ca",
+            "-keystore",
+            &store.display().to_string(),
+            "-storepass",
+            &password,
+            "-file",
+            &dir.path().join("ca.pem").display().to_string(),
+        ]);
+        Self {
+            dir,
+            store,
+            password,
+        }
+    }
+
+    /// The CA's certificate as PEM.
+    pub fn cert_pem(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A key pair for a broker on 127.0.0.1 with a certificate this CA signed. The address is
+    /// in the certificate's subject alternative names, so clients that verify the broker's
+    /// hostname (librdkafka does by default) accept it.
+    pub fn broker_keystore(&self) -> BrokerKeystore {
+        let dir = tempfile::Builder::new()
+            .prefix("broker-keystore-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("broker.p12");
+        let (store, csr, crt) = (
+            path.display().to_string(),
+            dir.path().join("broker.csr").display().to_string(),
+            dir.path().join("broker.crt").display().to_string(),
+        );
+        let pw = self.password.as_str();
+        let ca_store = self.store.display().to_string();
+        let ca_pem = self.cert_pem().display().to_string();
+        keytool(&[
+            "-genkeypair",
+            "-alias",
+            "broker",
+            "-dname",
+            "CN=127.0.0.1",
+            "-keystore",
+            &store,
+            "-storepass",
+            pw,
+        ]);
+        keytool(&[
+            "-certreq",
+            "-alias",
+            "broker",
+            "-keystore",
+            &store,
+            "-storepass",
+            pw,
+            "-file",
+            &csr,
+        ]);
+        keytool(&[
+            "-gencert",
+            "-alias",
+            "ca",
+            "-keystore",
+            &ca_store,
+            "-storepass",
+            pw,
+            "-infile",
+            &csr,
+            "-outfile",
+            &crt,
+            "-rfc",
+            "-ext",
+            "SAN=ip:127.0.0.1",
+        ]);
+        // The chain first, so that the signed certificate can be attached to the key pair.
+        keytool(&[
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "ca",
+            "-file",
+            &ca_pem,
+            "-keystore",
+            &store,
+            "-storepass",
+            pw,
+        ]);
+        keytool(&[
+            "-importcert",
+            "-alias",
+            "broker",
+            "-file",
+            &crt,
+            "-keystore",
+            &store,
+            "-storepass",
+            pw,
+        ]);
+        BrokerKeystore {
+            _dir: dir,
+            path,
+            password: self.password.clone(),
+        }
+    }
+}
+
+/// Runs Java's keytool with RSA 2048 keys valid for two days in PKCS12 stores (the defaults
+/// differ between Java versions; these are what a 0.9 broker on Java 17 and OpenSSL 3 accept).
+fn keytool(args: &[&str]) {
+    let mut cmd = Command::new("keytool");
+    // Each call starts a JVM: the brokers' quick JIT tier and serial collector suit it too.
+    cmd.args(["-J-XX:TieredStopAtLevel=1", "-J-XX:+UseSerialGC"])
+        .args(args);
+    if args[0] == "-genkeypair" {
+        cmd.args(["-keyalg", "RSA", "-keysize", "2048", "-storetype", "PKCS12"]);
+    }
+    if matches!(args[0], "-genkeypair" | "-gencert") {
+        cmd.args(["-validity", "2"]);
+    }
+    let out = cmd.output().expect("keytool (Java) on PATH");
+    assert!(
+        out.status.success(),
+        "keytool {}: {}{}",
+        args[0],
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Kafka 0.9's scripts pass GC-logging flags Java 9+ rejects; blank them, keep heaps small.

@@ -49,6 +49,11 @@ impl Rig {
         let cluster = tokio::task::spawn_blocking(|| KafkaCluster::start(3))
             .await
             .unwrap();
+        Self::on_cluster(cluster, registry).await
+    }
+
+    /// The rig on a 3-broker cluster the test started itself (with TLS, say).
+    pub async fn on_cluster(cluster: KafkaCluster, registry: FakeRegistry) -> Self {
         let topic = unique("ticks");
         cluster.create_topic(&topic, 3, 3, 2);
         cluster.create_topic(&format!("{topic}-trades"), 3, 3, 2);

@@ -221,16 +221,17 @@ impl RestClient {
         Ok(rows.iter().map(|r| TradeValues::from_raw(r)).collect())
     }
 
-    /// Bitfinex's own 1-minute trade candles of `symbol` starting in `[start_ms, end_ms]`,
-    /// oldest first; minutes without trades have none.
-    pub async fn candles_1m(
+    /// Bitfinex's own trade candles of `symbol` of width `timeframe` ("1m", "1h", "1D", …)
+    /// starting in `[start_ms, end_ms]`, oldest first; windows without trades have none.
+    pub async fn candles(
         &self,
         symbol: &str,
+        timeframe: &str,
         start_ms: i64,
         end_ms: i64,
         limit: usize,
     ) -> Result<Vec<CandleValues>, ExchangeError> {
-        let path = format!("/v2/candles/trade:1m:{symbol}/hist");
+        let path = format!("/v2/candles/trade:{timeframe}:{symbol}/hist");
         let rows = self
             .history(Endpoint::Candles, &path, &window(start_ms, end_ms, limit))
             .await?;

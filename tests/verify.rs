@@ -1,0 +1,409 @@
+//! `candlestream verify` on real parts: the fake exchange's history and live trades → producer →
+//! Kafka 0.9 (3 brokers) → consumer → InfluxDB 1.6.7, with the verifier binary checking the
+//! candles against the fake's own. One rig, four scenarios in turn:
+//! - clean run: every closed 1m and 1h candle is `equal`; SIGTERM exits 0 at once;
+//! - loss: two minutes deleted from InfluxDB end `repaired`, and InfluxDB equals the ledger;
+//! - exchange-side difference: a wrong HIGH reported for one minute is `differs` naming HIGH,
+//!   fetched `max_repairs` times and no more, and nothing else changes;
+//! - outage: InfluxDB down across a minute's close gives no verdict while down, no
+//!   `missing_here`, and the minute is `equal` once it is back.
+
+// The cluster lock is held across awaits on purpose: one cluster at a time.
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use support::fake_trades::Trader;
+use support::pipeline::{start, start_consumer};
+use support::rig::{CLUSTER, Rig, free_port};
+use support::{Process, SYMBOLS, eventually_async, now_ms, settings_toml};
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 3_600_000;
+const GRACE: Duration = Duration::from_secs(2);
+const MAX_REPAIRS: usize = 3;
+const WAIT: Duration = Duration::from_secs(90);
+
+/// (symbol, timeframe, candle start) → the check's columns.
+type Checks = BTreeMap<(String, String, i64), Map<String, Value>>;
+
+async fn checks(rig: &Rig) -> Checks {
+    rig.influx
+        .rows(&rig.db, "SELECT * FROM candle_checks")
+        .await
+        .into_iter()
+        .map(|r| {
+            let key = (
+                r["symbol"].as_str().unwrap().to_string(),
+                r["timeframe"].as_str().unwrap().to_string(),
+                r["time"].as_i64().unwrap(),
+            );
+            (key, r)
+        })
+        .collect()
+}
+
+fn status(checks: &Checks, symbol: &str, timeframe: &str, start: i64) -> Option<String> {
+    checks
+        .get(&(symbol.to_string(), timeframe.to_string(), start))
+        .map(|r| r["status"].as_str().unwrap().to_string())
+}
+
+/// Candles of the ledger that closed at least the grace period ago, as the verifier must see them.
+fn closed_candles(rig: &Rig, width: i64) -> Vec<(String, i64)> {
+    let closed_by = now_ms() - GRACE.as_millis() as i64;
+    SYMBOLS
+        .iter()
+        .flat_map(|s| {
+            rig.exchange
+                .candles_of(s, width)
+                .into_keys()
+                .filter(|start| start + width <= closed_by)
+                .map(|start| (s.to_string(), start))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The verifier's /metrics: the sum of the samples of `name` whose labels contain every one of
+/// `labels`.
+async fn metric(port: u16, name: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Equal within the comparison's relative 1e-9: InfluxDB adds the amounts in another order.
+fn assert_same_volume(row: &Map<String, Value>) {
+    let (ours, theirs) = (
+        row["volume"].as_f64().unwrap(),
+        row["ex_volume"].as_f64().unwrap(),
+    );
+    assert!((ours - theirs).abs() <= 1e-9 * theirs, "{row:?}");
+}
+
+fn rest_requests(rig: &Rig) -> u64 {
+    rig.exchange.rest_requests_by("candles") + rig.exchange.rest_requests_by("trades")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_checks_heals_and_rides_out_an_influx_outage() {
+    let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = Rig::new().await;
+    // History over the last 110 minutes, up to the last closed minute.
+    let t0 = now_ms();
+    let last_closed = t0.div_euclid(MINUTE) * MINUTE - 1;
+    for s in SYMBOLS {
+        rig.exchange
+            .preload_history(s, t0 - 110 * MINUTE, last_closed, 300);
+    }
+    // After an outage the consumer waits out its backoff before writing again: the window in
+    // which a verifier that judged what it could read would see the last minute missing.
+    let mut consumer_settings = rig.settings.clone();
+    consumer_settings.consumer.retry_backoff_max = Duration::from_secs(10);
+    let consumer = start_consumer(consumer_settings, 1);
+    let producer = start(rig.producer_settings());
+    let history = rig.exchange.ledger().len();
+    eventually_async("the backfilled history stored", WAIT, || async {
+        rig.influx.count_trades(&rig.db).await >= history
+    })
+    .await;
+
+    let port = free_port();
+    let mut s = rig.settings.clone();
+    s.http.listen = ([127, 0, 0, 1], port).into();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        settings_toml(&s)
+            + &format!(
+                "[verify]\ninterval = \"1s\"\ngrace = \"{}ms\"\nlookback = \"2h\"\n\
+                 timeframes = [\"1m\", \"1h\", \"1D\"]\nmax_repairs = {MAX_REPAIRS}\n\
+                 rest_trades_per_minute = 6000\nrest_candles_per_minute = 6000\n",
+                GRACE.as_millis()
+            ),
+    )
+    .unwrap();
+
+    // Clean run.
+    let requests_before = rest_requests(&rig);
+    let mut verifier = Process::spawn("verify", config.path());
+    let (minutes, hours) = (closed_candles(&rig, MINUTE), closed_candles(&rig, HOUR));
+    assert!(!hours.is_empty(), "110 minutes span a closed hour");
+    eventually_async("every closed candle checked", WAIT, || async {
+        let c = checks(&rig).await;
+        minutes
+            .iter()
+            .all(|(s, m)| status(&c, s, "1m", *m).is_some())
+            && hours.iter().all(|(s, h)| status(&c, s, "1h", *h).is_some())
+    })
+    .await;
+    let clean = checks(&rig).await;
+    for ((symbol, timeframe, start), row) in &clean {
+        assert_eq!(
+            row["status"], "equal",
+            "{symbol} {timeframe} {start}: {row:?}"
+        );
+        assert_eq!(row["detail"], "");
+        for field in ["open", "high", "low", "close"] {
+            assert_eq!(row[field], row[&format!("ex_{field}")], "{row:?}");
+        }
+        assert_same_volume(row);
+    }
+    let in_1m = clean.keys().filter(|k| k.1 == "1m").count();
+    assert_eq!(
+        in_1m,
+        minutes.len(),
+        "a point per minute with trades, no more"
+    );
+    let clean_requests = rest_requests(&rig) - requests_before;
+    let stopping = Instant::now();
+    let exit = verifier.terminate();
+    let stopped_in = stopping.elapsed();
+    assert!(exit.success(), "SIGTERM exits 0: {exit:?}");
+    assert!(stopped_in < Duration::from_secs(5), "{stopped_in:?}");
+    crate::report!(
+        "VERIFY | clean run | 1m checked {in_1m} | 1h checked {} | all equal | REST requests {clean_requests} | SIGTERM → exit 0 in {:.2}s",
+        clean.len() - in_1m,
+        stopped_in.as_secs_f64()
+    );
+
+    // Loss: two consecutive minutes of tBTCUSD, inside a closed hour, deleted from InfluxDB.
+    let btc = rig.exchange.candles("tBTCUSD");
+    let (_, lost_hour) = hours.iter().rev().find(|(s, _)| s == "tBTCUSD").unwrap();
+    let lost_hour = *lost_hour;
+    let lost = *btc
+        .keys()
+        .find(|m| {
+            **m >= lost_hour + 10 * MINUTE
+                && **m + 2 * MINUTE <= lost_hour + HOUR
+                && btc.contains_key(&(**m + MINUTE))
+        })
+        .unwrap();
+    let lost_trades = rig
+        .exchange
+        .ledger()
+        .iter()
+        .filter(|t| t.symbol == "tBTCUSD" && (lost..lost + 2 * MINUTE).contains(&t.mts))
+        .count();
+    rig.influx
+        .query(
+            &rig.db,
+            &format!(
+                "DELETE FROM trades WHERE \"symbol\" = 'tBTCUSD' AND time >= {lost}ms AND time < {}ms",
+                lost + 2 * MINUTE
+            ),
+        )
+        .await;
+    assert_eq!(
+        rig.influx.count_trades(&rig.db).await,
+        history - lost_trades,
+        "{lost_trades} trades deleted"
+    );
+    // Exchange-side difference: a wrong HIGH for one minute of tETHUSD.
+    let eth = rig.exchange.candles("tETHUSD");
+    let (&wrong, row) = eth.iter().nth(eth.len() / 2).unwrap();
+    let true_high = row[2];
+    rig.exchange
+        .report_wrong_high("tETHUSD", wrong, true_high + 1.5);
+
+    let queries_before = rig.exchange.trades_queries().len();
+    let requests_before = rest_requests(&rig);
+    let _verifier = Process::spawn("verify", config.path());
+    eventually_async("both lost minutes repaired", WAIT, || async {
+        let c = checks(&rig).await;
+        [lost, lost + MINUTE]
+            .iter()
+            .all(|m| status(&c, "tBTCUSD", "1m", *m).as_deref() == Some("repaired"))
+    })
+    .await;
+    let ethereum = [
+        "symbol=\"tETHUSD\"",
+        "timeframe=\"1m\"",
+        "status=\"differs\"",
+    ];
+    eventually_async("the wrong HIGH given up on", WAIT, || async {
+        metric(port, "candlestream_candles_checked_total", &ethereum).await
+            >= (MAX_REPAIRS + 1) as f64
+    })
+    .await;
+    eventually_async("the hour of the lost minutes repaired", WAIT, || async {
+        status(&checks(&rig).await, "tBTCUSD", "1h", lost_hour).as_deref() == Some("repaired")
+    })
+    .await;
+    // A few more passes: nothing is fetched again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = checks(&rig).await;
+    let differs = &after[&("tETHUSD".to_string(), "1m".to_string(), wrong)];
+    assert_eq!(differs["status"], "differs");
+    let detail = differs["detail"].as_str().unwrap();
+    assert!(detail.starts_with("high ours "), "{detail}");
+    assert!(
+        detail.contains(&format!("theirs {}", true_high + 1.5)),
+        "{detail}"
+    );
+    assert_eq!(differs["ex_high"].as_f64(), Some(true_high + 1.5));
+    assert_eq!(differs["high"].as_f64(), Some(true_high));
+    let fetches = |symbol: &str, from: i64, until: i64| {
+        rig.exchange.trades_queries()[queries_before..]
+            .iter()
+            .filter(|(s, start, end)| {
+                s == symbol && *start == Some(from) && *end == Some(until - 1)
+            })
+            .count()
+    };
+    assert_eq!(
+        fetches("tETHUSD", wrong, wrong + MINUTE),
+        MAX_REPAIRS,
+        "the differing minute is fetched max_repairs times, then left alone"
+    );
+    assert_eq!(
+        fetches("tBTCUSD", lost, lost + 2 * MINUTE),
+        1,
+        "the two lost minutes are one range request"
+    );
+    assert_eq!(
+        rig.exchange.trades_queries().len() - queries_before,
+        MAX_REPAIRS + 1,
+        "no other trades were fetched"
+    );
+    for (key, row) in &after {
+        let healed = key.0 == "tBTCUSD"
+            && ((key.1 == "1m" && (key.2 == lost || key.2 == lost + MINUTE))
+                || (key.1 == "1h" && key.2 == lost_hour));
+        let forged = key.0 == "tETHUSD" && key.1 == "1m" && key.2 == wrong;
+        match clean.get(key) {
+            Some(before) if !healed && !forged => assert_eq!(row, before, "{key:?} changed"),
+            // A candle that closed since the clean run.
+            None => assert_eq!(row["status"], "equal", "{key:?}"),
+            _ => {}
+        }
+    }
+    for m in [lost, lost + MINUTE] {
+        let row = &after[&("tBTCUSD".to_string(), "1m".to_string(), m)];
+        assert_same_volume(row);
+        assert_eq!(row["detail"], "");
+    }
+    rig.assert_trades_exact(
+        "verify: two minutes of trades deleted from InfluxDB, healed from REST through Kafka",
+        None,
+    )
+    .await;
+    assert_eq!(
+        metric(port, "candlestream_candles_repaired_total", &["tBTCUSD"]).await,
+        2.0
+    );
+    let ratio = metric(port, "candlestream_candles_verified_ratio", &["tETHUSD"]).await;
+    let eth_minutes = minutes.iter().filter(|(s, _)| s == "tETHUSD").count() as f64;
+    assert!(
+        (ratio - (eth_minutes - 1.0) / eth_minutes).abs() < 1e-9,
+        "{ratio}"
+    );
+    let heal_requests = rest_requests(&rig) - requests_before;
+
+    // Outage: InfluxDB down from 10 s before a minute closes until 5 s after.
+    let to_next = MINUTE - now_ms().rem_euclid(MINUTE);
+    let lead = (to_next - 10_000).rem_euclid(MINUTE);
+    tokio::time::sleep(Duration::from_millis(lead as u64)).await;
+    let trader = Trader::start(&rig.exchange, &SYMBOLS, 1, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let outage_minute = now_ms().div_euclid(MINUTE) * MINUTE;
+    let missing_before = metric(
+        port,
+        "candlestream_candles_checked_total",
+        &["missing_here"],
+    )
+    .await;
+    let differs_before = metric(port, "candlestream_candles_checked_total", &["differs"]).await;
+    let requests_before = rest_requests(&rig);
+    rig.influx.stop();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    rig.influx.start_again();
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let live = trader.stop().await;
+    assert!(live > 0);
+    eventually_async(
+        "the minute that closed during the outage checked",
+        WAIT,
+        || async {
+            let c = checks(&rig).await;
+            SYMBOLS
+                .iter()
+                .all(|s| status(&c, s, "1m", outage_minute).is_some())
+        },
+    )
+    .await;
+    let caught_up = back.elapsed();
+    let c = checks(&rig).await;
+    for s in SYMBOLS {
+        assert_eq!(
+            status(&c, s, "1m", outage_minute).as_deref(),
+            Some("equal"),
+            "{s}: the minute of the outage"
+        );
+    }
+    for ((symbol, timeframe, start), row) in &c {
+        if *start >= outage_minute {
+            assert_eq!(row["status"], "equal", "{symbol} {timeframe} {start}");
+        }
+    }
+    assert_eq!(
+        metric(
+            port,
+            "candlestream_candles_checked_total",
+            &["missing_here"]
+        )
+        .await,
+        missing_before,
+        "no missing_here while InfluxDB was down or catching up"
+    );
+    assert_eq!(
+        metric(port, "candlestream_candles_checked_total", &["differs"]).await,
+        differs_before
+    );
+    let lag = metric(port, "candlestream_verify_lag_seconds", &[]).await;
+    assert!(lag <= 60.0 + GRACE.as_secs_f64() + 5.0, "lag {lag}s");
+    rig.assert_trades_exact(
+        "verify: InfluxDB down 15 s across a minute's close while trading",
+        Some(caught_up),
+    )
+    .await;
+    let outage_requests = rest_requests(&rig) - requests_before;
+
+    let all = checks(&rig).await;
+    let one_minute: Vec<&Map<String, Value>> = all
+        .iter()
+        .filter(|(k, _)| k.1 == "1m")
+        .map(|(_, r)| r)
+        .collect();
+    let count = |s: &str| one_minute.iter().filter(|r| r["status"] == s).count();
+    crate::report!(
+        "VERIFY | one run | 1m checked {} | equal {} | repaired {} | differs {} | missing_here {} | missing_there {} | REST requests: clean {clean_requests}, heal {heal_requests}, outage {outage_requests} | caught up {:.1}s after InfluxDB returned",
+        one_minute.len(),
+        count("equal"),
+        count("repaired"),
+        count("differs"),
+        count("missing_here"),
+        count("missing_there"),
+        caught_up.as_secs_f64()
+    );
+    assert_eq!(
+        (count("repaired"), count("differs"), count("missing_here")),
+        (2, 1, 0)
+    );
+    producer.stop().await;
+    consumer.stop().await;
+}

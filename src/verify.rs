@@ -54,13 +54,6 @@ pub enum VerifyError {
     Http(#[from] std::io::Error),
 }
 
-impl VerifyError {
-    /// Only setup fails the verifier; faults during passes are held and retried.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
-}
-
 /// Why one symbol's timeframe got no verdicts this pass; the next pass tries again.
 #[derive(Debug, thiserror::Error)]
 enum PassError {

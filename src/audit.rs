@@ -16,13 +16,13 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{InfluxApi, InfluxConfig, Settings, Timeframe};
+use crate::config::{InfluxConfig, Settings, Timeframe};
+use crate::exchange::bitfinex::rest::PAGE;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::model::Candle;
+use crate::sink::influx::InfluxConnection;
 
 const MINUTE_MS: i64 = 60_000;
-/// Bitfinex's maximum rows per candle or trade history call: ask for ranges, not candles.
-pub(crate) const HISTORY_PAGE: usize = 10_000;
 const VOLUME_TOLERANCE: f64 = 1e-9;
 /// Differences listed per symbol; the counts cover all of them.
 const SHOWN_DIFFERENCES: usize = 5;
@@ -33,14 +33,6 @@ pub enum AuditError {
     Influx(String),
     #[error("Bitfinex candles unavailable: {0}")]
     Exchange(#[from] ExchangeError),
-}
-
-impl AuditError {
-    /// The audit is run by a person; nothing is retried beyond the REST client's rate-limit
-    /// backoff.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
 }
 
 /// One field that differs in one minute.
@@ -183,7 +175,7 @@ pub struct Stored {
 /// The candles of width `timeframe` starting in `[start, end)` that InfluxDB computes from the
 /// stored trades, as the dashboard's query does (plus the count of trades behind each).
 pub async fn stored_candles(
-    http: &reqwest::Client,
+    influx: &InfluxConnection,
     cfg: &InfluxConfig,
     symbol: &str,
     timeframe: Timeframe,
@@ -198,43 +190,7 @@ pub async fn stored_candles(
         symbol = symbol.replace('\'', "\\'"),
         width = timeframe.influxql(),
     );
-    // InfluxDB 2.x answers InfluxQL on its v1-compatible /query, with the bucket as database.
-    let db = match cfg.api {
-        InfluxApi::V1 => &cfg.database,
-        InfluxApi::V2 => &cfg.bucket,
-    };
-    let mut req = http
-        .get(format!("{}/query", cfg.url.trim_end_matches('/')))
-        .query(&[("db", db.as_str()), ("q", &q), ("epoch", "ms")]);
-    match cfg.api {
-        InfluxApi::V1 => {
-            if let Some(user) = &cfg.username {
-                req = req.basic_auth(user, cfg.password.as_ref());
-            }
-        }
-        InfluxApi::V2 => {
-            req = req.header(
-                reqwest::header::AUTHORIZATION,
-                format!("Token {}", cfg.token.as_deref().unwrap_or_default()),
-            )
-        }
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| AuditError::Influx(e.to_string()))?;
-    let status = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .map_err(|e| AuditError::Influx(format!("HTTP {status}: {e}")))?;
-    if !status.is_success() {
-        return Err(AuditError::Influx(format!("HTTP {status}: {body}")));
-    }
-    let result = &body["results"][0];
-    if let Some(e) = result["error"].as_str() {
-        return Err(AuditError::Influx(e.to_string()));
-    }
+    let result = influx.query(&q).await.map_err(AuditError::Influx)?;
     let mut candles = Vec::new();
     for series in result["series"].as_array().into_iter().flatten() {
         let columns: Vec<&str> = series["columns"]
@@ -299,9 +255,9 @@ pub async fn exchange_candles(
     let mut from = start;
     while from < end {
         let page = rest
-            .candles(symbol, timeframe.label(), from, end - 1, HISTORY_PAGE)
+            .candles(symbol, timeframe.label(), from, end - 1, PAGE)
             .await?;
-        let full = page.len() >= HISTORY_PAGE;
+        let full = page.len() >= PAGE;
         out.extend(
             page.into_iter()
                 .filter(|c| c.mts >= from && c.mts < end)
@@ -328,20 +284,19 @@ pub async fn run(
     symbols: &[String],
     since: Duration,
 ) -> Result<Vec<SymbolReport>, AuditError> {
-    let http = reqwest::Client::builder()
-        .timeout(settings.influx.timeout)
-        .build()
-        .map_err(|e| AuditError::Influx(e.to_string()))?;
+    let influx =
+        InfluxConnection::new(&settings.influx).map_err(|e| AuditError::Influx(e.to_string()))?;
     let rest = RestClient::new(&settings.bitfinex, CancellationToken::new())?;
     let (start, end) = window(crate::model::now_ms(), since);
     let mut reports = Vec::new();
     for symbol in symbols {
         let minute = Timeframe::ONE_MINUTE;
-        let ours: Vec<Candle> = stored_candles(&http, &settings.influx, symbol, minute, start, end)
-            .await?
-            .into_iter()
-            .map(|s| s.candle)
-            .collect();
+        let ours: Vec<Candle> =
+            stored_candles(&influx, &settings.influx, symbol, minute, start, end)
+                .await?
+                .into_iter()
+                .map(|s| s.candle)
+                .collect();
         let theirs = exchange_candles(&rest, symbol, minute, start, end).await?;
         reports.push(compare(symbol, &ours, &theirs));
     }

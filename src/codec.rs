@@ -10,7 +10,7 @@ use schema_registry_converter::schema_registry_common::{
 
 use serde::de::DeserializeOwned;
 
-use crate::config::{KafkaConfig, SchemaRegistryConfig};
+use crate::config::{KafkaConfig, SchemaRegistryConfig, Secret};
 use crate::model::{Record, RecordKind, Tick, Trade};
 
 /// The ticker schema, as shipped in schemas/ and registered by avro_schema.sh.
@@ -83,7 +83,7 @@ pub fn sr_settings(cfg: &SchemaRegistryConfig) -> Result<SrSettings, CodecError>
     let mut builder = SrSettings::new_builder(cfg.url.clone());
     builder.set_timeout(cfg.timeout);
     if let Some(user) = &cfg.username {
-        builder.set_basic_authorization(user, cfg.password.as_deref());
+        builder.set_basic_authorization(user, cfg.password.as_ref().map(Secret::expose));
     }
     builder.build().map_err(registry_error)
 }
@@ -196,7 +196,7 @@ impl Decoder {
             self.cfg.url.trim_end_matches('/')
         ));
         if let Some(user) = &self.cfg.username {
-            request = request.basic_auth(user, self.cfg.password.as_ref());
+            request = request.basic_auth(user, self.cfg.password.as_ref().map(Secret::expose));
         }
         let unavailable = |answer: String| {
             CodecError::RegistryUnavailable(format!(

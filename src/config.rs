@@ -8,8 +8,69 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::RecordKind;
+use crate::retry::Backoff;
 
 pub const ENV_PREFIX: &str = "CANDLESTREAM";
+
+/// A credential. `Debug` and `Display` print `<redacted>`, so a secret never reaches a log line
+/// or an error message; [`Secret::expose`] hands the value to the one call that sends it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// librdkafka properties that carry credentials (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, …).
+fn is_secret_property(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.starts_with("sasl.")
+}
+
+/// A pass-through table as `Debug` shows it: credentials redacted.
+struct RedactedProperties<'a>(&'a BTreeMap<String, String>);
+
+impl std::fmt::Debug for RedactedProperties<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -17,13 +78,6 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
-}
-
-impl ConfigError {
-    /// A bad configuration stays bad until a person fixes it.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -61,10 +115,21 @@ pub struct BitfinexConfig {
     pub rest_poll_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
+    /// Websocket reconnects.
     #[serde(with = "humantime_serde")]
     pub reconnect_backoff_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_backoff_max: Duration,
+    /// REST requests Bitfinex rate-limited, and REST polls that failed.
+    #[serde(with = "humantime_serde")]
+    pub rest_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub rest_backoff_max: Duration,
+    /// Repairs of trade gaps from REST history.
+    #[serde(with = "humantime_serde")]
+    pub repair_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub repair_backoff_max: Duration,
     pub channels_per_connection: usize,
     pub connections_per_minute: usize,
     #[serde(with = "humantime_serde")]
@@ -78,6 +143,20 @@ pub struct BitfinexConfig {
     pub rest_tickers_per_minute: u32,
     pub rest_trades_per_minute: u32,
     pub rest_candles_per_minute: u32,
+}
+
+impl BitfinexConfig {
+    pub fn reconnect_backoff(&self) -> Backoff {
+        Backoff::new(self.reconnect_backoff_min, self.reconnect_backoff_max)
+    }
+
+    pub fn rest_backoff(&self) -> Backoff {
+        Backoff::new(self.rest_backoff_min, self.rest_backoff_max)
+    }
+
+    pub fn repair_backoff(&self) -> Backoff {
+        Backoff::new(self.repair_backoff_min, self.repair_backoff_max)
+    }
 }
 
 impl Default for BitfinexConfig {
@@ -95,6 +174,10 @@ impl Default for BitfinexConfig {
             heartbeat_timeout: Duration::from_secs(20),
             reconnect_backoff_min: Duration::from_millis(500),
             reconnect_backoff_max: Duration::from_secs(30),
+            rest_backoff_min: Duration::from_millis(500),
+            rest_backoff_max: Duration::from_secs(30),
+            repair_backoff_min: Duration::from_millis(500),
+            repair_backoff_max: Duration::from_secs(30),
             channels_per_connection: 25,
             connections_per_minute: 20,
             request_timeout: Duration::from_secs(10),
@@ -107,7 +190,7 @@ impl Default for BitfinexConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -137,6 +220,23 @@ impl Default for KafkaConfig {
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
         }
+    }
+}
+
+/// Hand-written so that SASL and TLS passwords in the pass-through tables never reach a log line.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("trades_topic", &self.trades_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("group_id", &self.group_id)
+            .field("assignment_strategy", &self.assignment_strategy)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("producer", &RedactedProperties(&self.producer))
+            .field("consumer", &RedactedProperties(&self.consumer))
+            .finish()
     }
 }
 
@@ -190,7 +290,7 @@ impl OffsetReset {
 pub struct SchemaRegistryConfig {
     pub url: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -260,7 +360,7 @@ pub enum InfluxApi {
     V1,
 }
 
-#[derive(Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InfluxConfig {
     pub api: InfluxApi,
@@ -269,11 +369,11 @@ pub struct InfluxConfig {
     pub org: String,
     pub bucket: String,
     /// v2: API token. Set it through CANDLESTREAM__INFLUX__TOKEN, never in a committed file.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// v1: database, with optional credentials.
     pub database: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub measurement: String,
     /// Measurement of the trades (tags symbol and side; fields id, price, amount).
     pub trades_measurement: String,
@@ -317,24 +417,63 @@ impl InfluxConfig {
     }
 }
 
-/// Hand-written so that secrets never reach a log line.
-impl std::fmt::Debug for InfluxConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InfluxConfig")
-            .field("api", &self.api)
-            .field("url", &self.url)
-            .field("org", &self.org)
-            .field("bucket", &self.bucket)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("database", &self.database)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("measurement", &self.measurement)
-            .field("trades_measurement", &self.trades_measurement)
-            .field("batch_size", &self.batch_size)
-            .field("flush_interval", &self.flush_interval)
-            .field("timeout", &self.timeout)
-            .finish()
+/// Where points go and with which credentials, checked for the API in use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InfluxTarget {
+    V1 {
+        database: String,
+        /// Basic auth: user and optional password.
+        auth: Option<(String, Option<Secret>)>,
+    },
+    V2 {
+        org: String,
+        bucket: String,
+        token: Secret,
+    },
+}
+
+impl InfluxConfig {
+    /// The settings of the API in use, or which key is missing. The roles that talk to
+    /// InfluxDB call it at start; the producer does not need an InfluxDB section.
+    pub fn target(&self) -> Result<InfluxTarget, ConfigError> {
+        let base = self.url.trim_end_matches('/');
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(ConfigError::Invalid(format!(
+                "influx.url {:?} is not an http(s) URL",
+                self.url
+            )));
+        }
+        let missing = |what: &str| Err(ConfigError::Invalid(what.into()));
+        match self.api {
+            InfluxApi::V1 if self.database.is_empty() => {
+                missing("influx.database must be set with influx.api = \"v1\"")
+            }
+            InfluxApi::V1 => Ok(InfluxTarget::V1 {
+                database: self.database.clone(),
+                auth: self
+                    .username
+                    .clone()
+                    .filter(|u| !u.is_empty())
+                    .map(|u| (u, self.password.clone())),
+            }),
+            InfluxApi::V2 => {
+                let Some(token) = self.token.clone().filter(|t| !t.expose().is_empty()) else {
+                    return missing(
+                        "influx.token must be set with influx.api = \"v2\": set CANDLESTREAM__INFLUX__TOKEN",
+                    );
+                };
+                if self.org.is_empty() || self.bucket.is_empty() {
+                    return missing(
+                        "influx.org and influx.bucket must be set with influx.api = \"v2\"",
+                    );
+                }
+                Ok(InfluxTarget::V2 {
+                    org: self.org.clone(),
+                    bucket: self.bucket.clone(),
+                    token,
+                })
+            }
+        }
     }
 }
 
@@ -669,7 +808,10 @@ mod tests {
             s.kafka.producer.get("linger_ms").map(String::as_str),
             Some("5")
         );
-        assert_eq!(s.schema_registry.password.as_deref(), Some("true"));
+        assert_eq!(
+            s.schema_registry.password.as_ref().map(Secret::expose),
+            Some("true")
+        );
         assert_eq!(s.http.listen.port(), 0);
     }
 
@@ -704,6 +846,73 @@ mod tests {
             let r = Settings::load_with_env(None, env(&[(k, v)]));
             assert!(r.is_err(), "{k}={v} should be rejected");
         }
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let mut s = Settings::load_with_env(
+            None,
+            env(&[
+                ("CANDLESTREAM__INFLUX__TOKEN", "tok-123"),
+                ("CANDLESTREAM__INFLUX__PASSWORD", "pw-influx"),
+                ("CANDLESTREAM__SCHEMA_REGISTRY__PASSWORD", "pw-registry"),
+            ]),
+        )
+        .unwrap();
+        for (k, v) in [
+            ("sasl.password", "pw-sasl"),
+            ("sasl.username", "user-sasl"),
+            ("ssl.key.password", "pw-key"),
+            ("linger.ms", "7"),
+        ] {
+            s.kafka.producer.insert(k.into(), v.into());
+            s.kafka.consumer.insert(k.into(), v.into());
+        }
+        let shown = format!("{s:?} {}", s.influx.token.as_ref().unwrap());
+        for secret in [
+            "tok-123",
+            "pw-influx",
+            "pw-registry",
+            "pw-sasl",
+            "pw-key",
+            "user-sasl",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("\"linger.ms\": \"7\""), "{shown}");
+        assert_eq!(s.influx.token.as_ref().map(Secret::expose), Some("tok-123"));
+    }
+
+    #[test]
+    fn influx_target_names_the_missing_key() {
+        let v2 = InfluxConfig::default();
+        let e = v2.target().unwrap_err().to_string();
+        assert!(
+            e.contains("influx.token") && e.contains("CANDLESTREAM__INFLUX__TOKEN"),
+            "{e}"
+        );
+        let v2 = InfluxConfig {
+            token: Some("t".into()),
+            ..Default::default()
+        };
+        assert!(matches!(v2.target(), Ok(InfluxTarget::V2 { .. })));
+        let v1 = InfluxConfig {
+            api: InfluxApi::V1,
+            database: String::new(),
+            ..Default::default()
+        };
+        assert!(
+            v1.target()
+                .unwrap_err()
+                .to_string()
+                .contains("influx.database")
+        );
+        let v1 = InfluxConfig {
+            api: InfluxApi::V1,
+            url: "localhost:8086".into(),
+            ..Default::default()
+        };
+        assert!(v1.target().unwrap_err().to_string().contains("influx.url"));
     }
 
     #[test]

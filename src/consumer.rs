@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -26,6 +25,7 @@ use crate::codec::{CodecError, Decoder};
 use crate::config::{AssignmentStrategy, Settings};
 use crate::kafka::{consumer_config, producer_config};
 use crate::model::RecordKind;
+use crate::retry::Shutdown;
 use crate::sink::influx::{InfluxSink, SinkError};
 use crate::telemetry::{Fault, Health, Liveness, metric, serve_http};
 use group::{GroupContext, is_closed, member_id, start_close};
@@ -47,16 +47,6 @@ pub enum ConsumerError {
     Close(usize),
 }
 
-impl ConsumerError {
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ConsumerError::Codec(e) => e.is_retryable(),
-            ConsumerError::Sink(e) => e.is_retryable(),
-            ConsumerError::Kafka(_) | ConsumerError::Http(_) | ConsumerError::Close(_) => false,
-        }
-    }
-}
-
 /// Headers a dead letter carries, next to the untouched key and payload.
 pub mod dlq_header {
     pub const REASON: &str = "candlestream.error.reason";
@@ -71,11 +61,11 @@ struct Shared {
     settings: Settings,
     decoder: Decoder,
     sink: InfluxSink,
-    dlq: FutureProducer,
+    dlq: writer::DeadLetterTopic,
     writes: Arc<Liveness>,
     /// Set while InfluxDB refuses writes for a reason only an operator can fix.
     setup: Arc<Fault>,
-    cancel: CancellationToken,
+    shutdown: Shutdown,
     /// Held by the member that is leaving the group; see [`member`].
     leaving: tokio::sync::Mutex<()>,
 }
@@ -97,10 +87,13 @@ pub async fn run(
     let shared = Arc::new(Shared {
         decoder: Decoder::new(&settings.schema_registry)?,
         sink: InfluxSink::new(&settings.influx)?,
-        dlq: producer_config(&settings.kafka).create()?,
+        dlq: writer::DeadLetterTopic {
+            producer: producer_config(&settings.kafka).create()?,
+            topic: settings.kafka.dlq_topic.clone(),
+        },
         writes,
         setup,
-        cancel,
+        shutdown: Shutdown::new(cancel, settings.consumer.shutdown_timeout),
         leaving: tokio::sync::Mutex::new(()),
         settings,
     });
@@ -147,6 +140,7 @@ fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
         worker: id,
         flush,
         flush_timeout: shared.settings.consumer.shutdown_timeout,
+        shutdown: shared.shutdown.clone(),
         cooperative: shared.settings.kafka.assignment_strategy
             == AssignmentStrategy::CooperativeSticky,
         joined,
@@ -184,11 +178,10 @@ async fn member(
 ) -> bool {
     let (tx, rx) = mpsc::channel(shared.settings.influx.batch_size * 2);
     let timeout = shared.settings.consumer.shutdown_timeout;
-    let writer =
+    let mut writer =
         tokio::spawn(writer::Writer::new(shared.clone(), id, consumer.clone()).run(rx, flush_rx));
     let turn = async {
-        shared.cancel.cancelled().await;
-        let deadline = Instant::now() + timeout;
+        shared.shutdown.stop.cancelled().await;
         // A quarter of the time at most, so that a coordinator that holds the join longer
         // still leaves time to close.
         let joined = tokio::time::timeout(timeout / 4, joined.wait_for(|j| *j))
@@ -197,14 +190,31 @@ async fn member(
         if !joined {
             tracing::warn!(worker = id, "closing before the group answered our join");
         }
-        (shared.leaving.lock().await, deadline, joined)
+        tokio::select! {
+            turn = shared.leaving.lock() => (Some(turn), joined),
+            _ = shared.shutdown.expired.cancelled() => (None, joined),
+        }
     };
-    let (turn, deadline, joined) = poll(&consumer, tx, turn, id).await;
+    let (turn, joined) = poll(&consumer, tx, turn, id).await;
+    let deadline = shared
+        .shutdown
+        .deadline()
+        .expect("the turn comes after the shutdown started");
     // The writer finishes what it was handed meanwhile; the revoke that closing brings asks it
     // to flush, and the commit that follows carries those offsets.
-    let closed = close(&consumer, deadline, joined, id).await;
+    let closed = turn.is_some() && close(&consumer, deadline, joined, id).await;
     drop(turn);
-    let _ = writer.await;
+    // The writer's retries end at the deadline; this bound only guards that promise.
+    if tokio::time::timeout_at(deadline, &mut writer)
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            worker = id,
+            "writer still busy at the shutdown deadline; stopped"
+        );
+        writer.abort();
+    }
     if closed {
         tracing::info!(worker = id, "offsets committed, left the group");
     } else {

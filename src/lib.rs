@@ -1,4 +1,4 @@
-//! candlestream: Bitfinex tickers → Avro in Kafka → InfluxDB → Grafana candles.
+//! candlestream: Bitfinex ticker updates and trades → Avro in Kafka → InfluxDB → Grafana candles.
 
 pub mod audit;
 pub mod codec;

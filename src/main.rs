@@ -20,21 +20,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Stream Bitfinex tickers into Kafka as Avro (Confluent wire format), keyed by symbol.
+    /// Stream Bitfinex ticker updates and trades into Kafka as Avro (Confluent wire format),
+    /// keyed by symbol.
     ///
-    /// Subscribes every `bitfinex.symbols` ticker over websocket (REST polling while a connection
-    /// is down, or only REST with `bitfinex.mode = "rest"`), registers schemas/ticker.avsc under
-    /// `<kafka.topic>-value` and produces with acks=all and idempotence. SIGINT/SIGTERM stop
-    /// reading and flush what is in flight within `producer.shutdown_timeout`, then exit 0.
+    /// Subscribes the ticker and trades channels of every `bitfinex.symbols` over websocket (REST
+    /// polling while a connection is down, or only REST with `bitfinex.mode = "rest"`), registers
+    /// schemas/ticker.avsc under `<kafka.topic>-value` and schemas/trade.avsc under
+    /// `<kafka.trades_topic>-value`, and produces with acks=all and idempotence. SIGINT/SIGTERM
+    /// stop reading and deliver what is in flight within `producer.shutdown_timeout`, then exit 0.
     Producer,
-    /// Write ticks from Kafka to InfluxDB as a consumer group, at-least-once.
+    /// Write ticker updates and trades from Kafka to InfluxDB as a consumer group,
+    /// at-least-once.
     ///
-    /// Joins `kafka.group_id` on `kafka.topic`, decodes each record through the Schema Registry
+    /// Joins `kafka.group_id` on `kafka.topic` and `kafka.trades_topic`, decodes each record through the Schema Registry
     /// and writes line protocol to InfluxDB (`influx.api` "v2" or "v1") as soon as records arrive,
     /// up to `influx.batch_size` per write. Offsets are committed only after
     /// InfluxDB acknowledged the batch; points are keyed by exchange time, so replays overwrite.
     /// Records that can never be decoded go, unchanged, to `kafka.dlq_topic` with headers saying
-    /// why. SIGINT/SIGTERM write the current batch, commit, leave the group and exit 0.
+    /// why. SIGINT/SIGTERM write the current batch, commit, leave the group and exit within
+    /// `consumer.shutdown_timeout`; what could not be written by then is not committed.
     Consumer {
         /// Group members in this process (default: `consumer.workers`).
         #[arg(long)]

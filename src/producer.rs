@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{CodecError, Encoder};
@@ -14,7 +13,7 @@ use crate::config::Settings;
 use crate::exchange::bitfinex;
 use crate::kafka::producer_config;
 use crate::model::{MonotonicClock, Record, RecordKind};
-use crate::retry::backoff;
+use crate::retry::{Backoff, GaveUp, Shutdown, Verdict, retry};
 use crate::telemetry::{Health, metric, serve_http};
 use delivery::{DeliveryTracker, KafkaStageError, Outgoing};
 
@@ -30,20 +29,10 @@ pub enum ProducerError {
     Http(#[from] std::io::Error),
 }
 
-impl ProducerError {
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ProducerError::Codec(e) => e.is_retryable(),
-            ProducerError::Kafka(e) => e.is_retryable(),
-            ProducerError::Exchange(e) => e.is_retryable(),
-            ProducerError::Http(_) => false,
-        }
-    }
-}
-
-/// Runs until `cancel`, then drains what was read and flushes it to Kafka within
-/// `producer.shutdown_timeout`.
+/// Runs until `cancel`, then drains what was read and flushes it to Kafka; the whole shutdown
+/// takes at most `producer.shutdown_timeout`, counted from the cancellation.
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), ProducerError> {
+    let shutdown = Shutdown::new(cancel.clone(), settings.producer.shutdown_timeout);
     let health = Health::default();
     let data = health.liveness("exchange_data", settings.health.max_exchange_silence);
     let acks = health.progress("kafka_acks", settings.health.max_ack_silence);
@@ -63,7 +52,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let producer: FutureProducer = producer_config(&settings.kafka)
         .create()
         .map_err(KafkaStageError::Client)?;
-    let (tracker, settle) = DeliveryTracker::new(producer, acks);
+    let (tracker, settle) = DeliveryTracker::new(producer, acks, shutdown.expired.clone());
     // Consumer lag is read here, where it survives every consumer being stopped.
     let topics = RecordKind::ALL.map(|k| settings.kafka.topic_of(k).to_string());
     tokio::spawn(crate::kafka::report_group_lag(
@@ -73,7 +62,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     ));
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
     let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
-    let exchange = tokio::spawn(bitfinex::run(
+    let mut exchange = tokio::spawn(bitfinex::run(
         settings.bitfinex.clone(),
         rest,
         tx,
@@ -90,14 +79,19 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     );
 
     let mut clock = MonotonicClock::default();
-    let mut deadline: Option<Instant> = None;
     let mut abandoned = 0usize;
+    let mut announced = false;
     loop {
         let mut record = tokio::select! {
+            biased;
+            _ = shutdown.expired.cancelled() => {
+                abandoned += rx.len();
+                break;
+            }
             next = rx.recv() => match next { Some(t) => t, None => break },
-            _ = cancel.cancelled(), if deadline.is_none() => {
+            _ = cancel.cancelled(), if !announced => {
                 tracing::info!("shutting down: no new exchange reads; delivering what was read");
-                deadline = Some(Instant::now() + settings.producer.shutdown_timeout);
+                announced = true;
                 continue;
             }
         };
@@ -106,7 +100,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
         {
             metrics::counter!(metric::TIME_ADJUSTED).increment(1);
         }
-        let payload = match encode(&encoder, &record, &settings, deadline).await {
+        let payload = match encode(&encoder, &record, &settings, &shutdown.expired).await {
             Some(p) => p,
             None => {
                 abandoned += 1;
@@ -118,23 +112,24 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
             key: record.symbol(),
             payload,
         };
-        if !tracker.send(&out, deadline).await {
+        if !tracker.send(&out).await {
             abandoned += 1 + rx.len();
             break;
         }
     }
     drop(rx);
-    let _ = exchange.await;
+    // The exchange stops on `cancel`; a REST request in flight is not waited for past the
+    // deadline.
+    tokio::select! {
+        _ = &mut exchange => {}
+        _ = shutdown.expired.cancelled() => exchange.abort(),
+    }
 
-    let remaining = deadline.map_or(settings.producer.shutdown_timeout, |d| {
-        d.saturating_duration_since(Instant::now())
-    });
+    let remaining = shutdown.remaining(settings.producer.shutdown_timeout);
     let flushed = tracker.flush(remaining).await;
     drop(tracker);
-    if tokio::time::timeout(remaining.max(Duration::from_millis(100)), settle)
-        .await
-        .is_err()
-    {
+    let remaining = shutdown.remaining(settings.producer.shutdown_timeout);
+    if tokio::time::timeout(remaining, settle).await.is_err() {
         tracing::error!("delivery reports still outstanding at shutdown");
     }
     match (flushed, abandoned) {
@@ -150,6 +145,9 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     Ok(())
 }
 
+/// Waits between registry attempts start here; `producer.retry_backoff_max` caps them.
+const REGISTRY_BACKOFF_MIN: Duration = Duration::from_millis(200);
+
 /// Registers the schema of `kind`, retrying while the registry is unreachable. `None` when
 /// cancelled.
 async fn register_schema(
@@ -158,23 +156,23 @@ async fn register_schema(
     settings: &Settings,
     cancel: &CancellationToken,
 ) -> Result<Option<u32>, CodecError> {
-    let mut delays = backoff(
-        Duration::from_millis(500),
-        settings.producer.retry_backoff_max,
-    );
-    loop {
-        match encoder.register(kind).await {
-            Ok(id) => return Ok(Some(id)),
-            Err(e) if e.is_retryable() => {
-                let wait = delays.next().unwrap_or(settings.producer.retry_backoff_max);
-                tracing::error!(error = %e, url = %settings.schema_registry.url, ?wait, "cannot register the schema; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = cancel.cancelled() => return Ok(None),
-                }
+    let registered = retry(
+        Backoff::new(REGISTRY_BACKOFF_MIN, settings.producer.retry_backoff_max),
+        cancel,
+        || encoder.register(kind),
+        |e, wait| {
+            if !e.is_retryable() {
+                return Verdict::Fail;
             }
-            Err(e) => return Err(e),
-        }
+            tracing::error!(error = %e, url = %settings.schema_registry.url, ?wait, "cannot register the schema; retrying");
+            Verdict::Retry
+        },
+    )
+    .await;
+    match registered {
+        Ok(id) => Ok(Some(id)),
+        Err(GaveUp::Stopped) => Ok(None),
+        Err(GaveUp::Failed(e)) => Err(e),
     }
 }
 
@@ -184,25 +182,35 @@ async fn encode(
     encoder: &Encoder,
     record: &Record,
     settings: &Settings,
-    deadline: Option<Instant>,
+    expired: &CancellationToken,
 ) -> Option<Vec<u8>> {
-    let mut delays = backoff(
-        Duration::from_millis(200),
-        settings.producer.retry_backoff_max,
-    );
-    loop {
-        match encoder.encode(record).await {
-            Ok(p) => return Some(p),
-            Err(e) if e.is_retryable() && deadline.is_none_or(|d| Instant::now() < d) => {
-                let wait = delays.next().unwrap_or(settings.producer.retry_backoff_max);
-                tracing::warn!(error = %e, ?wait, "encode needs the registry; retrying");
-                tokio::time::sleep(wait).await;
+    let encoded = retry(
+        Backoff::new(REGISTRY_BACKOFF_MIN, settings.producer.retry_backoff_max),
+        expired,
+        || encoder.encode(record),
+        |e, wait| {
+            if !e.is_retryable() {
+                return Verdict::Fail;
             }
-            Err(e) => {
-                metrics::counter!(metric::ENCODE_ERRORS).increment(1);
-                tracing::error!(error = %e, kind = record.kind().label(), symbol = record.symbol(), "record cannot be encoded; dropped");
-                return None;
-            }
+            tracing::warn!(error = %e, ?wait, "encode needs the registry; retrying");
+            Verdict::Retry
+        },
+    )
+    .await;
+    match encoded {
+        Ok(p) => Some(p),
+        Err(GaveUp::Stopped) => {
+            tracing::error!(
+                kind = record.kind().label(),
+                symbol = record.symbol(),
+                "shutdown deadline passed before the registry answered; record not sent"
+            );
+            None
+        }
+        Err(GaveUp::Failed(e)) => {
+            metrics::counter!(metric::ENCODE_ERRORS).increment(1);
+            tracing::error!(error = %e, kind = record.kind().label(), symbol = record.symbol(), "record cannot be encoded; dropped");
+            None
         }
     }
 }

@@ -327,6 +327,13 @@ async fn log_transitions(health: Health, cancel: CancellationToken) {
     }
 }
 
+/// At most the first 200 characters of `text`: enough of a frame, a body or a line to recognise
+/// it in a log line.
+pub fn truncate(text: &str) -> &str {
+    let end = text.char_indices().nth(200).map_or(text.len(), |(i, _)| i);
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,15 +24,17 @@ use std::fmt::Write as _;
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{self, AuditError, HISTORY_PAGE, Stored, Verdict};
+use crate::audit::{self, AuditError, Stored, Verdict};
 use crate::codec::{CodecError, Encoder};
 use crate::config::{BitfinexConfig, Settings, Timeframe};
 use crate::exchange::bitfinex::message::TradeValues;
+use crate::exchange::bitfinex::rest::PAGE;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::kafka::producer_config;
 use crate::model::{Candle, Record, RecordKind, Source, Trade, now_ms};
 use crate::producer::delivery::{DeliveryTracker, KafkaStageError, Outgoing};
-use crate::sink::influx::{InfluxSink, SinkError, escape};
+use crate::retry::Shutdown;
+use crate::sink::influx::{InfluxConnection, InfluxSink, SinkError, escape};
 use crate::telemetry::{Health, Liveness, metric, serve_http};
 
 const DAY_MS: i64 = 86_400_000;
@@ -50,13 +52,6 @@ pub enum VerifyError {
     Sink(#[from] SinkError),
     #[error("cannot serve /healthz and /metrics: {0}")]
     Http(#[from] std::io::Error),
-}
-
-impl VerifyError {
-    /// Only setup fails the verifier; faults during passes are held and retried.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
 }
 
 /// Why one symbol's timeframe got no verdicts this pass; the next pass tries again.
@@ -146,7 +141,7 @@ struct Checked {
 
 struct Verifier {
     settings: Settings,
-    http: reqwest::Client,
+    http: InfluxConnection,
     rest: RestClient,
     sink: InfluxSink,
     encoder: Encoder,
@@ -183,11 +178,9 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
     let producer: FutureProducer = producer_config(&settings.kafka)
         .create()
         .map_err(KafkaStageError::Client)?;
-    let (tracker, settle) = DeliveryTracker::new(producer, acks);
-    let http = reqwest::Client::builder()
-        .timeout(settings.influx.timeout)
-        .build()
-        .map_err(|e| SinkError::Config(e.to_string()))?;
+    let shutdown = Shutdown::new(cancel.clone(), settings.producer.shutdown_timeout);
+    let (tracker, settle) = DeliveryTracker::new(producer, acks, shutdown.expired.clone());
+    let http = InfluxConnection::new(&settings.influx)?;
     let mut timeframes = settings.verify.timeframes.clone();
     // Minutes first: a wider candle waits for the repairs of its minutes.
     timeframes.sort_by_key(|t| t.width_ms());
@@ -491,7 +484,7 @@ impl Verifier {
                     key: &symbol,
                     payload,
                 };
-                self.tracker.send(&out, None).await;
+                self.tracker.send(&out).await;
                 *per_minute
                     .entry(t.mts.div_euclid(width) * width)
                     .or_default() += 1;
@@ -569,8 +562,8 @@ async fn fetch_trades(
     let mut seen = HashSet::new();
     let mut start = from_ms;
     loop {
-        let rows = rest.trades(symbol, start, until_ms, HISTORY_PAGE).await?;
-        let full = rows.len() >= HISTORY_PAGE;
+        let rows = rest.trades(symbol, start, until_ms, PAGE).await?;
+        let full = rows.len() >= PAGE;
         let mut last = None;
         for row in rows {
             match row {

@@ -7,6 +7,7 @@ use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
 
 use super::writer::FlushRequest;
+use crate::retry::Shutdown;
 use crate::telemetry::metric;
 
 /// Group callbacks of one consumer worker: before partitions are revoked, what was already read
@@ -14,7 +15,9 @@ use crate::telemetry::metric;
 pub struct GroupContext {
     pub worker: usize,
     pub flush: mpsc::Sender<FlushRequest>,
+    /// How long a revoke waits for the writer's flush outside shutdown.
     pub flush_timeout: Duration,
+    pub shutdown: Shutdown,
     /// Known from the configuration, so that no callback has to ask librdkafka for it.
     pub cooperative: bool,
     /// Set once the member has joined the group (its first assignment, even an empty one).
@@ -84,11 +87,18 @@ impl GroupContext {
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let (ack, done) = std::sync::mpsc::channel();
+        // While shutting down, half of what is left at most: a writer held by an InfluxDB outage
+        // must not take the time the commit and the LeaveGroup after this need. What it has not
+        // written by then is not committed, and the next owner reads it again.
+        let wait = match self.shutdown.deadline() {
+            Some(_) => self.shutdown.remaining(self.flush_timeout) / 2,
+            None => self.flush_timeout,
+        };
         // This runs inside the poll of the consumer's own task; the writer is another task, so
         // waiting here is only safe where tokio can move that task to another thread.
         let flushed = multi_thread
             && self.flush.try_send(ack).is_ok()
-            && tokio::task::block_in_place(|| done.recv_timeout(self.flush_timeout)).is_ok();
+            && tokio::task::block_in_place(|| done.recv_timeout(wait)).is_ok();
         // librdkafka also commits on revoke with auto-commit on; asking now puts the offsets
         // just stored first in line. A synchronous commit could wait out the rebalance itself.
         let committed = consumer.commit_consumer_state(CommitMode::Async);

@@ -10,18 +10,154 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::group::GroupContext;
 use super::{Shared, dlq_header};
 use crate::model::{Record, RecordKind};
-use crate::retry::backoff;
+use crate::retry::{Backoff, GaveUp, Verdict, retry};
 use crate::sink::influx::{SinkError, write_line};
-use crate::telemetry::metric;
+use crate::telemetry::{metric, truncate};
+
+/// Waits between retries start here; `consumer.retry_backoff_max` caps them.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(200);
+
+/// Where the records go that can never be written: the dead-letter topic in production, a
+/// fake in the writer's unit tests.
+pub(super) trait DeadLetters: Send + Sync {
+    /// Copies `record`, untouched, with headers saying why; `Err` when it was not taken.
+    fn send(
+        &self,
+        record: &OwnedMessage,
+        reason: &str,
+        detail: &str,
+    ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send;
+}
+
+/// The dead-letter topic.
+pub(super) struct DeadLetterTopic {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+impl DeadLetters for DeadLetterTopic {
+    async fn send(
+        &self,
+        record: &OwnedMessage,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), KafkaError> {
+        let (partition, offset) = (record.partition().to_string(), record.offset().to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: dlq_header::REASON,
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: dlq_header::DETAIL,
+                value: Some(detail),
+            })
+            .insert(Header {
+                key: dlq_header::TOPIC,
+                value: Some(record.topic()),
+            })
+            .insert(Header {
+                key: dlq_header::PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: dlq_header::OFFSET,
+                value: Some(&offset),
+            });
+        let mut out = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(k) = record.key() {
+            out = out.key(k);
+        }
+        if let Some(p) = record.payload() {
+            out = out.payload(p);
+        }
+        self.producer
+            .send(out, Duration::from_secs(5))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+}
+
+/// Copies a record to the dead letters, retrying until they take it or `expired`; true once
+/// taken.
+async fn dead_letter(
+    dlq: &impl DeadLetters,
+    policy: Backoff,
+    expired: &CancellationToken,
+    worker: usize,
+    record: &OwnedMessage,
+    reason: &str,
+    detail: &str,
+) -> bool {
+    let sent = retry(
+        policy,
+        expired,
+        || dlq.send(record, reason, detail),
+        |e, wait| {
+            tracing::error!(worker, error = %e, ?wait, "cannot write to the dead-letter topic; retrying");
+            Verdict::Retry
+        },
+    )
+    .await;
+    let (partition, offset) = (record.partition(), record.offset());
+    match sent {
+        Ok(()) => {
+            metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string()).increment(1);
+            tracing::warn!(
+                worker,
+                reason,
+                detail,
+                topic = record.topic(),
+                partition,
+                offset,
+                "record sent to the dead-letter topic"
+            );
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Dead-letters the records InfluxDB rejected. A record the dead letters did not take before
+/// the deadline blocks its partition: no offset of that partition is stored past it.
+async fn settle_rejected(
+    batch: &mut Batch,
+    rejected: Vec<(usize, String)>,
+    dlq: &impl DeadLetters,
+    policy: Backoff,
+    expired: &CancellationToken,
+    worker: usize,
+) {
+    for (i, reason) in rejected {
+        let record = &batch.records[i];
+        if !dead_letter(
+            dlq,
+            policy,
+            expired,
+            worker,
+            record,
+            "influx-rejected",
+            &reason,
+        )
+        .await
+        {
+            let partition = partition_of(record);
+            batch.block(partition);
+        }
+    }
+}
 
 /// Asks the worker's writer to flush; the sender gets an answer once the batch is written and
 /// its offsets stored.
@@ -97,8 +233,6 @@ pub(super) struct Writer {
     id: usize,
     consumer: Arc<StreamConsumer<GroupContext>>,
     batch: Batch,
-    /// Set at shutdown: retries stop here and what is left is re-read by the next owner.
-    deadline: Option<Instant>,
 }
 
 impl Writer {
@@ -112,7 +246,6 @@ impl Writer {
             id,
             consumer,
             batch: Batch::default(),
-            deadline: None,
         }
     }
 
@@ -121,7 +254,6 @@ impl Writer {
         mut rx: mpsc::Receiver<OwnedMessage>,
         mut flush_rx: mpsc::Receiver<FlushRequest>,
     ) {
-        let cancel = self.shared.cancel.clone();
         loop {
             tokio::select! {
                 biased;
@@ -137,9 +269,6 @@ impl Writer {
                     }
                     None => break,
                 },
-                _ = cancel.cancelled(), if self.deadline.is_none() => {
-                    self.deadline = Some(Instant::now() + self.shared.settings.consumer.shutdown_timeout);
-                }
             }
         }
         self.flush().await;
@@ -165,99 +294,64 @@ impl Writer {
         }
     }
 
-    fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+    /// The writer's retries: InfluxDB, the registry and the dead-letter topic.
+    fn policy(&self) -> Backoff {
+        Backoff::new(
+            RETRY_BACKOFF_MIN,
+            self.shared.settings.consumer.retry_backoff_max,
+        )
+    }
+
+    /// Shutdown's deadline: retries stop there and what is left is re-read by the next owner.
+    fn expired(&self) -> &CancellationToken {
+        &self.shared.shutdown.expired
     }
 
     async fn add(&mut self, record: OwnedMessage) {
         let (partition, offset) = (partition_of(&record), record.offset());
-        let max = self.shared.settings.consumer.retry_backoff_max;
-        let mut delays = backoff(Duration::from_millis(200), max);
-        loop {
-            match self
-                .shared
-                .decoder
-                .decode(record.payload().unwrap_or_default())
-                .await
-            {
-                Ok(decoded) => {
-                    let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
-                    self.batch.push(measurement, &decoded, record);
-                    self.shared.writes.add_pending(1);
+        let id = self.id;
+        let decoded = retry(
+            self.policy(),
+            self.expired(),
+            || {
+                self.shared
+                    .decoder
+                    .decode(record.payload().unwrap_or_default())
+            },
+            |e, wait| {
+                if !e.is_retryable() {
+                    return Verdict::Fail;
+                }
+                metrics::counter!(metric::DECODE_RETRIES).increment(1);
+                tracing::warn!(worker = id, error = %e, ?wait, "cannot decode yet; retrying");
+                Verdict::Retry
+            },
+        )
+        .await;
+        match decoded {
+            Ok(decoded) => {
+                let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
+                self.batch.push(measurement, &decoded, record);
+                self.shared.writes.add_pending(1);
+                self.batch.mark_done(partition, offset);
+            }
+            Err(GaveUp::Stopped) => self.batch.block(partition),
+            Err(GaveUp::Failed(e)) => {
+                let taken = dead_letter(
+                    &self.shared.dlq,
+                    self.policy(),
+                    self.expired(),
+                    id,
+                    &record,
+                    e.reason(),
+                    &e.to_string(),
+                )
+                .await;
+                if taken {
                     self.batch.mark_done(partition, offset);
-                    return;
+                } else {
+                    self.batch.block(partition);
                 }
-                Err(e) if e.is_retryable() && !self.past_deadline() => {
-                    metrics::counter!(metric::DECODE_RETRIES).increment(1);
-                    let wait = delays.next().unwrap_or(max);
-                    tracing::warn!(worker = self.id, error = %e, ?wait, "cannot decode yet; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) if e.is_retryable() => return self.batch.block(partition),
-                Err(e) => {
-                    if self.dead_letter(&record, e.reason(), &e.to_string()).await {
-                        self.batch.mark_done(partition, offset);
-                    } else {
-                        self.batch.block(partition);
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Copies a record, untouched, to the dead-letter topic; true once Kafka acknowledged it.
-    async fn dead_letter(&self, record: &OwnedMessage, reason: &str, detail: &str) -> bool {
-        let kafka = &self.shared.settings.kafka;
-        let (partition, offset) = (record.partition().to_string(), record.offset().to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: dlq_header::REASON,
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: dlq_header::DETAIL,
-                value: Some(detail),
-            })
-            .insert(Header {
-                key: dlq_header::TOPIC,
-                value: Some(record.topic()),
-            })
-            .insert(Header {
-                key: dlq_header::PARTITION,
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: dlq_header::OFFSET,
-                value: Some(&offset),
-            });
-        let mut delays = backoff(
-            Duration::from_millis(200),
-            self.shared.settings.consumer.retry_backoff_max,
-        );
-        loop {
-            let mut out = FutureRecord::to(&kafka.dlq_topic).headers(headers.clone());
-            if let Some(k) = record.key() {
-                out = out.key(k);
-            }
-            if let Some(p) = record.payload() {
-                out = out.payload(p);
-            }
-            match self.shared.dlq.send(out, Duration::from_secs(5)).await {
-                Ok(_) => {
-                    metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.to_string())
-                        .increment(1);
-                    tracing::warn!(worker = self.id, reason, detail, partition, offset, dlq = %kafka.dlq_topic, "record sent to the dead-letter topic");
-                    return true;
-                }
-                Err((e, _)) if !self.past_deadline() => {
-                    let wait = delays
-                        .next()
-                        .unwrap_or(self.shared.settings.consumer.retry_backoff_max);
-                    tracing::error!(worker = self.id, error = %e, ?wait, "cannot write to the dead-letter topic; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(_) => return false,
             }
         }
     }
@@ -279,12 +373,15 @@ impl Writer {
             );
             return;
         };
-        for (i, reason) in rejected {
-            let record = &batch.records[i];
-            if !self.dead_letter(record, "influx-rejected", &reason).await {
-                batch.block(partition_of(record));
-            }
-        }
+        settle_rejected(
+            &mut batch,
+            rejected,
+            &self.shared.dlq,
+            self.policy(),
+            self.expired(),
+            self.id,
+        )
+        .await;
         for ((topic, partition), offset) in batch.offsets {
             if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
                 // Revoked meanwhile: the new owner re-reads from the last commit.
@@ -311,14 +408,7 @@ impl Writer {
                 Err(e) if range.len() == 1 => rejected.push((range.start, e.to_string())),
                 Err(e) => {
                     if range.len() == batch.points.len() {
-                        let first_line = batch
-                            .lines
-                            .lines()
-                            .next()
-                            .unwrap_or_default()
-                            .chars()
-                            .take(300)
-                            .collect::<String>();
+                        let first_line = truncate(batch.lines.lines().next().unwrap_or_default());
                         tracing::error!(worker = self.id, error = %e, points = range.len(), %first_line, "InfluxDB rejected points; splitting the batch to find them");
                     }
                     let mid = range.start + range.len() / 2;
@@ -336,41 +426,49 @@ impl Writer {
         batch: &Batch,
         range: &Range<usize>,
     ) -> Option<Result<(), SinkError>> {
-        let max = self.shared.settings.consumer.retry_backoff_max;
-        let mut delays = backoff(Duration::from_millis(200), max);
-        loop {
-            let started = Instant::now();
-            let error = match self.shared.sink.write(batch.lines_of(range)).await {
-                Ok(()) => {
+        let id = self.id;
+        let setup = &self.shared.setup;
+        let written = retry(
+            self.policy(),
+            self.expired(),
+            || async {
+                let started = Instant::now();
+                let written = self.shared.sink.write(batch.lines_of(range)).await;
+                if written.is_ok() {
                     metrics::histogram!(metric::WRITE_SECONDS)
                         .record(started.elapsed().as_secs_f64());
-                    if self.shared.setup.clear() {
-                        tracing::info!(worker = self.id, "InfluxDB accepts writes again");
-                    }
-                    return Some(Ok(()));
                 }
-                Err(e) if !e.is_retryable() => {
+                written
+            },
+            |error, wait| {
+                if !error.is_retryable() {
                     metrics::counter!(metric::WRITE_ERRORS, "kind" => "rejected").increment(1);
-                    return Some(Err(e));
+                    return Verdict::Fail;
                 }
-                Err(e) => e,
-            };
-            if matches!(error, SinkError::Misconfigured { .. }) {
-                metrics::counter!(metric::WRITE_ERRORS, "kind" => "misconfigured").increment(1);
-                if self.shared.setup.set(error.to_string()) {
-                    tracing::error!(worker = self.id, error = %error, "InfluxDB refuses every write until this is fixed; records are held and nothing is committed");
+                if matches!(error, SinkError::Misconfigured { .. }) {
+                    metrics::counter!(metric::WRITE_ERRORS, "kind" => "misconfigured").increment(1);
+                    if setup.set(error.to_string()) {
+                        tracing::error!(worker = id, error = %error, "InfluxDB refuses every write until this is fixed; records are held and nothing is committed");
+                    }
+                } else {
+                    metrics::counter!(metric::WRITE_ERRORS, "kind" => "retried").increment(1);
+                    // Unreachable now: whatever was wrong with the setup is not what fails.
+                    setup.clear();
                 }
-            } else {
-                metrics::counter!(metric::WRITE_ERRORS, "kind" => "retried").increment(1);
-                // Unreachable now: whatever was wrong with the setup is not what fails.
-                self.shared.setup.clear();
+                tracing::warn!(worker = id, error = %error, ?wait, points = range.len(), "InfluxDB write failed; holding the batch and retrying");
+                Verdict::Retry
+            },
+        )
+        .await;
+        match written {
+            Ok(()) => {
+                if setup.clear() {
+                    tracing::info!(worker = id, "InfluxDB accepts writes again");
+                }
+                Some(Ok(()))
             }
-            if self.past_deadline() {
-                return None;
-            }
-            let wait = delays.next().unwrap_or(max);
-            tracing::warn!(worker = self.id, error = %error, ?wait, points = range.len(), "InfluxDB write failed; holding the batch and retrying");
-            tokio::time::sleep(wait).await;
+            Err(GaveUp::Failed(e)) => Some(Err(e)),
+            Err(GaveUp::Stopped) => None,
         }
     }
 
@@ -397,5 +495,146 @@ impl Writer {
         }
         metrics::counter!(metric::POINTS_WRITTEN).increment(points.len() as u64);
         self.shared.writes.beat();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rdkafka::Timestamp;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::*;
+
+    /// Dead letters that refuse the first `failures` copies, then keep what they are sent.
+    #[derive(Default)]
+    struct FakeDeadLetters {
+        failures: AtomicUsize,
+        attempts: AtomicUsize,
+        kept: Mutex<Vec<(String, i32, i64, String)>>,
+    }
+
+    impl FakeDeadLetters {
+        fn failing(failures: usize) -> Self {
+            Self {
+                failures: AtomicUsize::new(failures),
+                ..Default::default()
+            }
+        }
+    }
+
+    impl DeadLetters for FakeDeadLetters {
+        async fn send(
+            &self,
+            record: &OwnedMessage,
+            reason: &str,
+            _detail: &str,
+        ) -> Result<(), KafkaError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let failing = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::BrokerTransportFailure,
+                ));
+            }
+            self.kept.lock().unwrap().push((
+                record.topic().to_string(),
+                record.partition(),
+                record.offset(),
+                reason.to_string(),
+            ));
+            Ok(())
+        }
+    }
+
+    fn record(partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"payload".to_vec()),
+            Some(b"tBTCUSD".to_vec()),
+            "ticks".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    /// Records 0..n, alternating between partitions 0 and 1, each read and marked done.
+    fn batch(n: i64) -> Batch {
+        let mut batch = Batch::default();
+        for offset in 0..n {
+            let r = record((offset % 2) as i32, offset);
+            batch.mark_done(partition_of(&r), offset);
+            batch.records.push(r);
+        }
+        batch
+    }
+
+    const POLICY: Backoff = Backoff {
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    };
+
+    fn offsets(batch: &Batch) -> Vec<(i32, i64)> {
+        batch.offsets.iter().map(|((_, p), o)| (*p, *o)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_points_are_dead_lettered_and_their_partitions_advance() {
+        let mut batch = batch(4);
+        let dlq = FakeDeadLetters::failing(2);
+        let expired = CancellationToken::new();
+        let rejected = vec![(1, "field type conflict".to_string())];
+        settle_rejected(&mut batch, rejected, &dlq, POLICY, &expired, 0).await;
+        assert_eq!(
+            *dlq.kept.lock().unwrap(),
+            [("ticks".to_string(), 1, 1, "influx-rejected".to_string())],
+            "the rejected record, once, after two refusals"
+        );
+        assert_eq!(dlq.attempts.load(Ordering::SeqCst), 3);
+        assert_eq!(offsets(&batch), [(0, 2), (1, 3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_not_taken_by_the_deadline_blocks_only_its_partition() {
+        let mut batch = batch(4);
+        let dlq = FakeDeadLetters::failing(usize::MAX);
+        let expired = CancellationToken::new();
+        let deadline = expired.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            deadline.cancel();
+        });
+        let started = Instant::now();
+        let rejected = vec![(2, "outside the retention policy".to_string())];
+        settle_rejected(&mut batch, rejected, &dlq, POLICY, &expired, 0).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(10),
+            "retried until the deadline"
+        );
+        assert!(dlq.attempts.load(Ordering::SeqCst) > 5);
+        assert_eq!(
+            offsets(&batch),
+            [(1, 3)],
+            "partition 0 keeps its last commit: the record is read again"
+        );
+        batch.mark_done(("ticks".into(), 0), 4);
+        assert_eq!(offsets(&batch), [(1, 3)], "nothing passes a blocked record");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_after_the_deadline_is_not_attempted() {
+        let dlq = FakeDeadLetters::default();
+        let expired = CancellationToken::new();
+        expired.cancel();
+        let taken = dead_letter(&dlq, POLICY, &expired, 0, &record(0, 7), "bad", "x").await;
+        assert!(!taken);
+        assert_eq!(dlq.attempts.load(Ordering::SeqCst), 0);
     }
 }

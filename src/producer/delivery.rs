@@ -9,9 +9,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::kafka::is_retriable;
+use crate::retry::{Backoff, GaveUp, Verdict, retry};
 use crate::telemetry::{Liveness, metric};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,12 +21,6 @@ pub enum KafkaStageError {
     Client(#[source] KafkaError),
     #[error("shutdown deadline passed with {0} message(s) not acknowledged by Kafka")]
     Undelivered(usize),
-}
-
-impl KafkaStageError {
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
 }
 
 /// One record to produce.
@@ -43,6 +38,8 @@ pub struct DeliveryTracker {
     producer: FutureProducer,
     acks: Arc<Liveness>,
     pending_tx: mpsc::Sender<(DeliveryFuture, Arc<str>)>,
+    /// Shutdown's deadline: waits for room in librdkafka's queue end here.
+    expired: CancellationToken,
 }
 
 impl DeliveryTracker {
@@ -51,29 +48,31 @@ impl DeliveryTracker {
     pub fn new(
         producer: FutureProducer,
         acks: Arc<Liveness>,
+        expired: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (pending_tx, pending_rx) = mpsc::channel(4096);
         let tracker = Self {
             producer,
             acks,
             pending_tx,
+            expired,
         };
         let task = tokio::spawn(tracker.clone().settle(pending_rx));
         (tracker, task)
     }
 
     /// Enqueues one record, waiting while librdkafka's queue is full. Gives up only when
-    /// `deadline` passes (shutdown), returning false.
-    pub async fn send(&self, msg: &Outgoing<'_>, deadline: Option<Instant>) -> bool {
-        match enqueue(
+    /// shutdown's deadline passes, returning false.
+    pub async fn send(&self, msg: &Outgoing<'_>) -> bool {
+        let enqueued = enqueue(
             &self.producer,
             msg.topic,
             msg.key.as_bytes(),
             &msg.payload,
-            deadline,
+            &self.expired,
         )
-        .await
-        {
+        .await;
+        match enqueued {
             Ok(Some(delivery)) => {
                 self.acks.add_pending(1);
                 metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
@@ -95,6 +94,7 @@ impl DeliveryTracker {
             producer,
             acks,
             pending_tx,
+            expired,
         } = self;
         // Our own sender must go, or the channel could never close.
         drop(pending_tx);
@@ -118,9 +118,9 @@ impl DeliveryTracker {
                             metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "retried").increment(1);
                             tracing::warn!(error = %e, %key, "delivery failed; sending again");
                             let (k, p) = (msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
-                            match enqueue(&producer, msg.topic(), k, p, None).await {
+                            match enqueue(&producer, msg.topic(), k, p, &expired).await {
                                 Ok(Some(delivery)) => inflight.push(settled(delivery, key)),
-                                // Without a deadline, enqueue ends only with a delivery or an error.
+                                // Shutdown's deadline passed: the flush reports what is left.
                                 Ok(None) => {}
                                 Err(e) => given_up(&acks, &e, &key),
                             }
@@ -160,31 +160,43 @@ async fn settled(
     (delivery.await, key)
 }
 
+/// How often a full librdkafka queue is offered the record again: about one delivery's time.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
+
 /// Enqueues one record, waiting while librdkafka refuses it for a passing reason (queue full).
-/// `Ok(None)` when `deadline` passed first; `Err` when Kafka will never take it.
+/// `Ok(None)` when `expired` came first; `Err` when Kafka will never take it.
 async fn enqueue(
     producer: &FutureProducer,
     topic: &str,
     key: &[u8],
     payload: &[u8],
-    deadline: Option<Instant>,
+    expired: &CancellationToken,
 ) -> Result<Option<DeliveryFuture>, KafkaError> {
     let mut warned = false;
-    loop {
-        match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
-            Ok(delivery) => return Ok(Some(delivery)),
-            Err((e, _)) if is_retriable(&e) => {
-                if !warned {
-                    tracing::warn!(error = %e, "Kafka producer queue is full; holding data (backpressure)");
-                    warned = true;
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(None);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let sent = retry(
+        Backoff::new(QUEUE_FULL_WAIT, QUEUE_FULL_WAIT),
+        expired,
+        || async {
+            producer
+                .send_result(FutureRecord::to(topic).key(key).payload(payload))
+                .map_err(|(e, _)| e)
+        },
+        |e, _| {
+            if !is_retriable(e) {
+                return Verdict::Fail;
             }
-            Err((e, _)) => return Err(e),
-        }
+            if !warned {
+                tracing::warn!(error = %e, "Kafka producer queue is full; holding data (backpressure)");
+                warned = true;
+            }
+            Verdict::Retry
+        },
+    )
+    .await;
+    match sent {
+        Ok(delivery) => Ok(Some(delivery)),
+        Err(GaveUp::Stopped) => Ok(None),
+        Err(GaveUp::Failed(e)) => Err(e),
     }
 }
 

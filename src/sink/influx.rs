@@ -16,7 +16,7 @@ use flate2::write::GzEncoder;
 use influxdb2::api::write::TimestampPrecision;
 use influxdb2::models::WriteDataPoint;
 
-use crate::config::{InfluxApi, InfluxConfig};
+use crate::config::{InfluxApi, InfluxConfig, InfluxTarget, Secret};
 use crate::model::{Record, Tick, Trade};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,8 @@ pub enum SinkError {
     Rejected { status: u16, body: String },
     #[error("invalid InfluxDB configuration: {0}")]
     Config(String),
+    #[error("cannot compress the points: {0}")]
+    Compress(#[source] std::io::Error),
 }
 
 impl SinkError {
@@ -128,12 +130,83 @@ impl WriteDataPoint for Lines {
     }
 }
 
+/// How to reach InfluxDB: its base URL, the credentials of the API in use, and one HTTP client
+/// with `influx.timeout`. Shared by the sink's v1 writes and every InfluxQL query (audit,
+/// verify).
+#[derive(Clone)]
+pub struct InfluxConnection {
+    http: reqwest::Client,
+    base: String,
+    target: InfluxTarget,
+}
+
+impl InfluxConnection {
+    pub fn new(cfg: &InfluxConfig) -> Result<Self, SinkError> {
+        let target = cfg.target().map_err(|e| SinkError::Config(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .build()
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            target,
+        })
+    }
+
+    /// The database InfluxQL reads: v1's database, or on 2.x the bucket, which its
+    /// v1-compatible endpoints take as database.
+    fn database(&self) -> &str {
+        match &self.target {
+            InfluxTarget::V1 { database, .. } => database,
+            InfluxTarget::V2 { bucket, .. } => bucket,
+        }
+    }
+
+    /// A request to `path` with the credentials of the API in use.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.target {
+            InfluxTarget::V1 {
+                auth: Some((user, password)),
+                ..
+            } => req.basic_auth(user, password.as_ref().map(Secret::expose)),
+            InfluxTarget::V1 { auth: None, .. } => req,
+            InfluxTarget::V2 { token, .. } => req.header(
+                reqwest::header::AUTHORIZATION,
+                format!("Token {}", token.expose()),
+            ),
+        }
+    }
+
+    /// Runs one InfluxQL statement through `/query` and returns its first result, or
+    /// InfluxDB's error.
+    pub async fn query(&self, q: &str) -> Result<serde_json::Value, String> {
+        let resp = self
+            .request(reqwest::Method::GET, "/query")
+            .query(&[("db", self.database()), ("q", q), ("epoch", "ms")])
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let mut body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("HTTP {status}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("HTTP {status}: {body}"));
+        }
+        let result = body["results"][0].take();
+        match result["error"].as_str() {
+            Some(e) => Err(e.to_string()),
+            None => Ok(result),
+        }
+    }
+}
+
 pub enum InfluxSink {
     V1 {
-        http: reqwest::Client,
-        write_url: String,
-        database: String,
-        auth: Option<(String, Option<String>)>,
+        connection: InfluxConnection,
         fixes: Fixes,
     },
     V2 {
@@ -204,37 +277,20 @@ impl Fixes {
 
 impl InfluxSink {
     pub fn new(cfg: &InfluxConfig) -> Result<Self, SinkError> {
-        let base = cfg.url.trim_end_matches('/');
-        if !base.starts_with("http://") && !base.starts_with("https://") {
-            return Err(SinkError::Config(format!(
-                "influx.url {:?} is not an http(s) URL",
-                cfg.url
-            )));
-        }
-        Ok(match cfg.api {
-            InfluxApi::V1 => InfluxSink::V1 {
-                http: reqwest::Client::builder()
-                    .timeout(cfg.timeout)
-                    .build()
-                    .map_err(|e| SinkError::Config(e.to_string()))?,
-                write_url: format!("{base}/write"),
-                database: cfg.database.clone(),
-                auth: cfg.username.clone().map(|u| (u, cfg.password.clone())),
+        let connection = InfluxConnection::new(cfg)?;
+        Ok(match &connection.target {
+            InfluxTarget::V1 { .. } => InfluxSink::V1 {
+                connection,
                 fixes: Fixes::new(cfg),
             },
-            InfluxApi::V2 => {
-                let token = cfg.token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
-                    SinkError::Config(
-                        "influx.api = \"v2\" needs a token: set CANDLESTREAM__INFLUX__TOKEN".into(),
-                    )
-                })?;
-                let client = influxdb2::ClientBuilder::new(base, cfg.org.clone(), token)
+            InfluxTarget::V2 { org, bucket, token } => {
+                let client = influxdb2::ClientBuilder::new(&connection.base, org, token.expose())
                     .gzip(true)
                     .build()
                     .map_err(|e| SinkError::Config(e.to_string()))?;
                 InfluxSink::V2 {
                     client,
-                    bucket: cfg.bucket.clone(),
+                    bucket: bucket.clone(),
                     timeout: cfg.timeout,
                     fixes: Fixes::new(cfg),
                 }
@@ -245,28 +301,18 @@ impl InfluxSink {
     /// Writes newline-terminated line protocol with nanosecond timestamps, gzip-compressed.
     pub async fn write(&self, lines: &str) -> Result<(), SinkError> {
         match self {
-            InfluxSink::V1 {
-                http,
-                write_url,
-                database,
-                auth,
-                fixes,
-            } => {
+            InfluxSink::V1 { connection, fixes } => {
                 let mut gz =
                     GzEncoder::new(Vec::with_capacity(lines.len() / 4), Compression::fast());
                 gz.write_all(lines.as_bytes())
-                    .map_err(|e| SinkError::Config(e.to_string()))?;
-                let body = gz.finish().map_err(|e| SinkError::Config(e.to_string()))?;
-                let mut req = http
-                    .post(write_url)
-                    .query(&[("db", database.as_str()), ("precision", "ns")])
+                    .map_err(SinkError::Compress)?;
+                let body = gz.finish().map_err(SinkError::Compress)?;
+                let resp = connection
+                    .request(reqwest::Method::POST, "/write")
+                    .query(&[("db", connection.database()), ("precision", "ns")])
                     .header(reqwest::header::CONTENT_ENCODING, "gzip")
                     .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                    .body(body);
-                if let Some((user, password)) = auth {
-                    req = req.basic_auth(user, password.as_ref());
-                }
-                let resp = req
+                    .body(body)
                     .send()
                     .await
                     .map_err(|e| SinkError::Unavailable(e.to_string()))?;

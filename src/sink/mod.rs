@@ -1,3 +1,3 @@
-//! Where decoded ticks go.
+//! Where decoded records (ticker updates and trades) go.
 
 pub mod influx;

@@ -51,6 +51,10 @@ pub fn settings(
     s.bitfinex.heartbeat_timeout = Duration::from_secs(3);
     s.bitfinex.reconnect_backoff_min = Duration::from_millis(50);
     s.bitfinex.reconnect_backoff_max = Duration::from_secs(1);
+    s.bitfinex.rest_backoff_min = Duration::from_millis(100);
+    s.bitfinex.rest_backoff_max = Duration::from_secs(1);
+    s.bitfinex.repair_backoff_min = Duration::from_millis(100);
+    s.bitfinex.repair_backoff_max = Duration::from_secs(1);
     s.bitfinex.request_timeout = Duration::from_secs(2);
     // The fake exchange allows far more than Bitfinex; tests that check the limiter lower this.
     s.bitfinex.rest_trades_per_minute = 6_000;
@@ -276,12 +280,13 @@ pub fn settings_toml(s: &Settings) -> String {
     format!(
         "[bitfinex]\nws_url = \"{}\"\nrest_url = \"{}\"\nsymbols = [{symbols}]\nrest_poll_interval = {}\n\
          heartbeat_timeout = {}\nreconnect_backoff_min = {}\nreconnect_backoff_max = {}\n\
+         rest_backoff_min = {}\nrest_backoff_max = {}\nrepair_backoff_min = {}\nrepair_backoff_max = {}\n\
          mode = \"{}\"\ntrades = {}\nbackfill = {}\nrest_trades_per_minute = {}\n\
          [kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\ntrades_topic = \"{}\"\ndlq_topic = \"{}\"\ngroup_id = \"{}\"\n\
          [kafka.producer]\n{}[kafka.consumer]\n{}\
          [schema_registry]\nurl = \"{}\"\n\
          [producer]\nshutdown_timeout = {}\n\
-         [consumer]\nshutdown_timeout = {}\nretry_backoff_max = {}\n\
+         [consumer]\nworkers = {}\nshutdown_timeout = {}\nretry_backoff_max = {}\n\
          [influx]\napi = \"v1\"\nurl = \"{}\"\ndatabase = \"{}\"\nbatch_size = {}\nflush_interval = {}\n\
          [http]\nlisten = \"{}\"\n[log]\nlevel = \"warn\"\n",
         s.bitfinex.ws_url,
@@ -290,6 +295,10 @@ pub fn settings_toml(s: &Settings) -> String {
         d(s.bitfinex.heartbeat_timeout),
         d(s.bitfinex.reconnect_backoff_min),
         d(s.bitfinex.reconnect_backoff_max),
+        d(s.bitfinex.rest_backoff_min),
+        d(s.bitfinex.rest_backoff_max),
+        d(s.bitfinex.repair_backoff_min),
+        d(s.bitfinex.repair_backoff_max),
         if s.bitfinex.mode == candlestream::config::ExchangeMode::Rest {
             "rest"
         } else {
@@ -307,6 +316,7 @@ pub fn settings_toml(s: &Settings) -> String {
         table(&s.kafka.consumer),
         s.schema_registry.url,
         d(s.producer.shutdown_timeout),
+        s.consumer.workers,
         d(s.consumer.shutdown_timeout),
         d(s.consumer.retry_backoff_max),
         s.influx.url,

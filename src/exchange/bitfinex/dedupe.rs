@@ -531,7 +531,7 @@ mod tests {
     #[test]
     fn a_100_000_trade_backfill_under_te_and_tu_stays_bounded_and_admits_each_trade_once() {
         const HISTORY: i64 = 100_000;
-        const PAGE: usize = 10_000;
+        use crate::exchange::bitfinex::rest::PAGE;
         // History: 1-4 trades per millisecond, so that pages end inside one; ids follow no order
         // within a millisecond.
         let mut history = Vec::new();

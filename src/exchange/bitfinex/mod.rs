@@ -9,13 +9,14 @@ pub mod rest;
 mod trades;
 mod ws;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, mpsc, watch};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,14 +48,16 @@ pub enum ExchangeError {
         status: u16,
         body: String,
     },
-    #[error("cancelled while waiting for the REST rate limit")]
+    #[error("Bitfinex rate-limited REST {0} (HTTP 429 or error 11010)")]
+    RateLimited(&'static str),
+    #[error("the producer is stopping")]
     Cancelled,
     #[error("the pipeline behind the exchange stopped")]
     Downstream,
 }
 
 impl ExchangeError {
-    /// Everything but a stopped pipeline is worth another try after a backoff.
+    /// Everything but a stopped pipeline (or producer) is worth another try after a backoff.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, ExchangeError::Downstream | ExchangeError::Cancelled)
     }
@@ -127,30 +130,12 @@ impl Coverage {
     }
 }
 
-/// Keeps connection opens under Bitfinex's per-minute limit, across all shards.
-struct ConnectLimiter {
-    per_minute: usize,
-    opened: Mutex<VecDeque<Instant>>,
-}
-
-impl ConnectLimiter {
-    async fn acquire(&self) {
-        let window = Duration::from_secs(60);
-        let mut opened = self.opened.lock().await;
-        while opened.front().is_some_and(|t| t.elapsed() >= window) {
-            opened.pop_front();
-        }
-        if opened.len() >= self.per_minute {
-            let wait = window.saturating_sub(opened[0].elapsed());
-            tracing::warn!(
-                ?wait,
-                "connection rate limit reached; waiting before reconnecting"
-            );
-            tokio::time::sleep(wait).await;
-            opened.pop_front();
-        }
-        opened.push_back(Instant::now());
-    }
+/// A limiter of `n` per minute. The full minute's allowance may go at once (a backfill of
+/// several symbols, every shard connecting at start); after that, calls are spaced evenly.
+fn per_minute(n: u32) -> DefaultDirectRateLimiter {
+    RateLimiter::direct(Quota::per_minute(
+        NonZeroU32::new(n.max(1)).expect("positive"),
+    ))
 }
 
 /// Shared by the tasks of one exchange source.
@@ -159,7 +144,8 @@ struct Ctx {
     tx: mpsc::Sender<Record>,
     data: Arc<Liveness>,
     coverage: Coverage,
-    limiter: ConnectLimiter,
+    /// Connection opens, across all shards, under Bitfinex's per-minute limit.
+    connects: DefaultDirectRateLimiter,
     rest: RestClient,
     book: dedupe::TradeBook,
     /// Gap repairs run beside the sockets; shutdown waits for them.
@@ -190,10 +176,7 @@ pub async fn run(
     let backfill_from =
         (!cfg.backfill.is_zero()).then(|| now_ms() - cfg.backfill.as_millis() as i64);
     let ctx = Arc::new(Ctx {
-        limiter: ConnectLimiter {
-            per_minute: cfg.connections_per_minute,
-            opened: Mutex::new(VecDeque::new()),
-        },
+        connects: per_minute(cfg.connections_per_minute as u32),
         coverage: Coverage::new(),
         book: dedupe::TradeBook::new(backfill_from),
         repairs: TaskTracker::new(),

@@ -3,20 +3,20 @@
 //! websocket does not cover (everything in `mode = "rest"`).
 
 use std::collections::BTreeSet;
-use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::DefaultDirectRateLimiter;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::{CandleValues, ERROR_RATE_LIMIT, RestAnswer, RestTicker, parse_rest};
 use super::message::{TickerValues, TradeEntry, TradeValues};
-use super::{Channel, Ctx, ExchangeError, Sub, now_ms, sleep_or_cancel, subscriptions, trades};
+use super::{
+    Channel, Ctx, ExchangeError, Sub, now_ms, per_minute, sleep_or_cancel, subscriptions, trades,
+};
 use crate::config::BitfinexConfig;
 use crate::model::{Record, Source, Tick};
-use crate::retry::backoff;
-use crate::telemetry::metric;
+use crate::retry::{Backoff, GaveUp, Verdict, retry, retry_letting_attempts_finish};
+use crate::telemetry::{metric, truncate};
 
 /// The REST endpoints we call; Bitfinex limits each on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,17 +44,12 @@ pub struct RestClient {
     tickers: DefaultDirectRateLimiter,
     trades: DefaultDirectRateLimiter,
     candles: DefaultDirectRateLimiter,
-    backoff: (Duration, Duration),
+    backoff: Backoff,
     cancel: CancellationToken,
 }
 
-fn per_minute(n: u32) -> DefaultDirectRateLimiter {
-    // The full minute's allowance may go at once (a backfill of several symbols); after that,
-    // requests are spaced evenly.
-    RateLimiter::direct(Quota::per_minute(
-        NonZeroU32::new(n.max(1)).expect("positive"),
-    ))
-}
+/// Bitfinex's maximum rows per history call (`/v2/trades/…/hist`, `/v2/candles/…/hist`).
+pub const PAGE: usize = 10_000;
 
 impl RestClient {
     pub fn new(cfg: &BitfinexConfig, cancel: CancellationToken) -> Result<Self, ExchangeError> {
@@ -67,7 +62,7 @@ impl RestClient {
             tickers: per_minute(cfg.rest_tickers_per_minute),
             trades: per_minute(cfg.rest_trades_per_minute),
             candles: per_minute(cfg.rest_candles_per_minute),
-            backoff: (cfg.reconnect_backoff_min, cfg.reconnect_backoff_max),
+            backoff: cfg.rest_backoff(),
             cancel,
         })
     }
@@ -89,64 +84,82 @@ impl RestClient {
         query: &[(&str, String)],
     ) -> Result<String, ExchangeError> {
         let label = endpoint.label();
-        let mut delays = backoff(
-            self.backoff.0.max(Duration::from_millis(100)),
-            self.backoff.1,
-        );
-        loop {
-            let limiter = self.limiter(endpoint);
-            if limiter.check().is_err() {
-                metrics::counter!(metric::RATE_LIMIT_WAITS, "endpoint" => label).increment(1);
-                tokio::select! {
-                    _ = limiter.until_ready() => {}
-                    _ = self.cancel.cancelled() => return Err(ExchangeError::Cancelled),
+        let got = retry(
+            self.backoff,
+            &self.cancel,
+            || self.get_once(endpoint, path, query),
+            |e, wait| match e {
+                ExchangeError::RateLimited(_) => {
+                    tracing::warn!(
+                        endpoint = label,
+                        ?wait,
+                        "Bitfinex rate limit hit; backing off"
+                    );
+                    Verdict::Retry
                 }
-            }
-            let sent = self
-                .http
-                .get(format!("{}{path}", self.base))
-                .query(query)
-                .send()
-                .await;
-            let response = match sent {
-                Ok(r) => r,
-                Err(e) => {
-                    metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "error").increment(1);
-                    return Err(ExchangeError::Rest(e));
-                }
-            };
-            let status = response.status();
-            let body = response.text().await.map_err(ExchangeError::Rest)?;
-            let rate_limited = status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                || matches!(
-                    parse_rest(&body),
-                    Ok(RestAnswer::Error {
-                        code: Some(ERROR_RATE_LIMIT),
-                        ..
-                    })
-                );
-            if rate_limited {
-                metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "rate_limited").increment(1);
-                let wait = delays.next().unwrap_or(self.backoff.1);
-                tracing::warn!(endpoint = label, %status, ?wait, "Bitfinex rate limit hit; backing off");
-                if !sleep_or_cancel(wait, &self.cancel).await {
-                    return Err(ExchangeError::Cancelled);
-                }
-                continue;
-            }
-            if !status.is_success() {
+                _ => Verdict::Fail,
+            },
+        )
+        .await;
+        match got {
+            Ok(body) => Ok(body),
+            Err(GaveUp::Failed(e)) => Err(e),
+            Err(GaveUp::Stopped) => Err(ExchangeError::Cancelled),
+        }
+    }
+
+    async fn get_once(
+        &self,
+        endpoint: Endpoint,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<String, ExchangeError> {
+        let label = endpoint.label();
+        let limiter = self.limiter(endpoint);
+        if limiter.check().is_err() {
+            metrics::counter!(metric::RATE_LIMIT_WAITS, "endpoint" => label).increment(1);
+            limiter.until_ready().await;
+        }
+        let sent = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
                 metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "error")
                     .increment(1);
-                return Err(ExchangeError::RestStatus {
-                    endpoint: label,
-                    status: status.as_u16(),
-                    body: truncate(&body),
-                });
+                return Err(ExchangeError::Rest(e));
             }
-            metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "ok")
-                .increment(1);
-            return Ok(body);
+        };
+        let status = response.status();
+        let body = response.text().await.map_err(ExchangeError::Rest)?;
+        let rate_limited = status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || matches!(
+                parse_rest(&body),
+                Ok(RestAnswer::Error {
+                    code: Some(ERROR_RATE_LIMIT),
+                    ..
+                })
+            );
+        if rate_limited {
+            metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "rate_limited").increment(1);
+            return Err(ExchangeError::RateLimited(label));
         }
+        if !status.is_success() {
+            metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "error")
+                .increment(1);
+            return Err(ExchangeError::RestStatus {
+                endpoint: label,
+                status: status.as_u16(),
+                body: truncate(&body).to_string(),
+            });
+        }
+        metrics::counter!(metric::REST_REQUESTS, "endpoint" => label, "outcome" => "ok")
+            .increment(1);
+        Ok(body)
     }
 
     /// Rows of a history endpoint.
@@ -240,35 +253,23 @@ fn window(start_ms: i64, end_ms: i64, limit: usize) -> Vec<(&'static str, String
     ]
 }
 
-fn truncate(body: &str) -> String {
-    body.chars().take(200).collect()
-}
-
 /// Polls REST for every subscription the websocket does not cover: tickers in one request,
 /// trades per symbol from the newest one seen (or the backfill horizon).
 pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
     let cfg = &ctx.cfg;
     let all: BTreeSet<Sub> = subscriptions(cfg).into_iter().collect();
     let mut coverage = ctx.coverage.subscribe();
-    let new_backoff = || {
-        backoff(
-            cfg.rest_poll_interval,
-            cfg.reconnect_backoff_max.max(cfg.rest_poll_interval),
-        )
-    };
-    let mut delays = new_backoff();
+    // A failed poll is not repeated sooner than a regular one would be.
+    let after_failure = Backoff::new(cfg.rest_poll_interval, cfg.rest_backoff_max);
     // The first wait gives the websocket time to subscribe before REST steps in.
-    let mut wait = cfg.rest_poll_interval;
     let mut polling = false;
     loop {
-        if !sleep_or_cancel(wait, &ctx.cancel).await {
+        if !sleep_or_cancel(cfg.rest_poll_interval, &ctx.cancel).await {
             return;
         }
-        let uncovered: Vec<Sub> = all
-            .difference(&coverage.borrow_and_update())
-            .cloned()
-            .collect();
-        if uncovered.is_empty() {
+        let uncovered =
+            |covered: &BTreeSet<Sub>| -> Vec<Sub> { all.difference(covered).cloned().collect() };
+        if uncovered(&coverage.borrow_and_update()).is_empty() {
             if polling {
                 tracing::info!("websocket covers every channel again; REST polling stops");
                 polling = false;
@@ -278,23 +279,33 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
                 _ = ctx.cancel.cancelled() => return,
                 _ = coverage.wait_for(|covered| !all.is_subset(covered)) => {}
             }
-            wait = Duration::ZERO;
-            continue;
         }
-        if !polling {
-            tracing::info!(subscriptions = ?uncovered, "polling REST for channels without a websocket");
-            polling = true;
-        }
-        match poll_once(&ctx, &uncovered).await {
-            Ok(()) => {
-                delays = new_backoff();
-                wait = cfg.rest_poll_interval;
-            }
-            Err(ExchangeError::Downstream | ExchangeError::Cancelled) => return,
-            Err(e) => {
-                wait = delays.next().unwrap_or(cfg.reconnect_backoff_max);
+        // Records fetched are sent even when the producer stops meanwhile.
+        let polled = retry_letting_attempts_finish(
+            after_failure,
+            &ctx.cancel,
+            || {
+                // Each attempt polls what is uncovered now: the websocket may have come back.
+                let subs = uncovered(&coverage.borrow());
+                if !polling && !subs.is_empty() {
+                    tracing::info!(subscriptions = ?subs, "polling REST for channels without a websocket");
+                    polling = true;
+                }
+                let ctx = &ctx;
+                async move { poll_once(ctx, &subs).await }
+            },
+            |e, wait| {
+                if !e.is_retryable() {
+                    return Verdict::Fail;
+                }
                 tracing::warn!(error = %e, ?wait, "REST poll failed");
-            }
+                Verdict::Retry
+            },
+        )
+        .await;
+        if polled.is_err() {
+            // Stopped, or the pipeline behind the exchange stopped.
+            return;
         }
     }
 }

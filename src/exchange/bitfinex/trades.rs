@@ -12,13 +12,11 @@ use std::sync::Arc;
 
 use super::dedupe::{Admitted, Fetch, complete_until};
 use super::message::{TradeEntry, TradeValues};
-use super::{Ctx, ExchangeError, now_ms, sleep_or_cancel};
+use super::rest::PAGE;
+use super::{Ctx, ExchangeError, now_ms};
 use crate::model::{Record, Source, Trade};
-use crate::retry::backoff;
+use crate::retry::{Verdict, retry_letting_attempts_finish};
 use crate::telemetry::metric;
-
-/// Bitfinex's maximum rows per `/v2/trades/{symbol}/hist` call.
-pub const PAGE: usize = 10_000;
 
 /// Counts trades dropped because this process already sent them.
 fn count_repeats(source: Source, n: usize) {
@@ -114,22 +112,22 @@ pub(super) async fn on_snapshot(
 /// Closes one gap, retrying until it is closed or the producer stops: the book has already
 /// moved past it, so nothing else would ever fetch these trades.
 async fn repair(ctx: &Ctx, symbol: &str, from: i64, until: i64) {
-    let mut delays = backoff(ctx.cfg.reconnect_backoff_min, ctx.cfg.reconnect_backoff_max);
-    loop {
-        match catch_up(ctx, symbol, from, until).await {
-            Ok(n) => {
-                tracing::info!(%symbol, from, until, recovered = n, "trade gap closed from REST history");
-                return;
+    // Trades fetched are sent even when the producer stops meanwhile.
+    let repaired = retry_letting_attempts_finish(
+        ctx.cfg.repair_backoff(),
+        &ctx.cancel,
+        || catch_up(ctx, symbol, from, until),
+        |e, wait| {
+            if !e.is_retryable() {
+                return Verdict::Fail;
             }
-            Err(e) if e.is_retryable() => {
-                let wait = delays.next().unwrap_or(ctx.cfg.reconnect_backoff_max);
-                tracing::warn!(%symbol, from, until, error = %e, ?wait, "trade gap repair failed; retrying");
-                if !sleep_or_cancel(wait, &ctx.cancel).await {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
+            tracing::warn!(%symbol, from, until, error = %e, ?wait, "trade gap repair failed; retrying");
+            Verdict::Retry
+        },
+    )
+    .await;
+    if let Ok(n) = repaired {
+        tracing::info!(%symbol, from, until, recovered = n, "trade gap closed from REST history");
     }
 }
 

@@ -15,10 +15,10 @@ use super::message::{
     ChannelMessage, Event, FLAG_SEQ_ALL, FLAG_TIMESTAMP, Frame, INFO_MAINTENANCE_END,
     INFO_MAINTENANCE_START, INFO_RECONNECT, Payload, TickerValues, parse_frame,
 };
-use super::{Channel, Ctx, ExchangeError, Sub, now_ms, sleep_or_cancel, trades};
+use super::{Channel, Ctx, ExchangeError, Sub, now_ms, trades};
 use crate::model::{Record, Source};
-use crate::retry::backoff;
-use crate::telemetry::metric;
+use crate::retry::{Verdict, retry_letting_attempts_finish};
+use crate::telemetry::{metric, truncate};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -34,44 +34,71 @@ enum End {
     Cancelled,
     /// Info 20051: the server restarts; reconnect at once.
     ServerRestart,
+    /// A connection that had worked (a channel was subscribed) failed: reconnect at once, and
+    /// back off only if that fails too.
+    Lost(ExchangeError),
 }
 
 /// Keeps one shard connected until cancelled.
 pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, subs: Vec<Sub>) {
-    let new_backoff = || backoff(ctx.cfg.reconnect_backoff_min, ctx.cfg.reconnect_backoff_max);
-    let mut delays = new_backoff();
     loop {
-        tokio::select! {
-            _ = ctx.limiter.acquire() => {}
-            _ = ctx.cancel.cancelled() => return,
-        }
-        let mut session = Session::new(&ctx, shard, &subs);
-        let outcome = session.run().await;
-        ctx.coverage.uncover(&subs);
-        if session.subscribed {
-            delays = new_backoff();
-        }
-        match outcome {
-            Ok(End::Cancelled) | Err(ExchangeError::Downstream) => return,
+        // A session drains on cancellation (unsubscribe, read what was sent): not cut short.
+        let ended = retry_letting_attempts_finish(
+            ctx.cfg.reconnect_backoff(),
+            &ctx.cancel,
+            || connect(&ctx, shard, &subs),
+            |e, wait| {
+                if !e.is_retryable() {
+                    return Verdict::Fail;
+                }
+                metrics::counter!(metric::RECONNECTS, "reason" => reconnect_reason(e)).increment(1);
+                tracing::warn!(shard, error = %e, ?wait, "websocket lost; reconnecting after backoff");
+                Verdict::Retry
+            },
+        )
+        .await;
+        match ended {
+            Ok(End::Cancelled) | Err(_) => return,
             Ok(End::ServerRestart) => {
                 metrics::counter!(metric::RECONNECTS, "reason" => "server_restart").increment(1);
                 tracing::info!(shard, "server restarting (20051); reconnecting now");
             }
-            Err(e) => {
-                let reason = match e {
-                    ExchangeError::Stale(_) => "stale",
-                    ExchangeError::Closed(_) => "closed",
-                    ExchangeError::Connect(_) | ExchangeError::ConnectTimeout(_) => "connect",
-                    _ => "error",
-                };
-                metrics::counter!(metric::RECONNECTS, "reason" => reason).increment(1);
-                let wait = delays.next().unwrap_or(ctx.cfg.reconnect_backoff_max);
-                tracing::warn!(shard, error = %e, ?wait, "websocket lost; reconnecting after backoff");
-                if !sleep_or_cancel(wait, &ctx.cancel).await {
-                    return;
-                }
+            Ok(End::Lost(e)) => {
+                metrics::counter!(metric::RECONNECTS, "reason" => reconnect_reason(&e))
+                    .increment(1);
+                tracing::warn!(shard, error = %e, "websocket lost; reconnecting");
             }
         }
+    }
+}
+
+/// One connection, under the connection rate limit, until it ends.
+async fn connect(ctx: &Arc<Ctx>, shard: usize, subs: &[Sub]) -> Result<End, ExchangeError> {
+    if ctx.connects.check().is_err() {
+        tracing::warn!(
+            shard,
+            "connection rate limit reached; waiting before reconnecting"
+        );
+        tokio::select! {
+            _ = ctx.connects.until_ready() => {}
+            _ = ctx.cancel.cancelled() => return Ok(End::Cancelled),
+        }
+    }
+    let mut session = Session::new(ctx, shard, subs);
+    let outcome = session.run().await;
+    ctx.coverage.uncover(subs);
+    match outcome {
+        Err(e) if session.subscribed && e.is_retryable() => Ok(End::Lost(e)),
+        other => other,
+    }
+}
+
+fn reconnect_reason(e: &ExchangeError) -> &'static str {
+    match e {
+        ExchangeError::Stale(_) => "stale",
+        ExchangeError::Closed(_) => "closed",
+        ExchangeError::Connect(_) | ExchangeError::ConnectTimeout(_) => "connect",
+        _ => "error",
     }
 }
 
@@ -437,9 +464,4 @@ async fn send(ws: &mut Socket, value: serde_json::Value) -> Result<(), ExchangeE
 
 fn count_frame(kind: &'static str) {
     metrics::counter!(metric::FRAMES, "kind" => kind).increment(1);
-}
-
-fn truncate(text: &str) -> &str {
-    let end = text.char_indices().nth(200).map_or(text.len(), |(i, _)| i);
-    &text[..end]
 }

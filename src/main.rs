@@ -87,8 +87,23 @@ enum Command {
 /// Exit status of `audit` when it could not run at all.
 const AUDIT_FAILED: i32 = 2;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How long the exit waits for blocking work still running when a role has returned. A role
+/// returns within its shutdown budget, but a blocking librdkafka call it no longer waits for (the
+/// producer's consumer-lag read, a metadata request to brokers that are down) can take seconds
+/// more, and dropping a tokio runtime waits for every blocking task without a bound.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(run());
+    runtime.shutdown_timeout(EXIT_GRACE);
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref());
     if let (Command::Audit { .. }, Err(e)) = (&cli.command, &settings) {

@@ -117,7 +117,13 @@ async fn two_members_of_one_process_always_finish_closing() {
                     "{group} after {elapsed:?}"
                 );
                 // Nothing is committed that InfluxDB did not acknowledge.
-                let committed = committed_offsets(&cluster.bootstrap(), &group, ticks, 4);
+                let committed = support::committed_offsets(
+                    &cluster.bootstrap(),
+                    &group,
+                    ticks,
+                    4,
+                    &client_overrides(),
+                );
                 let written = written_per_partition(influx, &db, 4).await;
                 for ((c, w), e) in committed.iter().zip(&written).zip(&end) {
                     assert!(
@@ -269,29 +275,6 @@ fn end_offsets(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .unwrap()
                 .1
-        })
-        .collect()
-}
-
-/// The group's committed offset per partition; negative where it committed none.
-fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    use rdkafka::consumer::Consumer;
-    let consumer = support::group_reader(brokers, group, &client_overrides());
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    (0..partitions)
-        .map(|p| {
-            committed
-                .find_partition(topic, p)
-                .unwrap()
-                .offset()
-                .to_raw()
-                .unwrap_or(-1)
         })
         .collect()
 }

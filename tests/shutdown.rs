@@ -10,7 +10,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use support::kafka09::client_overrides;
 use support::pipeline::*;
 use support::rig::{CLUSTER, Rig};
@@ -47,24 +46,6 @@ fn config_file(settings: &candlestream::config::Settings) -> tempfile::NamedTemp
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), support::settings_toml(settings)).unwrap();
     file
-}
-
-/// The group's committed offset per partition of `topic`; 0 where it committed none.
-fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let consumer = support::group_reader(brokers, group, &client_overrides());
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    (0..partitions)
-        .map(|p| {
-            let offset = committed.find_partition(topic, p).unwrap().offset();
-            offset.to_raw().unwrap_or(0).max(0)
-        })
-        .collect()
 }
 
 /// Points InfluxDB holds per partition of the ticks topic (each symbol has one partition).
@@ -113,9 +94,11 @@ async fn consumer_stopped_during_an_influx_outage_exits_in_time_and_commits_noth
     let brokers = rig.cluster.bootstrap();
     let group = rig.settings.kafka.group_id.clone();
     let topic = rig.topic.clone();
-    let offsets = tokio::task::spawn_blocking(move || committed(&brokers, &group, &topic, 3))
-        .await
-        .unwrap();
+    let offsets = tokio::task::spawn_blocking(move || {
+        support::committed_offsets(&brokers, &group, &topic, 3, &client_overrides())
+    })
+    .await
+    .unwrap();
     let stored = stored_per_partition(&rig, 3).await;
     for p in 0..3 {
         assert!(

@@ -101,6 +101,32 @@ pub fn group_reader(
     cfg.create().expect("reader")
 }
 
+/// The group's committed offset per partition of `topic`, read by a [`group_reader`]; 0 where it
+/// committed none.
+pub fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    client_overrides: &BTreeMap<String, String>,
+) -> Vec<i64> {
+    use rdkafka::consumer::Consumer;
+    let consumer = group_reader(brokers, group, client_overrides);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, std::time::Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            let offset = committed.find_partition(topic, p).unwrap().offset();
+            offset.to_raw().unwrap_or(0).max(0)
+        })
+        .collect()
+}
+
 /// Number of records in `topic` (sum of high watermarks; nothing is deleted in tests). Retries
 /// while a partition has no leader, as after a broker was killed.
 pub fn topic_size(

@@ -58,6 +58,8 @@ pub fn settings(
     s.bitfinex.request_timeout = Duration::from_secs(2);
     // The fake exchange allows far more than Bitfinex; tests that check the limiter lower this.
     s.bitfinex.rest_trades_per_minute = 6_000;
+    s.bitfinex.rest_tickers_per_minute = 6_000;
+    s.bitfinex.connections_per_minute = 600;
     s.kafka.brokers = brokers.to_string();
     s.kafka.topic = topic.to_string();
     s.kafka.trades_topic = format!("{topic}-trades");
@@ -308,6 +310,7 @@ pub fn settings_toml(s: &Settings) -> String {
          heartbeat_timeout = {}\nreconnect_backoff_min = {}\nreconnect_backoff_max = {}\n\
          rest_backoff_min = {}\nrest_backoff_max = {}\nrepair_backoff_min = {}\nrepair_backoff_max = {}\n\
          mode = \"{}\"\ntrades = {}\nbackfill = {}\nrest_trades_per_minute = {}\n\
+         rest_tickers_per_minute = {}\nconnections_per_minute = {}\n\
          [kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\ntrades_topic = \"{}\"\ndlq_topic = \"{}\"\ngroup_id = \"{}\"\n\
          [kafka.producer]\n{}[kafka.consumer]\n{}\
          [schema_registry]\nurl = \"{}\"\n\
@@ -333,6 +336,8 @@ pub fn settings_toml(s: &Settings) -> String {
         s.bitfinex.trades,
         d(s.bitfinex.backfill),
         s.bitfinex.rest_trades_per_minute,
+        s.bitfinex.rest_tickers_per_minute,
+        s.bitfinex.connections_per_minute,
         s.kafka.brokers,
         s.kafka.topic,
         s.kafka.trades_topic,

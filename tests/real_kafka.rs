@@ -253,12 +253,23 @@ async fn written_per_partition(influx: &Influx1, db: &str, partitions: i32) -> V
     written
 }
 
-/// The members the coordinator holds in `group`, by client host and id.
+/// The members the coordinator holds in `group`, by client host and id. A coordinator still
+/// loading its group metadata (CoordinatorLoadInProgress, seen right after a cluster starts)
+/// is asked again.
 fn group_members(brokers: &str, group: &str) -> Vec<String> {
     use rdkafka::consumer::Consumer;
-    let list = support::reader(brokers, &client_overrides())
-        .fetch_group_list(Some(group), Duration::from_secs(10))
-        .unwrap();
+    let reader = support::reader(brokers, &client_overrides());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let list = loop {
+        match reader.fetch_group_list(Some(group), Duration::from_secs(10)) {
+            Ok(list) => break list,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("group list of {group}: {e}; asking again");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("group list of {group}: {e}"),
+        }
+    };
     list.groups()
         .iter()
         .flat_map(|g| g.members())

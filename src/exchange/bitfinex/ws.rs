@@ -96,12 +96,21 @@ async fn connect(ctx: &Arc<Ctx>, shard: usize, wanted: Wanted) -> Result<End, Ex
     if wanted.has_changed().is_err() {
         return Ok(End::Retired);
     }
-    let held = *ctx.opens_held_until.lock().expect("opens hold lock");
+    let held = || {
+        let until = *ctx.opens_held_until.lock().expect("opens hold lock");
+        until.filter(|until| *until > tokio::time::Instant::now())
+    };
     let ready = async {
-        if let Some(until) = held {
-            tokio::time::sleep_until(until).await;
+        loop {
+            if let Some(until) = held() {
+                tokio::time::sleep_until(until).await;
+            }
+            ctx.connects.until_ready().await;
+            // A 429 may have come while this shard waited for its slot.
+            if held().is_none() {
+                break;
+            }
         }
-        ctx.connects.until_ready().await;
     };
     tokio::select! {
         biased;

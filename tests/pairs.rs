@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candlestream::config::BitfinexConfig;
+use candlestream::exchange::bitfinex::pairs::{Selection, resolve_once};
 use candlestream::exchange::bitfinex::{self, RestClient};
 use candlestream::model::Record;
 use candlestream::telemetry::Health;
@@ -27,10 +28,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use support::eventually;
 use support::fake_bitfinex::FakeBitfinex;
 use support::pipeline::{WAIT, start, start_consumer};
 use support::rig::{CLUSTER, Rig};
-use support::eventually;
 
 /// The fake's upgrade limit, scaled: 10 per rolling second.
 const UPGRADES: usize = 10;
@@ -121,7 +122,10 @@ impl SkewedTrader {
                     }
                 }
                 for i in 0..10 {
-                    n += ex.execute(&cold[(round * 10 + i) % cold.len()], 1).await.len();
+                    n += ex
+                        .execute(&cold[(round * 10 + i) % cold.len()], 1)
+                        .await
+                        .len();
                 }
                 round += 1;
                 tokio::select! {
@@ -300,10 +304,26 @@ async fn listing_changes_are_followed_within_one_refresh() {
     .await;
     tokio::time::sleep(refresh * 2).await;
     assert_eq!(fully_subscribed(&ex), now);
-    assert_eq!(ex.refused_symbols(), 2, "a refused symbol is asked for once");
+    assert_eq!(
+        ex.refused_symbols(),
+        2,
+        "a refused symbol is asked for once"
+    );
     assert_eq!((ex.refused_upgrades(), ex.refused_channels()), (0, 0));
-    assert!(ex.listing_requests() >= 3, "the listing is read every refresh");
+    assert!(
+        ex.listing_requests() >= 3,
+        "the listing is read every refresh"
+    );
     source.stop().await;
+
+    // The roles that take their symbols once (audit, verify) resolve the same way.
+    let cfg = source_config(&ex, &["t*USD", "tNOPEUSD"]);
+    let selection = Selection::new(&cfg.symbols, &["tTEST*".to_string()]).unwrap();
+    let rest = RestClient::new(&cfg, CancellationToken::new()).unwrap();
+    assert_eq!(
+        resolve_once(&selection, &rest).await.unwrap(),
+        ["tETHUSD", "tNOPEUSD", "tSOLUSD", "tXRPUSD"]
+    );
 }
 
 /// The tests' short timers (as `support::settings` sets them), on `cfg`.
@@ -355,7 +375,9 @@ async fn a_refused_upgrade_holds_every_open() {
         // Shards that were already connecting when the 429 came may land just after it.
         let soon = log
             .iter()
-            .filter(|(t, _)| *t > *r + Duration::from_millis(50) && *t < *r + hold - Duration::from_millis(50))
+            .filter(|(t, _)| {
+                *t > *r + Duration::from_millis(50) && *t < *r + hold - Duration::from_millis(50)
+            })
             .count();
         assert_eq!(soon, 0, "an open within the hold after a 429: {log:?}");
     }

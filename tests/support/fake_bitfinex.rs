@@ -323,7 +323,11 @@ impl FakeBitfinex {
 
     /// The most upgrades asked for within any `window`.
     pub fn most_upgrades_within(&self, window: Duration) -> usize {
-        self.inner.limits.lock().unwrap().most_upgrades_within(window)
+        self.inner
+            .limits
+            .lock()
+            .unwrap()
+            .most_upgrades_within(window)
     }
 
     /// Channels subscribed on each open connection.

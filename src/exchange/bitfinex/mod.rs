@@ -240,6 +240,9 @@ mod tests {
         let passed = (0..50).filter(|_| limiter.check().is_ok()).count();
         assert_eq!(passed, 1);
         std::thread::sleep(std::time::Duration::from_millis(25));
-        assert!(limiter.check().is_ok(), "the next slot opens after 60/n seconds");
+        assert!(
+            limiter.check().is_ok(),
+            "the next slot opens after 60/n seconds"
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use tokio::sync::watch;
 
-use super::{Ctx, ExchangeError, sleep_or_cancel};
+use super::{Ctx, ExchangeError, RestClient, sleep_or_cancel};
 use crate::retry::{GaveUp, Verdict, retry};
 use crate::telemetry::metric;
 
@@ -81,9 +81,11 @@ impl Selection {
     /// The symbols to stream given the trading symbols Bitfinex lists (`tBTCUSD`, …): the exact
     /// ones, and the listed ones a pattern matches, minus the excluded ones.
     pub fn resolve(&self, listing: &[String]) -> BTreeSet<String> {
-        let matched = listing
-            .iter()
-            .filter(|s| self.patterns.as_ref().is_some_and(|p| p.is_match(s.as_str())));
+        let matched = listing.iter().filter(|s| {
+            self.patterns
+                .as_ref()
+                .is_some_and(|p| p.is_match(s.as_str()))
+        });
         self.exact
             .iter()
             .chain(matched)
@@ -168,6 +170,20 @@ impl Symbols {
             true
         });
     }
+}
+
+/// The symbols `selection` stands for now, reading the listing once when it holds a pattern: for
+/// the roles that take their symbols once at start (audit, verify).
+pub async fn resolve_once(
+    selection: &Selection,
+    rest: &RestClient,
+) -> Result<Vec<String>, ExchangeError> {
+    let listing = if selection.needs_listing() {
+        rest.pairs().await?
+    } else {
+        Vec::new()
+    };
+    Ok(selection.resolve(&listing).into_iter().collect())
 }
 
 /// Sets the symbols from the configuration and, when it holds a pattern, follows Bitfinex's
@@ -257,8 +273,14 @@ mod tests {
             ["t1INCH:USD", "tTESTBTC:TESTUSD"]
         );
         assert_eq!(resolve(&["*"], &[], LISTING).len(), LISTING.len());
-        assert_eq!(resolve(&["tBTC???"], &[], LISTING), ["tBTCEUR", "tBTCUSD", "tBTCUST"]);
-        assert_eq!(resolve(&["t{ETH,BTC}USD"], &[], LISTING), ["tBTCUSD", "tETHUSD"]);
+        assert_eq!(
+            resolve(&["tBTC???"], &[], LISTING),
+            ["tBTCEUR", "tBTCUSD", "tBTCUST"]
+        );
+        assert_eq!(
+            resolve(&["t{ETH,BTC}USD"], &[], LISTING),
+            ["tBTCUSD", "tETHUSD"]
+        );
         // Case matters, as in Bitfinex's symbols.
         assert!(resolve(&["t*usd"], &[], LISTING).is_empty());
     }
@@ -276,13 +298,21 @@ mod tests {
             resolve(&["tNOPEUSD", "t*EUR"], &[], LISTING),
             ["tBTCEUR", "tNOPEUSD"]
         );
-        assert!(Selection::new(&strings(&["tNOPEUSD", "t*EUR"]), &[]).unwrap().needs_listing());
+        assert!(
+            Selection::new(&strings(&["tNOPEUSD", "t*EUR"]), &[])
+                .unwrap()
+                .needs_listing()
+        );
     }
 
     #[test]
     fn excludes_apply_to_patterns_and_exact_symbols() {
         assert_eq!(
-            resolve(&["t*USD", "tBTCEUR"], &["tTEST*", "t*:*", "tBTCEUR"], LISTING),
+            resolve(
+                &["t*USD", "tBTCEUR"],
+                &["tTEST*", "t*:*", "tBTCEUR"],
+                LISTING
+            ),
             ["tBTCUSD", "tETHUSD"]
         );
         assert!(resolve(&["*"], &["*"], LISTING).is_empty());
@@ -306,13 +336,19 @@ mod tests {
         let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
         symbols.set(set(&["tBTCUSD", "tNOPEUSD"]), true);
         assert!(rx.has_changed().unwrap());
-        assert_eq!(*rx.borrow_and_update().clone(), set(&["tBTCUSD", "tNOPEUSD"]));
+        assert_eq!(
+            *rx.borrow_and_update().clone(),
+            set(&["tBTCUSD", "tNOPEUSD"])
+        );
         symbols.reject("tNOPEUSD", Some("symbol: invalid"));
         symbols.reject("tNOPEUSD", Some("symbol: invalid"));
         assert_eq!(*rx.borrow_and_update().clone(), set(&["tBTCUSD"]));
         // A refresh does not bring it back.
         symbols.set(set(&["tBTCUSD", "tNOPEUSD", "tETHUSD"]), false);
-        assert_eq!(*rx.borrow_and_update().clone(), set(&["tBTCUSD", "tETHUSD"]));
+        assert_eq!(
+            *rx.borrow_and_update().clone(),
+            set(&["tBTCUSD", "tETHUSD"])
+        );
         // An unchanged refresh wakes nobody.
         symbols.set(set(&["tBTCUSD", "tETHUSD"]), false);
         assert!(!rx.has_changed().unwrap());

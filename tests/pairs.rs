@@ -33,6 +33,8 @@ use support::fake_bitfinex::FakeBitfinex;
 use support::pipeline::{WAIT, start, start_consumer};
 use support::rig::{CLUSTER, Rig};
 
+/// Scheduling on two shared cores, beyond the refresh, for a change to be followed.
+const SLACK: Duration = Duration::from_millis(1500);
 /// The fake's upgrade limit, scaled: 10 per rolling second.
 const UPGRADES: usize = 10;
 const WINDOW: Duration = Duration::from_secs(1);
@@ -271,7 +273,7 @@ async fn listing_changes_are_followed_within_one_refresh() {
     .await;
     let followed = listed.elapsed();
     assert!(
-        followed < refresh + Duration::from_millis(700),
+        followed < refresh + SLACK,
         "followed in {followed:?}, refresh {refresh:?}"
     );
     assert_eq!(ex.ws_connections(), 1, "what fits costs no connection open");
@@ -290,10 +292,7 @@ async fn listing_changes_are_followed_within_one_refresh() {
     })
     .await;
     let followed = delisted.elapsed();
-    assert!(
-        followed < refresh + Duration::from_millis(700),
-        "followed in {followed:?}"
-    );
+    assert!(followed < refresh + SLACK, "followed in {followed:?}");
 
     // A server restart: the same set comes back; the refused and the delisted stay away.
     ex.restart().await;
@@ -382,5 +381,11 @@ async fn a_refused_upgrade_holds_every_open() {
         assert_eq!(soon, 0, "an open within the hold after a 429: {log:?}");
     }
     assert_eq!(ex.refused_channels(), 0);
+    assert_eq!(ex.listing_requests(), 0, "exact symbols need no listing");
+    report!(
+        "PAIRS | 429 | {} upgrades, {} refused; no open within {hold:?} after a refusal",
+        log.len(),
+        refusals.len()
+    );
     source.stop().await;
 }

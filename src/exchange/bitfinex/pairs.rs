@@ -17,7 +17,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use tokio::sync::watch;
 
 use super::{Ctx, ExchangeError, RestClient, sleep_or_cancel};
-use crate::retry::{GaveUp, Verdict, retry};
+use crate::retry::{Verdict, retry};
 use crate::telemetry::metric;
 
 /// True when `s` holds glob syntax, so it is matched against the listing rather than used as is.
@@ -195,27 +195,25 @@ pub(super) async fn follow_listing(ctx: Arc<Ctx>, selection: Selection) {
     }
     let mut first = true;
     loop {
-        // A listing that cannot be read keeps the symbols as they are: a refresh is no reason
-        // to unsubscribe anything.
-        match read_listing(&ctx).await {
-            Ok(listing) => {
-                ctx.symbols.set(selection.resolve(&listing), first);
-                first = false;
-                // What is kept per symbol goes with the symbol: memory stays bounded however
-                // many pairs are listed and delisted over time.
-                let streamed = ctx.symbols.current();
-                ctx.book.retain(|symbol| streamed.contains(symbol));
-            }
-            Err(_) => return,
-        }
+        // Retried until read; meanwhile the symbols stay as they are (a failed refresh is no
+        // reason to unsubscribe anything). None: stopping.
+        let Some(listing) = read_listing(&ctx).await else {
+            return;
+        };
+        ctx.symbols.set(selection.resolve(&listing), first);
+        first = false;
+        // What is kept per symbol goes with the symbol: memory stays bounded however many pairs
+        // are listed and delisted over time.
+        let streamed = ctx.symbols.current();
+        ctx.book.retain(|symbol| streamed.contains(symbol));
         if !sleep_or_cancel(ctx.cfg.symbols_refresh, &ctx.cancel).await {
             return;
         }
     }
 }
 
-/// The listing, retried with the REST backoff until it is read; `Err` only when stopping.
-async fn read_listing(ctx: &Ctx) -> Result<Vec<String>, ()> {
+/// The listing, retried with the REST backoff until it is read; `None` only when stopping.
+async fn read_listing(ctx: &Ctx) -> Option<Vec<String>> {
     let read = retry(
         ctx.cfg.rest_backoff(),
         &ctx.cancel,
@@ -229,10 +227,7 @@ async fn read_listing(ctx: &Ctx) -> Result<Vec<String>, ()> {
         },
     )
     .await;
-    match read {
-        Ok(listing) => Ok(listing),
-        Err(GaveUp::Failed(_) | GaveUp::Stopped) => Err(()),
-    }
+    read.ok()
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! One websocket connection ("shard") for up to 25 channels (ticker and trades), its reconnect
 //! loop, and the connection limit every open of every shard goes through.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
@@ -157,6 +157,8 @@ struct Session<'a> {
     channels: HashMap<u64, Sub>,
     /// Subscriptions asked for and not yet answered with `subscribed` or an error.
     pending: HashSet<Sub>,
+    /// Wanted, but not asked for yet: the connection had no room (see [`Session::subscribe`]).
+    deferred: VecDeque<Sub>,
     /// Shutting down: whatever gets subscribed now is unsubscribed at once.
     draining: bool,
     last_seq: Option<u64>,
@@ -174,6 +176,7 @@ impl<'a> Session<'a> {
             current,
             channels: HashMap::new(),
             pending: HashSet::new(),
+            deferred: VecDeque::new(),
             draining: false,
             last_seq: None,
             subscribed: false,
@@ -292,13 +295,37 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Asks for `sub`, or defers it while the connection has no room: a channel whose
+    /// unsubscribe is not confirmed yet, or whose subscribe is still pending (a delisted symbol
+    /// is unsubscribed only once subscribed), may still count on Bitfinex's side, and the 26th
+    /// channel of a connection is refused (10305).
     async fn subscribe(&mut self, ws: &mut Socket, sub: Sub) -> Result<(), ExchangeError> {
+        if self.channels.len() + self.pending.len() >= self.ctx.cfg.channels_per_connection {
+            self.deferred.push_back(sub);
+            return Ok(());
+        }
         send(
             ws,
             json!({"event": "subscribe", "channel": sub.channel.name(), "symbol": sub.symbol}),
         )
         .await?;
         self.pending.insert(sub);
+        Ok(())
+    }
+
+    /// Asks for deferred channels still wanted, as far as the connection has room.
+    async fn subscribe_deferred(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
+        while self.channels.len() + self.pending.len() < self.ctx.cfg.channels_per_connection
+            && !self.draining
+        {
+            let Some(sub) = self.deferred.pop_front() else {
+                break;
+            };
+            let asked = self.pending.contains(&sub) || self.channels.values().any(|c| *c == sub);
+            if self.current.contains(&sub) && !asked {
+                self.subscribe(ws, sub).await?;
+            }
+        }
         Ok(())
     }
 
@@ -319,6 +346,7 @@ impl<'a> Session<'a> {
         let gone: Vec<&Sub> = self.current.difference(&next).collect();
         self.ctx.coverage.uncover(gone);
         let came: Vec<Sub> = next.difference(&self.current).cloned().collect();
+        self.deferred.retain(|s| next.contains(s));
         self.current = next;
         for sub in came {
             self.subscribe(ws, sub).await?;
@@ -441,6 +469,7 @@ impl<'a> Session<'a> {
             }
             Event::Unsubscribed { chan_id, .. } => {
                 self.channels.remove(&chan_id);
+                self.subscribe_deferred(ws).await?;
             }
             Event::Error {
                 code,
@@ -462,6 +491,7 @@ impl<'a> Session<'a> {
                     // for again on this or any connection.
                     self.ctx.symbols.reject(s, msg.as_deref());
                 }
+                self.subscribe_deferred(ws).await?;
             }
             Event::Pong { cid } => tracing::debug!(shard, ?cid, "pong"),
             Event::Unknown => {

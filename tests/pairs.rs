@@ -389,3 +389,39 @@ async fn a_refused_upgrade_holds_every_open() {
     );
     source.stop().await;
 }
+
+/// A pair delisted while its subscribe is still pending, and a new one listed: the pending
+/// channel still counts on Bitfinex's side (it is unsubscribed once subscribed), so the new one
+/// waits for room instead of being the connection's 5th channel of 4 (refused with 10305).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_while_subscribing_stays_within_the_channels_of_a_connection() {
+    let ex = FakeBitfinex::start().await;
+    ex.set_ws_limits(4, UPGRADES, WINDOW);
+    ex.set_listing(&["tBBBUSD"]);
+    let mut cfg = source_config(&ex, &["t*USD"]);
+    cfg.channels_per_connection = 4;
+    cfg.symbols_refresh = Duration::from_millis(100);
+    let source = Source::start(cfg);
+    eventually("tBBBUSD subscribed", WAIT, || {
+        fully_subscribed(&ex) == ["tBBBUSD"]
+    })
+    .await;
+    // tAAAUSD's two subscribes take a second each to be answered; while they wait, it is
+    // delisted and tCCCUSD listed.
+    ex.set_subscribe_delay(Duration::from_secs(1));
+    ex.list("tAAAUSD");
+    eventually("tAAAUSD asked for", WAIT, || {
+        ex.subscribes_received("tAAAUSD") == 1
+    })
+    .await;
+    ex.delist("tAAAUSD");
+    ex.list("tCCCUSD");
+    eventually("the swap followed", WAIT, || {
+        fully_subscribed(&ex) == ["tBBBUSD", "tCCCUSD"]
+    })
+    .await;
+    assert_eq!(ex.ws_connections(), 1, "the freed room took the new pair");
+    assert!(ex.channels_per_open_connection().iter().all(|&n| n <= 4));
+    assert_eq!((ex.refused_channels(), ex.refused_upgrades()), (0, 0));
+    source.stop().await;
+}

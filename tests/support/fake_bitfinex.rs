@@ -138,6 +138,10 @@ pub(super) struct Inner {
     /// listing, and every symbol may be subscribed.
     listing: Mutex<Option<BTreeSet<String>>>,
     listing_requests: AtomicU64,
+    /// How long each subscribe waits before it is handled (on its connection, in order).
+    subscribe_delay: Mutex<Duration>,
+    /// The symbol of every subscribe received, before the delay, in order.
+    subscribes_received: Mutex<Vec<String>>,
 }
 
 /// Bitfinex's websocket limits, as enforced by the fake, and the refusals they made.
@@ -238,6 +242,8 @@ impl FakeBitfinex {
             limits: Mutex::new(WsLimits::default()),
             listing: Mutex::new(None),
             listing_requests: AtomicU64::new(0),
+            subscribe_delay: Mutex::new(Duration::ZERO),
+            subscribes_received: Mutex::new(Vec::new()),
         });
         let stop = CancellationToken::new();
         let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -358,6 +364,17 @@ impl FakeBitfinex {
         if let Some(listing) = self.inner.listing.lock().unwrap().as_mut() {
             listing.remove(&pair_of(symbol));
         }
+    }
+
+    /// Each subscribe from now on is handled `delay` after it arrived, as on a busy server.
+    pub fn set_subscribe_delay(&self, delay: Duration) {
+        *self.inner.subscribe_delay.lock().unwrap() = delay;
+    }
+
+    /// Subscribes received for `symbol` so far, handled or still waiting.
+    pub fn subscribes_received(&self, symbol: &str) -> usize {
+        let received = self.inner.subscribes_received.lock().unwrap();
+        received.iter().filter(|s| *s == symbol).count()
     }
 
     /// Requests to the listing endpoint.
@@ -813,6 +830,24 @@ impl Conn {
         let Ok(msg) = serde_json::from_str::<Value>(text) else {
             return Ok(());
         };
+        // Whether the symbol is listed is judged when the subscribe arrives.
+        let symbol = msg["symbol"].as_str().unwrap_or_default().to_string();
+        let listed = self
+            .inner
+            .listing
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|l| l.contains(&pair_of(&symbol)));
+        if msg["event"] == "subscribe" {
+            self.inner
+                .subscribes_received
+                .lock()
+                .unwrap()
+                .push(symbol.clone());
+            let delay = *self.inner.subscribe_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+        }
         let mut snapshot = None;
         let reply = match msg["event"].as_str() {
             Some("conf") => {
@@ -826,14 +861,6 @@ impl Conn {
                     Channel::Trades
                 };
                 let name = kind.name();
-                let symbol = msg["symbol"].as_str().unwrap_or_default().to_string();
-                let listed = self
-                    .inner
-                    .listing
-                    .lock()
-                    .unwrap()
-                    .as_ref()
-                    .is_none_or(|l| l.contains(&pair_of(&symbol)));
                 let full = {
                     let mut limits = self.inner.limits.lock().unwrap();
                     let full = self.chans.len() >= limits.channels_per_connection;

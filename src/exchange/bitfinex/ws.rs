@@ -159,6 +159,8 @@ struct Session<'a> {
     pending: HashSet<Sub>,
     /// Wanted, but not asked for yet: the connection had no room (see [`Session::subscribe`]).
     deferred: VecDeque<Sub>,
+    /// Channels no longer wanted whose unsubscribe was sent: not asked to leave twice.
+    leaving: HashSet<u64>,
     /// Shutting down: whatever gets subscribed now is unsubscribed at once.
     draining: bool,
     last_seq: Option<u64>,
@@ -177,6 +179,7 @@ impl<'a> Session<'a> {
             channels: HashMap::new(),
             pending: HashSet::new(),
             deferred: VecDeque::new(),
+            leaving: HashSet::new(),
             draining: false,
             last_seq: None,
             subscribed: false,
@@ -336,11 +339,12 @@ impl<'a> Session<'a> {
         let gone: Vec<u64> = self
             .channels
             .iter()
-            .filter(|(_, sub)| !next.contains(sub))
+            .filter(|(chan_id, sub)| !next.contains(sub) && !self.leaving.contains(chan_id))
             .map(|(&chan_id, _)| chan_id)
             .collect();
         for chan_id in gone {
             send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
+            self.leaving.insert(chan_id);
         }
         // Pending ones that went are unsubscribed when their `subscribed` comes.
         let gone: Vec<&Sub> = self.current.difference(&next).collect();
@@ -469,6 +473,7 @@ impl<'a> Session<'a> {
             }
             Event::Unsubscribed { chan_id, .. } => {
                 self.channels.remove(&chan_id);
+                self.leaving.remove(&chan_id);
                 self.subscribe_deferred(ws).await?;
             }
             Event::Error {

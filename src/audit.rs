@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{InfluxConfig, Settings, Timeframe};
+use crate::exchange::bitfinex::pairs::{Selection, resolve_once};
 use crate::exchange::bitfinex::rest::PAGE;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::model::Candle;
@@ -33,6 +34,8 @@ pub enum AuditError {
     Influx(String),
     #[error("Bitfinex candles unavailable: {0}")]
     Exchange(#[from] ExchangeError),
+    #[error("{0}")]
+    Symbols(String),
 }
 
 /// One field that differs in one minute.
@@ -278,7 +281,8 @@ pub async fn exchange_candles(
     Ok(out)
 }
 
-/// Audits `symbols` over the window ending now.
+/// Audits `symbols` (exact symbols or patterns, minus `bitfinex.symbols_exclude`) over the
+/// window ending now.
 pub async fn run(
     settings: &Settings,
     symbols: &[String],
@@ -287,9 +291,12 @@ pub async fn run(
     let influx =
         InfluxConnection::new(&settings.influx).map_err(|e| AuditError::Influx(e.to_string()))?;
     let rest = RestClient::new(&settings.bitfinex, CancellationToken::new())?;
+    let selection =
+        Selection::new(symbols, &settings.bitfinex.symbols_exclude).map_err(AuditError::Symbols)?;
+    let symbols = resolve_once(&selection, &rest).await?;
     let (start, end) = window(crate::model::now_ms(), since);
     let mut reports = Vec::new();
-    for symbol in symbols {
+    for symbol in &symbols {
         let minute = Timeframe::ONE_MINUTE;
         let ours: Vec<Candle> =
             stored_candles(&influx, &settings.influx, symbol, minute, start, end)

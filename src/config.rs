@@ -109,7 +109,14 @@ pub enum ExchangeMode {
 pub struct BitfinexConfig {
     pub ws_url: String,
     pub rest_url: String,
+    /// Exact trading symbols (`tBTCUSD`) and glob patterns (`t*USD`, `*`) resolved against
+    /// Bitfinex's list of trading pairs; see [`crate::exchange::bitfinex::pairs`].
     pub symbols: Vec<String>,
+    /// Glob patterns (or exact symbols) taken out of whatever `symbols` selects.
+    pub symbols_exclude: Vec<String>,
+    /// How often the list of trading pairs is read again when `symbols` holds a pattern.
+    #[serde(with = "humantime_serde")]
+    pub symbols_refresh: Duration,
     pub mode: ExchangeMode,
     #[serde(with = "humantime_serde")]
     pub rest_poll_interval: Duration,
@@ -169,6 +176,8 @@ impl Default for BitfinexConfig {
             ]
             .map(String::from)
             .into(),
+            symbols_exclude: Vec::new(),
+            symbols_refresh: Duration::from_secs(3600),
             mode: ExchangeMode::Websocket,
             rest_poll_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(20),
@@ -695,6 +704,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("bitfinex.symbols")
+                .with_list_parse_key("bitfinex.symbols_exclude")
                 .with_list_parse_key("verify.timeframes")
                 .source(Some(env)),
         );
@@ -709,14 +719,10 @@ impl Settings {
         if b.symbols.is_empty() {
             return invalid("bitfinex.symbols is empty");
         }
-        if let Some(s) = b
-            .symbols
-            .iter()
-            .find(|s| !s.starts_with('t') || s.len() < 4)
-        {
-            return invalid(&format!(
-                "bitfinex.symbols: {s:?} is not a trading symbol like tBTCUSD"
-            ));
+        crate::exchange::bitfinex::pairs::Selection::new(&b.symbols, &b.symbols_exclude)
+            .map_err(ConfigError::Invalid)?;
+        if b.symbols_refresh.is_zero() {
+            return invalid("bitfinex.symbols_refresh must be positive");
         }
         if !(1..=25).contains(&b.channels_per_connection) {
             return invalid("bitfinex.channels_per_connection must be 1..=25 (Bitfinex's limit)");
@@ -789,7 +795,9 @@ mod tests {
         let s = Settings::load_with_env(
             Some(default_file()),
             env(&[
-                ("CANDLESTREAM__BITFINEX__SYMBOLS", "tBTCUSD,tETHUSD"),
+                ("CANDLESTREAM__BITFINEX__SYMBOLS", "t*USD,tBTCEUR"),
+                ("CANDLESTREAM__BITFINEX__SYMBOLS_EXCLUDE", "t*:USD"),
+                ("CANDLESTREAM__BITFINEX__SYMBOLS_REFRESH", "10m"),
                 ("CANDLESTREAM__BITFINEX__MODE", "rest"),
                 ("CANDLESTREAM__BITFINEX__REST_POLL_INTERVAL", "250ms"),
                 ("CANDLESTREAM__KAFKA__BROKERS", "a:1,b:2"),
@@ -800,7 +808,9 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.bitfinex.symbols, ["tBTCUSD", "tETHUSD"]);
+        assert_eq!(s.bitfinex.symbols, ["t*USD", "tBTCEUR"]);
+        assert_eq!(s.bitfinex.symbols_exclude, ["t*:USD"]);
+        assert_eq!(s.bitfinex.symbols_refresh, Duration::from_secs(600));
         assert_eq!(s.bitfinex.mode, ExchangeMode::Rest);
         assert_eq!(s.bitfinex.rest_poll_interval, Duration::from_millis(250));
         assert_eq!(s.kafka.brokers, "a:1,b:2");
@@ -840,6 +850,9 @@ mod tests {
             ("CANDLESTREAM__KAFKA__BROKRES", "x:1"),
             ("CANDLESTREAM__BITFINEX__MODE", "carrier-pigeon"),
             ("CANDLESTREAM__BITFINEX__SYMBOLS", "BTCUSD"),
+            ("CANDLESTREAM__BITFINEX__SYMBOLS", "t[USD"),
+            ("CANDLESTREAM__BITFINEX__SYMBOLS_EXCLUDE", "t{BTC"),
+            ("CANDLESTREAM__BITFINEX__SYMBOLS_REFRESH", "0s"),
             ("CANDLESTREAM__BITFINEX__CHANNELS_PER_CONNECTION", "26"),
             ("CANDLESTREAM__BITFINEX__HEARTBEAT_TIMEOUT", "soon"),
         ] {

@@ -57,6 +57,14 @@ pub mod metric {
     pub const LAST_TRADE_STORED: &str = "candlestream_trade_last_stored_timestamp_seconds";
     /// When the websocket last connected (Unix seconds).
     pub const LAST_CONNECT: &str = "candlestream_exchange_last_connect_timestamp_seconds";
+    /// Symbols streamed now (configured, listed, not excluded, not refused).
+    pub const SYMBOLS: &str = "candlestream_exchange_symbols";
+    /// Symbols subscribed at runtime because a pattern matched a new listing.
+    pub const SYMBOLS_ADDED: &str = "candlestream_exchange_symbols_added_total";
+    /// Symbols unsubscribed at runtime: `reason` = delisted, or rejected (error 10300).
+    pub const SYMBOLS_REMOVED: &str = "candlestream_exchange_symbols_removed_total";
+    /// Websocket shards (connections of up to `channels_per_connection` channels) now.
+    pub const SHARDS: &str = "candlestream_exchange_shards";
     /// 1 while /healthz answers 200, 0 while it answers 503.
     pub const HEALTHY: &str = "candlestream_healthy";
 }

@@ -28,6 +28,7 @@ use crate::audit::{self, AuditError, Stored, Verdict};
 use crate::codec::{CodecError, Encoder};
 use crate::config::{BitfinexConfig, Settings, Timeframe};
 use crate::exchange::bitfinex::message::TradeValues;
+use crate::exchange::bitfinex::pairs::{Selection, resolve_once};
 use crate::exchange::bitfinex::rest::PAGE;
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::kafka::producer_config;
@@ -187,9 +188,14 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
     timeframes.dedup();
     let lookback = settings.verify.lookback_or(settings.bitfinex.backfill);
     let from = now_ms() - lookback.as_millis() as i64;
-    let series = settings
-        .bitfinex
-        .symbols
+    // Patterns are resolved once, at start: the verifier does not follow listing changes.
+    let selection = Selection::new(
+        &settings.bitfinex.symbols,
+        &settings.bitfinex.symbols_exclude,
+    )
+    .expect("symbols were validated with the configuration");
+    let symbols = resolve_once(&selection, &rest).await?;
+    let series = symbols
         .iter()
         .flat_map(|symbol| {
             timeframes.iter().map(move |&timeframe| Series {
@@ -212,7 +218,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
         settings,
     };
     tracing::info!(
-        symbols = ?verifier.settings.bitfinex.symbols,
+        symbols = symbols.len(),
         timeframes = ?timeframes.iter().map(|t| t.label()).collect::<Vec<_>>(),
         ?lookback,
         measurement = %verifier.settings.verify.measurement,

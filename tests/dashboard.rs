@@ -68,6 +68,8 @@ fn is_influx(panel: &Value) -> bool {
 /// value (`${var:regex}`), so that no value can close the regex and add to the statement.
 const SYMBOL_FILTER: &str = "\"symbol\" =~ /^${symbol:regex}$/";
 const SYMBOLS_FILTER: &str = "\"symbol\" =~ /^${symbols:regex}$/";
+/// `$symbols`' All: every symbol as one regex.
+const ALL_VALUE: &str = ".*";
 
 /// Every dashboard file, with its name.
 fn dashboards() -> Vec<(String, Value)> {
@@ -356,6 +358,9 @@ fn grafana_dashboard_queries_what_the_consumer_writes() {
         .collect();
     assert_eq!(default, first_six, "the first six configured symbols");
     assert!(!default.contains(&"$__all"));
+    // All, when asked for, is one regex however many symbols are stored (300 pairs would
+    // otherwise make a regex of 300 alternatives in every query).
+    assert_eq!(symbols["allValue"], ALL_VALUE);
     assert_eq!(
         symbol["current"]["value"].as_str(),
         Some(first_six[0]),
@@ -794,6 +799,9 @@ fn interpolate(text: &str, vars: &Vars) -> String {
             break;
         }
         match (vars.get(name), format) {
+            // All with a custom all value: the value verbatim, in any format (scenes'
+            // CustomAllValue).
+            (Some(values), _) if values == &["$__all"] => out.push_str(ALL_VALUE),
             (Some(values), Some("regex")) => {
                 let escaped: Vec<String> = values.iter().map(|v| escape_regex(v)).collect();
                 if escaped.len() == 1 {
@@ -1812,5 +1820,152 @@ async fn data_quality_row_prices_and_crafted_symbols_on_influxdb_1_6() {
         left,
         ["candle_checks", "ticker", "trades"],
         "canary dropped"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hundreds of symbols: the coin lists hold them all, and no panel asks for more than its coins.
+// ---------------------------------------------------------------------------------------------
+
+/// 300 stored symbols (the six configured ones first), each with its own price, 1000 + its
+/// index. Every InfluxDB query of the candles dashboard, expanded with the dashboard's default
+/// variables, returns only the default coins' data: `$symbol` for the chart and the ticker row,
+/// the short list of `$symbols` for the data-quality row. All, when asked for, returns every
+/// symbol with one regex.
+#[tokio::test(flavor = "multi_thread")]
+async fn hundreds_of_symbols_query_only_the_chosen_coins_on_influxdb_1_6() {
+    let influx = tokio::task::spawn_blocking(Influx1::start).await.unwrap();
+    let (url, db) = (influx.url(), "dashboard_hundreds");
+    influx.create_database(db).await;
+    let (_, dashboard) = dashboards()
+        .into_iter()
+        .find(|(f, _)| f == "candles.json")
+        .unwrap();
+    let configured = Settings::default().bitfinex.symbols;
+    let symbols: Vec<String> = configured
+        .iter()
+        .cloned()
+        .chain((configured.len()..300).map(|i| format!("tP{i:03}USD")))
+        .collect();
+    let price = |k: usize| 1000.0 + k as f64;
+    let to_ms = now_ms();
+    let from_ms = to_ms - 60 * MINUTE;
+    let at = |i: i64| (to_ms - 30 * MINUTE + i * 1000) * 1_000_000;
+    let mut lines = String::new();
+    for (k, s) in symbols.iter().enumerate() {
+        let p = price(k);
+        for (i, side) in [(0, "buy"), (1, "sell")] {
+            lines += &format!(
+                "trades,symbol={s},side={side} id={}i,price={p},amount=0.5 {}\n",
+                k * 2 + i as usize + 1,
+                at(i)
+            );
+        }
+        lines += &format!(
+            "ticker,symbol={s} bid={p},ask={p},last_price={p},daily_change_relative=0.01,volume=2 {}\n",
+            at(2)
+        );
+        lines += &check_line(
+            "s",
+            "1m",
+            to_ms - 20 * MINUTE,
+            "differs",
+            Some([p, p, p, p, 0.5]),
+            Some([p, p, p, p, 0.25]),
+            "d",
+        )
+        .replacen("symbol=s,", &format!("symbol={s},"), 1);
+    }
+    write_points(&url, db, &lines).await;
+
+    // The coin lists hold every stored symbol: Grafana's picker searches them as you type.
+    let vars_list = dashboard["templating"]["list"].as_array().unwrap();
+    let var = |name: &str| vars_list.iter().find(|v| v["name"] == name).unwrap();
+    for name in ["symbol", "symbols"] {
+        let listed = influxql(&url, db, var(name)["query"].as_str().unwrap())
+            .await
+            .unwrap()
+            .iter()
+            .flat_map(|s| &s.rows)
+            .count();
+        assert_eq!(listed, 300, "${name} lists every stored symbol");
+    }
+
+    // Defaults, as the dashboard opens.
+    let default_symbol = var("symbol")["current"]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let default_symbols: Vec<String> = var("symbols")["current"]["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let timeframe = var("timeframe")["current"]["value"].as_str().unwrap();
+    let index = |s: &str| symbols.iter().position(|x| x == s).unwrap();
+    let mut v = vars(&[("timeframe", timeframe)]);
+    v.insert("symbol", vec![default_symbol.clone()]);
+    v.insert("symbols", default_symbols.clone());
+    let mut queried = 0;
+    for panel in panels(&dashboard).into_iter().filter(|p| is_influx(p)) {
+        let q = query_of(&panel["targets"][0]);
+        let coins: BTreeSet<usize> = if q.contains(SYMBOLS_FILTER) {
+            default_symbols.iter().map(|s| index(s)).collect()
+        } else {
+            BTreeSet::from([index(&default_symbol)])
+        };
+        let q = expand(q, panel, &v, from_ms, to_ms);
+        let series = influxql(&url, db, &q)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        assert!(!series.is_empty(), "{}: no data: {q}", panel["title"]);
+        for s in &series {
+            if let Some(tag) = s.tags.get("symbol") {
+                assert!(
+                    coins.contains(&index(tag)),
+                    "{}: {tag} asked for: {q}",
+                    panel["title"]
+                );
+            }
+            // Prices are 1000 + the symbol's index: any other coin's price would show.
+            let values = s
+                .rows
+                .iter()
+                .flat_map(|r| r.iter().filter(|(k, _)| *k != "time").map(|(_, v)| v));
+            for x in values.filter_map(Value::as_f64) {
+                if x >= 1000.0 {
+                    assert!(
+                        coins.iter().any(|&k| x == price(k)),
+                        "{}: {x} is not the price of a chosen coin: {q}",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+        queried += 1;
+    }
+    assert!(queried >= 9, "{queried} InfluxDB panels");
+
+    // All, asked for: every symbol, with one regex.
+    v.insert("symbols", vec!["$__all".to_string()]);
+    let verified = panels(&dashboard)
+        .into_iter()
+        .find(|p| p["title"] == "Verified")
+        .unwrap();
+    let q = expand(
+        query_of(&verified["targets"][0]),
+        verified,
+        &v,
+        from_ms,
+        to_ms,
+    );
+    assert!(q.contains("/^.*$/"), "{q}");
+    let series = influxql(&url, db, &q).await.unwrap();
+    assert_eq!(series.len(), 300, "All: every symbol");
+    crate::report!(
+        "DASHBOARD | 300 symbols | {queried} panels on the defaults ($symbol {default_symbol}, $symbols {} coins) | All: {} series",
+        default_symbols.len(),
+        series.len()
     );
 }

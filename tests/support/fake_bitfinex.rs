@@ -1,14 +1,21 @@
 //! A local exchange speaking Bitfinex's public v2 protocol: the info event, conf,
 //! subscribe/subscribed/unsubscribe, ticker updates with SEQ_ALL + TIMESTAMP, heartbeats,
-//! info 20051/20060/20061, abrupt closes and garbage, plus `GET /v2/tickers` on a second port.
+//! info 20051/20060/20061, abrupt closes and garbage, plus `GET /v2/tickers` and
+//! `GET /v2/conf/pub:list:pair:exchange` on a second port.
+//!
+//! Bitfinex's websocket limits are enforced and every refusal counted: the subscribe beyond
+//! `channels_per_connection` (25) channels of one connection gets error 10305, and an upgrade
+//! beyond `upgrades` per rolling `window` (600 per minute unless a test sets Bitfinex's 20, or a
+//! scaled equivalent) gets HTTP 429. Once a test sets a listing, a subscribe to a symbol it does
+//! not hold gets error 10300.
 //! Trades channels, the trade ledger and the trade/candle history endpoints are in
 //! [`super::fake_trades`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::routing::get;
@@ -125,6 +132,79 @@ pub(super) struct Inner {
     heartbeat: Duration,
     /// Trades settings and counters (snapshot length, `tu` delay, rate limiting).
     pub(super) trades: TradeSettings,
+    /// Bitfinex's websocket limits and what they refused.
+    limits: Mutex<WsLimits>,
+    /// Trading pairs (`BTCUSD`, without the `t`) served by the listing endpoint; `None`: no
+    /// listing, and every symbol may be subscribed.
+    listing: Mutex<Option<BTreeSet<String>>>,
+    listing_requests: AtomicU64,
+    /// How long each subscribe waits before it is handled (on its connection, in order).
+    subscribe_delay: Mutex<Duration>,
+    /// The symbol of every subscribe received, before the delay, in order.
+    subscribes_received: Mutex<Vec<String>>,
+}
+
+/// Bitfinex's websocket limits, as enforced by the fake, and the refusals they made.
+pub struct WsLimits {
+    pub channels_per_connection: usize,
+    /// At most this many upgrades (refused ones included) per rolling `window`.
+    pub upgrades: usize,
+    pub window: Duration,
+    /// When each upgrade was asked for, oldest first, and whether it was admitted.
+    upgrade_times: Vec<(Instant, bool)>,
+    refused_upgrades: u64,
+    refused_channels: u64,
+    /// Subscribes refused with 10300 (symbol not listed).
+    refused_symbols: u64,
+}
+
+impl Default for WsLimits {
+    /// Bitfinex's 25 channels per connection; 600 upgrades a minute, what the tests' settings
+    /// let the producer open (Bitfinex's 20 a minute, scaled as the tests scale time).
+    fn default() -> Self {
+        Self {
+            channels_per_connection: 25,
+            upgrades: 600,
+            window: Duration::from_secs(60),
+            upgrade_times: Vec::new(),
+            refused_upgrades: 0,
+            refused_channels: 0,
+            refused_symbols: 0,
+        }
+    }
+}
+
+impl WsLimits {
+    /// Records an upgrade asked for now; true when it is within the limit.
+    fn admit_upgrade(&mut self) -> bool {
+        let now = Instant::now();
+        let in_window = self
+            .upgrade_times
+            .iter()
+            .rev()
+            .take_while(|(t, _)| now.duration_since(*t) < self.window)
+            .count();
+        let admitted = in_window < self.upgrades;
+        self.upgrade_times.push((now, admitted));
+        if !admitted {
+            self.refused_upgrades += 1;
+        }
+        admitted
+    }
+
+    /// The most upgrades asked for within any `window` (refused ones included).
+    fn most_upgrades_within(&self, window: Duration) -> usize {
+        let t = &self.upgrade_times;
+        (0..t.len())
+            .map(|i| {
+                t[i..]
+                    .iter()
+                    .take_while(|(x, _)| x.duration_since(t[i].0) < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 pub struct FakeBitfinex {
@@ -159,6 +239,11 @@ impl FakeBitfinex {
             time_step_ms: synthetic.map(|(_, step)| step),
             heartbeat,
             trades: TradeSettings::default(),
+            limits: Mutex::new(WsLimits::default()),
+            listing: Mutex::new(None),
+            listing_requests: AtomicU64::new(0),
+            subscribe_delay: Mutex::new(Duration::ZERO),
+            subscribes_received: Mutex::new(Vec::new()),
         });
         let stop = CancellationToken::new();
         let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -168,6 +253,7 @@ impl FakeBitfinex {
         let rest_addr = rest.local_addr().unwrap();
         let app = Router::new()
             .route("/v2/tickers", get(tickers))
+            .route("/v2/conf/pub:list:pair:exchange", get(pair_list))
             .route("/v2/trades/{symbol}/hist", get(fake_trades::trades_hist))
             .route("/v2/candles/{key}/hist", get(fake_trades::candles_hist))
             .with_state(inner.clone());
@@ -206,6 +292,94 @@ impl FakeBitfinex {
 
     pub fn ws_connections(&self) -> u64 {
         self.inner.ws_connections.load(Ordering::SeqCst)
+    }
+
+    /// Enforces `channels` per connection and `upgrades` per rolling `window` from now on.
+    pub fn set_ws_limits(&self, channels: usize, upgrades: usize, window: Duration) {
+        let mut l = self.inner.limits.lock().unwrap();
+        l.channels_per_connection = channels;
+        l.upgrades = upgrades;
+        l.window = window;
+    }
+
+    /// Upgrades answered with HTTP 429.
+    pub fn refused_upgrades(&self) -> u64 {
+        self.inner.limits.lock().unwrap().refused_upgrades
+    }
+
+    /// Subscribes answered with error 10305 (beyond the channels of a connection).
+    pub fn refused_channels(&self) -> u64 {
+        self.inner.limits.lock().unwrap().refused_channels
+    }
+
+    /// Subscribes answered with error 10300 (a symbol not listed).
+    pub fn refused_symbols(&self) -> u64 {
+        self.inner.limits.lock().unwrap().refused_symbols
+    }
+
+    /// Upgrades asked for so far, refused ones included.
+    pub fn upgrades(&self) -> usize {
+        self.inner.limits.lock().unwrap().upgrade_times.len()
+    }
+
+    /// Every upgrade asked for so far, oldest first: when, and whether it was admitted.
+    pub fn upgrade_log(&self) -> Vec<(Instant, bool)> {
+        self.inner.limits.lock().unwrap().upgrade_times.clone()
+    }
+
+    /// The most upgrades asked for within any `window`.
+    pub fn most_upgrades_within(&self, window: Duration) -> usize {
+        self.inner
+            .limits
+            .lock()
+            .unwrap()
+            .most_upgrades_within(window)
+    }
+
+    /// Channels subscribed on each open connection.
+    pub fn channels_per_open_connection(&self) -> Vec<usize> {
+        let ex = self.inner.exchange.lock().unwrap();
+        let mut per: HashMap<u64, usize> = ex.conns.keys().map(|&c| (c, 0)).collect();
+        for s in ex.subs.values().chain(ex.trade_subs.values()) {
+            *per.entry(s.conn).or_default() += 1;
+        }
+        per.into_values().collect()
+    }
+
+    /// Serves `symbols` (`tBTCUSD`, …) as the list of trading pairs; from now on a subscribe
+    /// to a symbol not listed is refused with error 10300.
+    pub fn set_listing(&self, symbols: &[&str]) {
+        let pairs = symbols.iter().map(|s| pair_of(s)).collect();
+        *self.inner.listing.lock().unwrap() = Some(pairs);
+    }
+
+    /// A new pair is listed.
+    pub fn list(&self, symbol: &str) {
+        let mut listing = self.inner.listing.lock().unwrap();
+        listing.get_or_insert_default().insert(pair_of(symbol));
+    }
+
+    /// A pair is delisted: gone from the listing; its channels stay until the client leaves.
+    pub fn delist(&self, symbol: &str) {
+        if let Some(listing) = self.inner.listing.lock().unwrap().as_mut() {
+            listing.remove(&pair_of(symbol));
+        }
+    }
+
+    /// Each subscribe from now on is handled `delay` after it arrived, as on a busy server.
+    pub fn set_subscribe_delay(&self, delay: Duration) {
+        *self.inner.subscribe_delay.lock().unwrap() = delay;
+    }
+
+    /// Subscribes received for `symbol` so far, handled or still waiting.
+    pub fn subscribes_received(&self, symbol: &str) -> usize {
+        let received = self.inner.subscribes_received.lock().unwrap();
+        received.iter().filter(|s| *s == symbol).count()
+    }
+
+    /// Requests to the listing endpoint.
+    pub fn listing_requests(&self) -> u64 {
+        self.inner.listing_requests.load(Ordering::SeqCst)
     }
 
     /// Requests to `GET /v2/tickers` (see [`FakeBitfinex::rest_requests_by`] for the others).
@@ -465,7 +639,11 @@ async fn serve_connection(stream: TcpStream, inner: Arc<Inner>, stop: Cancellati
     // The signature is tungstenite's handshake callback; its error is a whole HTTP response.
     #[allow(clippy::result_large_err)]
     let callback = |_: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if accepting {
+        if !inner.limits.lock().unwrap().admit_upgrade() {
+            let mut e = ErrorResponse::new(Some("rate limited".into()));
+            *e.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
+            Err(e)
+        } else if accepting {
             Ok(resp)
         } else {
             let mut e = ErrorResponse::new(Some("maintenance".into()));
@@ -652,6 +830,24 @@ impl Conn {
         let Ok(msg) = serde_json::from_str::<Value>(text) else {
             return Ok(());
         };
+        // Whether the symbol is listed is judged when the subscribe arrives.
+        let symbol = msg["symbol"].as_str().unwrap_or_default().to_string();
+        let listed = self
+            .inner
+            .listing
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|l| l.contains(&pair_of(&symbol)));
+        if msg["event"] == "subscribe" {
+            self.inner
+                .subscribes_received
+                .lock()
+                .unwrap()
+                .push(symbol.clone());
+            let delay = *self.inner.subscribe_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+        }
         let mut snapshot = None;
         let reply = match msg["event"].as_str() {
             Some("conf") => {
@@ -665,9 +861,19 @@ impl Conn {
                     Channel::Trades
                 };
                 let name = kind.name();
-                let symbol = msg["symbol"].as_str().unwrap_or_default().to_string();
+                let full = {
+                    let mut limits = self.inner.limits.lock().unwrap();
+                    let full = self.chans.len() >= limits.channels_per_connection;
+                    limits.refused_channels += u64::from(full);
+                    limits.refused_symbols += u64::from(!full && !listed);
+                    full
+                };
                 if self.chans.values().any(|(k, s)| *k == kind && *s == symbol) {
                     json!({"event":"error","msg":"subscribe: dup","code":10301,"channel":name,"symbol":symbol})
+                } else if full {
+                    json!({"event":"error","msg":"subscribe: limit","code":10305,"channel":name,"symbol":symbol})
+                } else if !listed {
+                    json!({"event":"error","msg":"symbol: invalid","code":10300,"channel":name,"symbol":symbol})
                 } else {
                     let chan = self.inner.next_chan.fetch_add(1, Ordering::SeqCst);
                     self.chans.insert(chan, (kind, symbol.clone()));
@@ -766,6 +972,21 @@ async fn tickers(State(inner): State<Arc<Inner>>, Query(q): Query<TickersQuery>)
         out.push(Value::Array(row));
     }
     Json(Value::Array(out))
+}
+
+/// `GET /v2/conf/pub:list:pair:exchange`: `[["BTCUSD","ETHUSD",…]]`, or 404 with no listing.
+async fn pair_list(State(inner): State<Arc<Inner>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    inner.listing_requests.fetch_add(1, Ordering::SeqCst);
+    match inner.listing.lock().unwrap().as_ref() {
+        Some(pairs) => Json(json!([pairs.iter().collect::<Vec<_>>()])).into_response(),
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// `tBTCUSD` → `BTCUSD`.
+fn pair_of(symbol: &str) -> String {
+    symbol.strip_prefix('t').unwrap_or(symbol).to_string()
 }
 
 /// True when every one of `symbols` is in `subscribed`.

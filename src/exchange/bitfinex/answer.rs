@@ -68,6 +68,20 @@ pub fn parse_rest(body: &str) -> Result<RestAnswer, serde_json::Error> {
     Ok(RestAnswer::Rows(items.into_iter().map(row).collect()))
 }
 
+/// The answer of `GET /v2/conf/pub:list:pair:exchange`: every trading pair, without the `t`,
+/// in one array: `[["BTCUSD","ETHUSD","TESTBTC:TESTUSD",…]]`. Returned as trading symbols
+/// (`tBTCUSD`).
+pub fn parse_pair_list(body: &str) -> Result<Vec<String>, serde_json::Error> {
+    let lists: Vec<Vec<String>> = serde_json::from_str(body)?;
+    Ok(lists
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|pair| format!("t{pair}"))
+        .collect())
+}
+
 /// One row of `/v2/candles/trade:1m:{symbol}/hist`: `[MTS, OPEN, CLOSE, HIGH, LOW, VOLUME]`
 /// (Bitfinex puts close before high and low).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -108,6 +122,18 @@ mod tests {
         include_str!("../../../tests/fixtures/bitfinex/rest-trades-hist.json");
     const CANDLES_HIST: &str =
         include_str!("../../../tests/fixtures/bitfinex/rest-candles-hist.json");
+    const PAIRS: &str = include_str!("../../../tests/fixtures/bitfinex/rest-conf-pairs.json");
+
+    #[test]
+    fn pair_list_fixture() {
+        let symbols = parse_pair_list(PAIRS).unwrap();
+        assert_eq!(symbols.len(), 12);
+        assert_eq!(symbols[0], "t1INCH:USD");
+        assert!(symbols.contains(&"tBTCUSD".to_string()));
+        assert!(symbols.contains(&"tTESTBTC:TESTUSD".to_string()));
+        assert_eq!(parse_pair_list("[]").unwrap(), Vec::<String>::new());
+        assert!(parse_pair_list("[\"error\", 10020, \"x\"]").is_err());
+    }
 
     fn trade(id: i64, mts: i64, amount: f64, price: f64) -> TradeValues {
         TradeValues {

@@ -231,6 +231,12 @@ impl TradeBook {
         }
     }
 
+    /// Forgets every symbol `keep` refuses (a delisted pair): its memory is released.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut symbols = self.symbols.lock().expect("trade book lock");
+        symbols.retain(|symbol, _| keep(symbol));
+    }
+
     /// Where a gap in `symbol`'s trades would start: its newest trade seen, or the backfill
     /// horizon before any. `None`: nothing to catch up on.
     pub fn cursor(&self, symbol: &str) -> Option<Position> {

@@ -18,6 +18,13 @@ pub const INFO_MAINTENANCE_START: u32 = 20060;
 /// Info code: maintenance ended; unsubscribe and subscribe again.
 pub const INFO_MAINTENANCE_END: u32 = 20061;
 
+/// Error code of a subscribe Bitfinex refused, e.g. an unknown symbol:
+/// `{"event":"error","msg":"symbol: invalid","code":10300,"channel":"trades","symbol":"tNOPEUSD"}`.
+pub const ERROR_SUBSCRIPTION_FAILED: u32 = 10300;
+/// Error code of a subscribe beyond the 25 channels of a connection:
+/// `{"event":"error","msg":"subscribe: limit","code":10305,"channel":"ticker","symbol":"tBTCUSD"}`.
+pub const ERROR_CHANNEL_LIMIT: u32 = 10305;
+
 /// conf flag: add the exchange timestamp (ms) to every channel message.
 pub const FLAG_TIMESTAMP: u64 = 32_768;
 /// conf flag: add the connection-wide sequence number to every channel message.
@@ -79,10 +86,13 @@ pub enum Event {
         chan_id: u64,
         status: Option<String>,
     },
+    /// A refused request; a refused subscribe names its symbol (older servers: its pair,
+    /// without the `t`). See [`ERROR_SUBSCRIPTION_FAILED`] and [`ERROR_CHANNEL_LIMIT`].
     Error {
         code: Option<u32>,
         msg: Option<String>,
         symbol: Option<String>,
+        pair: Option<String>,
     },
     Pong {
         cid: Option<u64>,
@@ -588,6 +598,41 @@ mod tests {
         ];
         for (frame, want) in cases {
             assert_eq!(&outcome(frame), want, "frame {frame}");
+        }
+    }
+
+    #[test]
+    fn refused_subscribes_name_their_symbol() {
+        let cases = [
+            (
+                r#"{"event":"error","msg":"symbol: invalid","code":10300,"channel":"trades","symbol":"tNOPEUSD"}"#,
+                ERROR_SUBSCRIPTION_FAILED,
+                Some("tNOPEUSD"),
+                None,
+            ),
+            (
+                r#"{"event":"error","msg":"symbol: invalid","code":10300,"pair":"NOPEUSD"}"#,
+                ERROR_SUBSCRIPTION_FAILED,
+                None,
+                Some("NOPEUSD"),
+            ),
+            (
+                r#"{"event":"error","msg":"subscribe: limit","code":10305,"channel":"ticker","symbol":"tBTCUSD"}"#,
+                ERROR_CHANNEL_LIMIT,
+                Some("tBTCUSD"),
+                None,
+            ),
+        ];
+        for (text, want_code, want_symbol, want_pair) in cases {
+            let Ok(Frame::Event(Event::Error {
+                code, symbol, pair, ..
+            })) = parse_frame(text)
+            else {
+                panic!("{text}: an error event");
+            };
+            assert_eq!(code, Some(want_code), "{text}");
+            assert_eq!(symbol.as_deref(), want_symbol, "{text}");
+            assert_eq!(pair.as_deref(), want_pair, "{text}");
         }
     }
 

@@ -5,13 +5,15 @@
 pub mod answer;
 mod dedupe;
 pub mod message;
+pub mod pairs;
 pub mod rest;
+mod shards;
 mod trades;
 mod ws;
 
 use std::collections::BTreeSet;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -38,6 +40,8 @@ pub enum ExchangeError {
     Stale(Duration),
     #[error("timed out connecting after {0:?}")]
     ConnectTimeout(Duration),
+    #[error("Bitfinex refused the websocket upgrade with HTTP 429: too many connection opens")]
+    UpgradeRateLimited,
     #[error("REST request failed: {0}")]
     Rest(#[source] reqwest::Error),
     #[error("REST answer not understood: {0}")]
@@ -87,16 +91,19 @@ pub struct Sub {
     pub symbol: String,
 }
 
-/// Every subscription the configuration asks for: the ticker of each symbol, and its trades
-/// unless `trades = false`. Each is one of Bitfinex's 25 channels per connection.
-pub fn subscriptions(cfg: &BitfinexConfig) -> Vec<Sub> {
+/// The subscriptions of `symbols`: the ticker of each, and its trades unless `trades = false`.
+/// Each is one of Bitfinex's 25 channels per connection.
+pub fn subscriptions<'a>(
+    cfg: &BitfinexConfig,
+    symbols: impl IntoIterator<Item = &'a String>,
+) -> Vec<Sub> {
     let channels: &[Channel] = if cfg.trades {
         &[Channel::Ticker, Channel::Trades]
     } else {
         &[Channel::Ticker]
     };
-    cfg.symbols
-        .iter()
+    symbols
+        .into_iter()
         .flat_map(|symbol| {
             channels.iter().map(|&channel| Sub {
                 channel,
@@ -128,6 +135,9 @@ impl Coverage {
     fn subscribe(&self) -> watch::Receiver<BTreeSet<Sub>> {
         self.0.subscribe()
     }
+    fn covers(&self, sub: &Sub) -> bool {
+        self.0.borrow().contains(sub)
+    }
 }
 
 /// A limiter of `n` per rolling minute: calls are spaced evenly, 60/n seconds apart, with no
@@ -145,8 +155,12 @@ struct Ctx {
     tx: mpsc::Sender<Record>,
     data: Arc<Liveness>,
     coverage: Coverage,
+    /// The symbols streamed now; they change with Bitfinex's listing.
+    symbols: pairs::Symbols,
     /// Connection opens, across all shards, under Bitfinex's per-minute limit.
     connects: DefaultDirectRateLimiter,
+    /// After Bitfinex answered an upgrade with 429, no shard opens before this.
+    opens_held_until: Mutex<Option<tokio::time::Instant>>,
     rest: RestClient,
     book: dedupe::TradeBook,
     /// Gap repairs run beside the sockets; shutdown waits for them.
@@ -164,9 +178,9 @@ impl Ctx {
     }
 }
 
-/// Streams ticker updates and trades for every configured symbol into `tx` until `cancel`.
-/// Returns once every task has stopped, so that dropping `tx` afterwards tells the next stage no
-/// more records will come.
+/// Streams ticker updates and trades for every symbol selected (see [`pairs`]) into `tx` until
+/// `cancel`. Returns once every task has stopped, so that dropping `tx` afterwards tells the next
+/// stage no more records will come.
 pub async fn run(
     cfg: BitfinexConfig,
     rest: RestClient,
@@ -176,8 +190,12 @@ pub async fn run(
 ) {
     let backfill_from =
         (!cfg.backfill.is_zero()).then(|| now_ms() - cfg.backfill.as_millis() as i64);
+    let selection = pairs::Selection::new(&cfg.symbols, &cfg.symbols_exclude)
+        .expect("symbols were validated with the configuration");
     let ctx = Arc::new(Ctx {
+        symbols: pairs::Symbols::new(),
         connects: per_minute(cfg.connections_per_minute as u32),
+        opens_held_until: Mutex::new(None),
         coverage: Coverage::new(),
         book: dedupe::TradeBook::new(backfill_from),
         repairs: TaskTracker::new(),
@@ -188,13 +206,9 @@ pub async fn run(
         cancel,
     });
     let mut tasks = JoinSet::new();
+    tasks.spawn(pairs::follow_listing(ctx.clone(), selection));
     if ctx.cfg.mode == ExchangeMode::Websocket {
-        for (shard, subs) in subscriptions(&ctx.cfg)
-            .chunks(ctx.cfg.channels_per_connection)
-            .enumerate()
-        {
-            tasks.spawn(ws::supervise(ctx.clone(), shard, subs.to_vec()));
-        }
+        tasks.spawn(shards::run(ctx.clone()));
     }
     tasks.spawn(rest::poll_uncovered(ctx.clone()));
     while let Some(r) = tasks.join_next().await {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use governor::DefaultDirectRateLimiter;
 use tokio_util::sync::CancellationToken;
 
-use super::answer::{CandleValues, ERROR_RATE_LIMIT, RestAnswer, RestTicker, parse_rest};
+use super::answer::{
+    CandleValues, ERROR_RATE_LIMIT, RestAnswer, RestTicker, parse_pair_list, parse_rest,
+};
 use super::message::{TickerValues, TradeEntry, TradeValues};
 use super::{
     Channel, Ctx, ExchangeError, Sub, now_ms, per_minute, sleep_or_cancel, subscriptions, trades,
@@ -24,6 +26,8 @@ pub enum Endpoint {
     Tickers,
     Trades,
     Candles,
+    /// The list of trading pairs, read once an hour or so: under the tickers' budget.
+    Pairs,
 }
 
 impl Endpoint {
@@ -32,6 +36,7 @@ impl Endpoint {
             Endpoint::Tickers => "tickers",
             Endpoint::Trades => "trades",
             Endpoint::Candles => "candles",
+            Endpoint::Pairs => "pairs",
         }
     }
 }
@@ -69,7 +74,7 @@ impl RestClient {
 
     fn limiter(&self, endpoint: Endpoint) -> &DefaultDirectRateLimiter {
         match endpoint {
-            Endpoint::Tickers => &self.tickers,
+            Endpoint::Tickers | Endpoint::Pairs => &self.tickers,
             Endpoint::Trades => &self.trades,
             Endpoint::Candles => &self.candles,
         }
@@ -207,6 +212,15 @@ impl RestClient {
         Ok(ticks)
     }
 
+    /// Every trading symbol Bitfinex lists (`tBTCUSD`, …).
+    pub async fn pairs(&self) -> Result<Vec<String>, ExchangeError> {
+        let body = self
+            .get(Endpoint::Pairs, "/v2/conf/pub:list:pair:exchange", &[])
+            .await?;
+        parse_pair_list(&body)
+            .map_err(|e| ExchangeError::RestBody(format!("{e}: {}", truncate(&body))))
+    }
+
     /// Up to `limit` trades of `symbol` with `start_ms <= MTS <= end_ms`, oldest first.
     pub async fn trades(
         &self,
@@ -253,12 +267,19 @@ fn window(start_ms: i64, end_ms: i64, limit: usize) -> Vec<(&'static str, String
     ]
 }
 
-/// Polls REST for every subscription the websocket does not cover: tickers in one request,
-/// trades per symbol from the newest one seen (or the backfill horizon).
+/// Polls REST for every subscription of the streamed symbols that the websocket does not cover
+/// (all of them in `mode = "rest"`; at start, those still waiting for a connection): tickers in
+/// one request, trades per symbol from the newest one seen (or the backfill horizon).
 pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
     let cfg = &ctx.cfg;
-    let all: BTreeSet<Sub> = subscriptions(cfg).into_iter().collect();
+    let mut symbols = ctx.symbols.subscribe();
     let mut coverage = ctx.coverage.subscribe();
+    let uncovered = |covered: &BTreeSet<Sub>| -> Vec<Sub> {
+        subscriptions(cfg, ctx.symbols.current().iter())
+            .into_iter()
+            .filter(|s| !covered.contains(s))
+            .collect()
+    };
     // A failed poll is not repeated sooner than a regular one would be.
     let after_failure = Backoff::new(cfg.rest_poll_interval, cfg.rest_backoff_max);
     // The first wait gives the websocket time to subscribe before REST steps in.
@@ -267,17 +288,21 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
         if !sleep_or_cancel(cfg.rest_poll_interval, &ctx.cancel).await {
             return;
         }
-        let uncovered =
-            |covered: &BTreeSet<Sub>| -> Vec<Sub> { all.difference(covered).cloned().collect() };
+        symbols.mark_unchanged();
         if uncovered(&coverage.borrow_and_update()).is_empty() {
             if polling {
                 tracing::info!("websocket covers every channel again; REST polling stops");
                 polling = false;
             }
+            let all: BTreeSet<Sub> = subscriptions(cfg, ctx.symbols.current().iter())
+                .into_iter()
+                .collect();
             tokio::select! {
                 biased;
                 _ = ctx.cancel.cancelled() => return,
                 _ = coverage.wait_for(|covered| !all.is_subset(covered)) => {}
+                // New symbols: the websocket gets its poll interval to take them first.
+                _ = symbols.changed() => continue,
             }
         }
         // Records fetched are sent even when the producer stops meanwhile.
@@ -288,7 +313,11 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
                 // Each attempt polls what is uncovered now: the websocket may have come back.
                 let subs = uncovered(&coverage.borrow());
                 if !polling && !subs.is_empty() {
-                    tracing::info!(subscriptions = ?subs, "polling REST for channels without a websocket");
+                    tracing::info!(
+                        channels = subs.len(),
+                        first = ?subs.first(),
+                        "polling REST for channels without a websocket"
+                    );
                     polling = true;
                 }
                 let ctx = &ctx;
@@ -311,21 +340,24 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
 }
 
 async fn poll_once(ctx: &Ctx, uncovered: &[Sub]) -> Result<(), ExchangeError> {
-    let of = |channel: Channel| {
-        uncovered
-            .iter()
-            .filter(move |s| s.channel == channel)
-            .map(|s| s.symbol.clone())
-    };
-    let tickers: Vec<String> = of(Channel::Ticker).collect();
+    let tickers: Vec<String> = uncovered
+        .iter()
+        .filter(|s| s.channel == Channel::Ticker)
+        .map(|s| s.symbol.clone())
+        .collect();
     if !tickers.is_empty() {
         for tick in ctx.rest.tickers(&tickers).await? {
             metrics::counter!(metric::TICKS_RECEIVED, "source" => "rest").increment(1);
             ctx.send(Record::Tick(tick)).await?;
         }
     }
-    for symbol in of(Channel::Trades) {
-        trades::poll(ctx, &symbol).await?;
+    for sub in uncovered.iter().filter(|s| s.channel == Channel::Trades) {
+        // A poll of hundreds of symbols takes minutes under the trades limit: skip those a
+        // connection took over, or that were delisted, meanwhile.
+        if ctx.coverage.covers(sub) || !ctx.symbols.current().contains(&sub.symbol) {
+            continue;
+        }
+        trades::poll(ctx, &sub.symbol).await?;
     }
     Ok(())
 }

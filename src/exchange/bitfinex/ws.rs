@@ -1,19 +1,22 @@
-//! One websocket connection ("shard") for up to 25 channels (ticker and trades), and its
-//! reconnect loop.
+//! One websocket connection ("shard") for up to 25 channels (ticker and trades), its reconnect
+//! loop, and the connection limit every open of every shard goes through.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 
 use super::message::{
-    ChannelMessage, Event, FLAG_SEQ_ALL, FLAG_TIMESTAMP, Frame, INFO_MAINTENANCE_END,
-    INFO_MAINTENANCE_START, INFO_RECONNECT, Payload, TickerValues, parse_frame,
+    ChannelMessage, ERROR_SUBSCRIPTION_FAILED, Event, FLAG_SEQ_ALL, FLAG_TIMESTAMP, Frame,
+    INFO_MAINTENANCE_END, INFO_MAINTENANCE_START, INFO_RECONNECT, Payload, TickerValues,
+    parse_frame,
 };
 use super::{Channel, Ctx, ExchangeError, Sub, now_ms, trades};
 use crate::model::{Record, Source};
@@ -32,21 +35,26 @@ const MAX_FRAME_BYTES: usize = 1 << 20;
 /// How a session ended when it was not an error.
 enum End {
     Cancelled,
-    /// Info 20051: the server restarts; reconnect at once.
+    /// The shard has no channel left (its symbols were delisted): it closed and ends.
+    Retired,
+    /// Info 20051: the server restarts; reconnect (through the connection limiter).
     ServerRestart,
     /// A connection that had worked (a channel was subscribed) failed: reconnect at once, and
     /// back off only if that fails too.
     Lost(ExchangeError),
 }
 
-/// Keeps one shard connected until cancelled.
-pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, subs: Vec<Sub>) {
+/// The channels a shard should hold; the sender is dropped when the shard is retired.
+pub(super) type Wanted = watch::Receiver<BTreeSet<Sub>>;
+
+/// Keeps one shard connected until cancelled or retired.
+pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, wanted: Wanted) {
     loop {
         // A session drains on cancellation (unsubscribe, read what was sent): not cut short.
         let ended = retry_letting_attempts_finish(
             ctx.cfg.reconnect_backoff(),
             &ctx.cancel,
-            || connect(&ctx, shard, &subs),
+            || connect(&ctx, shard, wanted.clone()),
             |e, wait| {
                 if !e.is_retryable() {
                     return Verdict::Fail;
@@ -58,10 +66,10 @@ pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, subs: Vec<Sub>) {
         )
         .await;
         match ended {
-            Ok(End::Cancelled) | Err(_) => return,
+            Ok(End::Cancelled | End::Retired) | Err(_) => return,
             Ok(End::ServerRestart) => {
                 metrics::counter!(metric::RECONNECTS, "reason" => "server_restart").increment(1);
-                tracing::info!(shard, "server restarting (20051); reconnecting now");
+                tracing::info!(shard, "server restarting (20051); reconnecting");
             }
             Ok(End::Lost(e)) => {
                 metrics::counter!(metric::RECONNECTS, "reason" => reconnect_reason(&e))
@@ -72,22 +80,59 @@ pub(super) async fn supervise(ctx: Arc<Ctx>, shard: usize, subs: Vec<Sub>) {
     }
 }
 
-/// One connection, under the connection rate limit, until it ends.
-async fn connect(ctx: &Arc<Ctx>, shard: usize, subs: &[Sub]) -> Result<End, ExchangeError> {
-    if ctx.connects.check().is_err() {
-        tracing::warn!(
-            shard,
-            "connection rate limit reached; waiting before reconnecting"
-        );
-        tokio::select! {
-            _ = ctx.connects.until_ready() => {}
-            _ = ctx.cancel.cancelled() => return Ok(End::Cancelled),
-        }
+/// Resolves once the shard is retired (its sender dropped).
+async fn retired(mut wanted: Wanted) {
+    while wanted.changed().await.is_ok() {}
+}
+
+/// One connection, under the connection limit, until it ends.
+///
+/// Every open of every shard passes here: at start, when new listings need a shard, and on
+/// every reconnect (20051, a drop, a stale socket), so a storm on all connections at once is
+/// spread out like a start. The limiter spaces opens 60/n seconds apart with no burst. After a
+/// 429 on an upgrade, opens are held for `reconnect_backoff_max` on every shard: Bitfinex counts
+/// per IP, and any open meanwhile would count against the same minute.
+async fn connect(ctx: &Arc<Ctx>, shard: usize, wanted: Wanted) -> Result<End, ExchangeError> {
+    if wanted.has_changed().is_err() {
+        return Ok(End::Retired);
     }
-    let mut session = Session::new(ctx, shard, subs);
+    let held = || {
+        let until = *ctx.opens_held_until.lock().expect("opens hold lock");
+        until.filter(|until| *until > tokio::time::Instant::now())
+    };
+    let ready = async {
+        loop {
+            if let Some(until) = held() {
+                tokio::time::sleep_until(until).await;
+            }
+            ctx.connects.until_ready().await;
+            // A 429 may have come while this shard waited for its slot.
+            if held().is_none() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = ctx.cancel.cancelled() => return Ok(End::Cancelled),
+        _ = retired(wanted.clone()) => return Ok(End::Retired),
+        _ = ready => {}
+    }
+    let mut session = Session::new(ctx, shard, wanted);
     let outcome = session.run().await;
-    ctx.coverage.uncover(subs);
+    ctx.coverage
+        .uncover(session.current.iter().chain(session.channels.values()));
     match outcome {
+        Err(ExchangeError::UpgradeRateLimited) => {
+            let until = tokio::time::Instant::now() + ctx.cfg.reconnect_backoff_max;
+            *ctx.opens_held_until.lock().expect("opens hold lock") = Some(until);
+            tracing::warn!(
+                shard,
+                hold = ?ctx.cfg.reconnect_backoff_max,
+                "Bitfinex answered the websocket upgrade with 429; every shard holds its opens"
+            );
+            Err(ExchangeError::UpgradeRateLimited)
+        }
         Err(e) if session.subscribed && e.is_retryable() => Ok(End::Lost(e)),
         other => other,
     }
@@ -98,6 +143,7 @@ fn reconnect_reason(e: &ExchangeError) -> &'static str {
         ExchangeError::Stale(_) => "stale",
         ExchangeError::Closed(_) => "closed",
         ExchangeError::Connect(_) | ExchangeError::ConnectTimeout(_) => "connect",
+        ExchangeError::UpgradeRateLimited => "rate_limited",
         _ => "error",
     }
 }
@@ -105,10 +151,16 @@ fn reconnect_reason(e: &ExchangeError) -> &'static str {
 struct Session<'a> {
     ctx: &'a Arc<Ctx>,
     shard: usize,
-    subs: &'a [Sub],
+    wanted: Wanted,
+    /// The channels this session holds or has asked for: the shard's wanted set when last read.
+    current: BTreeSet<Sub>,
     channels: HashMap<u64, Sub>,
     /// Subscriptions asked for and not yet answered with `subscribed` or an error.
     pending: HashSet<Sub>,
+    /// Wanted, but not asked for yet: the connection had no room (see [`Session::subscribe`]).
+    deferred: VecDeque<Sub>,
+    /// Channels no longer wanted whose unsubscribe was sent: not asked to leave twice.
+    leaving: HashSet<u64>,
     /// Shutting down: whatever gets subscribed now is unsubscribed at once.
     draining: bool,
     last_seq: Option<u64>,
@@ -117,13 +169,17 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(ctx: &'a Arc<Ctx>, shard: usize, subs: &'a [Sub]) -> Self {
+    fn new(ctx: &'a Arc<Ctx>, shard: usize, mut wanted: Wanted) -> Self {
+        let current = wanted.borrow_and_update().clone();
         Self {
             ctx,
             shard,
-            subs,
+            wanted,
+            current,
             channels: HashMap::new(),
             pending: HashSet::new(),
+            deferred: VecDeque::new(),
+            leaving: HashSet::new(),
             draining: false,
             last_seq: None,
             subscribed: false,
@@ -139,8 +195,15 @@ impl<'a> Session<'a> {
         let (mut ws, _) = tokio::time::timeout(cfg.request_timeout, connect)
             .await
             .map_err(|_| ExchangeError::ConnectTimeout(cfg.request_timeout))?
-            .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
-        tracing::info!(shard = self.shard, url = %cfg.ws_url, channels = self.subs.len(), "websocket connected");
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(r)
+                    if r.status() == StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    ExchangeError::UpgradeRateLimited
+                }
+                e => ExchangeError::Connect(Box::new(e)),
+            })?;
+        tracing::info!(shard = self.shard, url = %cfg.ws_url, channels = self.current.len(), "websocket connected");
         metrics::gauge!(metric::LAST_CONNECT).set(now_ms() as f64 / 1000.0);
         send(
             &mut ws,
@@ -151,6 +214,15 @@ impl<'a> Session<'a> {
         loop {
             let next = tokio::select! {
                 _ = self.ctx.cancel.cancelled() => return Ok(self.drain(&mut ws).await),
+                changed = self.wanted.changed() => {
+                    if changed.is_err() {
+                        self.drain(&mut ws).await;
+                        tracing::info!(shard = self.shard, "no channel left on this connection; closed");
+                        return Ok(End::Retired);
+                    }
+                    self.follow(&mut ws).await?;
+                    continue;
+                }
                 next = tokio::time::timeout(cfg.heartbeat_timeout, ws.next()) => next,
             };
             let msg = match next {
@@ -219,13 +291,69 @@ impl<'a> Session<'a> {
     }
 
     async fn subscribe_all(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
-        for sub in self.subs {
-            send(
-                ws,
-                json!({"event": "subscribe", "channel": sub.channel.name(), "symbol": sub.symbol}),
-            )
-            .await?;
-            self.pending.insert(sub.clone());
+        let subs: Vec<Sub> = self.current.iter().cloned().collect();
+        for sub in subs {
+            self.subscribe(ws, sub).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks for `sub`, or defers it while the connection has no room: a channel whose
+    /// unsubscribe is not confirmed yet, or whose subscribe is still pending (a delisted symbol
+    /// is unsubscribed only once subscribed), may still count on Bitfinex's side, and the 26th
+    /// channel of a connection is refused (10305).
+    async fn subscribe(&mut self, ws: &mut Socket, sub: Sub) -> Result<(), ExchangeError> {
+        if self.channels.len() + self.pending.len() >= self.ctx.cfg.channels_per_connection {
+            self.deferred.push_back(sub);
+            return Ok(());
+        }
+        send(
+            ws,
+            json!({"event": "subscribe", "channel": sub.channel.name(), "symbol": sub.symbol}),
+        )
+        .await?;
+        self.pending.insert(sub);
+        Ok(())
+    }
+
+    /// Asks for deferred channels still wanted, as far as the connection has room.
+    async fn subscribe_deferred(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
+        while self.channels.len() + self.pending.len() < self.ctx.cfg.channels_per_connection
+            && !self.draining
+        {
+            let Some(sub) = self.deferred.pop_front() else {
+                break;
+            };
+            let asked = self.pending.contains(&sub) || self.channels.values().any(|c| *c == sub);
+            if self.current.contains(&sub) && !asked {
+                self.subscribe(ws, sub).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The shard's channels changed (listing changes, a refused symbol): unsubscribes what went,
+    /// subscribes what came, on this connection.
+    async fn follow(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
+        let next = self.wanted.borrow_and_update().clone();
+        let gone: Vec<u64> = self
+            .channels
+            .iter()
+            .filter(|(chan_id, sub)| !next.contains(sub) && !self.leaving.contains(chan_id))
+            .map(|(&chan_id, _)| chan_id)
+            .collect();
+        for chan_id in gone {
+            send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
+            self.leaving.insert(chan_id);
+        }
+        // Pending ones that went are unsubscribed when their `subscribed` comes.
+        let gone: Vec<&Sub> = self.current.difference(&next).collect();
+        self.ctx.coverage.uncover(gone);
+        let came: Vec<Sub> = next.difference(&self.current).cloned().collect();
+        self.deferred.retain(|s| next.contains(s));
+        self.current = next;
+        for sub in came {
+            self.subscribe(ws, sub).await?;
         }
         Ok(())
     }
@@ -323,7 +451,7 @@ impl<'a> Session<'a> {
                 symbol,
             } => {
                 let asked = symbol.and_then(|symbol| {
-                    self.subs
+                    self.pending
                         .iter()
                         .find(|s| s.channel.name() == channel && s.symbol == symbol)
                 });
@@ -333,25 +461,42 @@ impl<'a> Session<'a> {
                 };
                 tracing::info!(shard, channel = sub.channel.name(), symbol = %sub.symbol, chan_id, "subscribed");
                 self.pending.remove(&sub);
-                self.ctx.coverage.cover(&sub);
-                self.channels.insert(chan_id, sub);
                 self.subscribed = true;
-                if self.draining {
+                let wanted = self.current.contains(&sub);
+                if wanted && !self.draining {
+                    self.ctx.coverage.cover(&sub);
+                }
+                self.channels.insert(chan_id, sub);
+                if self.draining || !wanted {
                     send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
                 }
             }
             Event::Unsubscribed { chan_id, .. } => {
                 self.channels.remove(&chan_id);
+                self.leaving.remove(&chan_id);
+                self.subscribe_deferred(ws).await?;
             }
-            Event::Error { code, msg, symbol } => {
-                // Errors name the symbol but not always the channel: the symbol's pending
-                // subscriptions are answered.
+            Event::Error {
+                code,
+                msg,
+                symbol,
+                pair,
+            } => {
+                // Errors name the symbol (older servers the pair) but not always the channel:
+                // the symbol's pending subscriptions are answered.
+                let symbol = symbol.or_else(|| pair.map(|p| format!("t{p}")));
                 if let Some(s) = &symbol {
                     self.pending.retain(|p| &p.symbol != s);
                 }
                 let code_label = code.map_or("none".to_string(), |c| c.to_string());
                 metrics::counter!(metric::EXCHANGE_ERRORS, "code" => code_label).increment(1);
                 tracing::warn!(shard, ?code, ?msg, ?symbol, "exchange error event");
+                if let (Some(ERROR_SUBSCRIPTION_FAILED), Some(s)) = (code, &symbol) {
+                    // Reported once; the shards then drop the symbol, so it is not asked
+                    // for again on this or any connection.
+                    self.ctx.symbols.reject(s, msg.as_deref());
+                }
+                self.subscribe_deferred(ws).await?;
             }
             Event::Pong { cid } => tracing::debug!(shard, ?cid, "pong"),
             Event::Unknown => {

@@ -1,6 +1,7 @@
 //! `candlestream producer`: Bitfinex → Avro (Schema Registry) → Kafka.
 
 pub(crate) mod delivery;
+pub mod resume;
 
 use std::time::Duration;
 
@@ -62,9 +63,12 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     ));
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
     let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
+    // Before the exchange starts, so that backfills start where Kafka's copy ends.
+    let resumed = resume::newest_trades(&settings, &cancel).await;
     let mut exchange = tokio::spawn(bitfinex::run(
         settings.bitfinex.clone(),
         rest,
+        resumed,
         tx,
         data,
         cancel.clone(),

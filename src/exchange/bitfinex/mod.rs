@@ -9,7 +9,7 @@ pub mod rest;
 mod trades;
 mod ws;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +149,7 @@ struct Ctx {
     connects: DefaultDirectRateLimiter,
     rest: RestClient,
     book: dedupe::TradeBook,
+    fetches: trades::Fetches,
     /// Gap repairs run beside the sockets; shutdown waits for them.
     repairs: TaskTracker,
     cancel: CancellationToken,
@@ -165,11 +166,14 @@ impl Ctx {
 }
 
 /// Streams ticker updates and trades for every configured symbol into `tx` until `cancel`.
+/// `resumed`: per symbol, the newest trade (exchange time, id) Kafka already holds, where its
+/// backfill starts instead of the horizon when that is later.
 /// Returns once every task has stopped, so that dropping `tx` afterwards tells the next stage no
 /// more records will come.
 pub async fn run(
     cfg: BitfinexConfig,
     rest: RestClient,
+    resumed: HashMap<String, (i64, i64)>,
     tx: mpsc::Sender<Record>,
     data: Arc<Liveness>,
     cancel: CancellationToken,
@@ -179,7 +183,12 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         connects: per_minute(cfg.connections_per_minute as u32),
         coverage: Coverage::new(),
-        book: dedupe::TradeBook::new(backfill_from),
+        book: dedupe::TradeBook::new(backfill_from, resumed),
+        fetches: trades::Fetches::new(
+            if cfg.trades { &cfg.symbols } else { &[] },
+            backfill_from.is_some(),
+            cfg.rest_trades_per_minute,
+        ),
         repairs: TaskTracker::new(),
         rest,
         cfg,
@@ -226,6 +235,9 @@ mod tests {
         let passed = (0..50).filter(|_| limiter.check().is_ok()).count();
         assert_eq!(passed, 1);
         std::thread::sleep(std::time::Duration::from_millis(25));
-        assert!(limiter.check().is_ok(), "the next slot opens after 60/n seconds");
+        assert!(
+            limiter.check().is_ok(),
+            "the next slot opens after 60/n seconds"
+        );
     }
 }

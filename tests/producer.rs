@@ -471,3 +471,97 @@ async fn rate_limited_rest_backs_off_and_loses_nothing() {
         ex.rate_limited()
     );
 }
+
+/// Issue 18: at start the producer reads each symbol's newest trade from the tail of the trades
+/// topic, backwards a chunk (5 000 records) at a time until every symbol is found. Here one
+/// partition holds a quiet symbol's single trade behind 12 000 of a busy one (three chunks back),
+/// and a repair's older trades after a newer websocket trade; a symbol with no trade is not found,
+/// and a deadline too short for the read leaves symbols out rather than wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trades_topics_tail_gives_each_symbols_newest_trade() {
+    use std::collections::HashMap;
+
+    use candlestream::codec::Encoder;
+    use candlestream::model::{Record, RecordKind, Trade, now_ms};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tokio_util::sync::CancellationToken;
+
+    let topic = unique("resume");
+    let cluster = MockCluster::new(1).unwrap();
+    cluster
+        .create_topic(&format!("{topic}-trades"), 1, 1)
+        .unwrap();
+    let exchange = FakeBitfinex::start().await;
+    let registry = FakeRegistry::start().await;
+    let mut s = settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
+    s.bitfinex.symbols = ["tQUIET", "tBUSY", "tREPAIRED", "tNONE"]
+        .map(String::from)
+        .to_vec();
+    let encoder = Encoder::new(&s.schema_registry, &s.kafka).unwrap();
+    encoder.register(RecordKind::Trade).await.unwrap();
+    let producer: FutureProducer = candlestream::kafka::producer_config(&s.kafka)
+        .create()
+        .unwrap();
+    let now = now_ms();
+    let trade = |symbol: &str, id: i64, ago_ms: i64, source: Source| Trade {
+        symbol: symbol.into(),
+        id,
+        exchange_time: now - ago_ms,
+        amount: 1.0,
+        price: 1.0,
+        source,
+        sequence: None,
+        received_at: now - ago_ms.min(60_000),
+    };
+    let mut trades = vec![
+        trade("tQUIET", 1, 3 * 3_600_000, Source::Websocket),
+        trade("tREPAIRED", 500, 600_000, Source::Websocket),
+    ];
+    trades.extend((0..12_000).map(|i| trade("tBUSY", 1_000 + i, 500_000 - i, Source::Websocket)));
+    // The repair of the gap before trade 500, sent after it.
+    trades.extend((400..500).map(|id| trade("tREPAIRED", id, 700_000 - id, Source::Rest)));
+    let topic_of_trades = s.kafka.trades_topic.clone();
+    let sends: Vec<_> = futures::future::join_all(trades.iter().map(|t| async {
+        let payload = encoder.encode(&Record::Trade(t.clone())).await.unwrap();
+        producer
+            .send(
+                FutureRecord::to(&topic_of_trades)
+                    .key(&t.symbol)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+    }))
+    .await;
+    assert!(sends.iter().all(Result::is_ok), "every trade in Kafka");
+
+    let expected: HashMap<String, (i64, i64)> = [
+        (
+            "tQUIET",
+            trade("tQUIET", 1, 3 * 3_600_000, Source::Websocket),
+        ),
+        (
+            "tBUSY",
+            trade("tBUSY", 12_999, 500_000 - 11_999, Source::Websocket),
+        ),
+        (
+            "tREPAIRED",
+            trade("tREPAIRED", 500, 600_000, Source::Websocket),
+        ),
+    ]
+    .into_iter()
+    .map(|(s, t)| (s.to_string(), (t.exchange_time, t.id)))
+    .collect();
+    let cancel = CancellationToken::new();
+    let found = candlestream::producer::resume::newest_trades(&s, &cancel).await;
+    assert_eq!(found, expected);
+
+    s.bitfinex.resume_timeout = Duration::from_millis(1);
+    let started = std::time::Instant::now();
+    let cut_short = candlestream::producer::resume::newest_trades(&s, &cancel).await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        cut_short.iter().all(|(s, at)| at <= &expected[s]),
+        "a read cut short finds at most the newest: {cut_short:?}"
+    );
+}

@@ -202,8 +202,7 @@ fn bounds(
             .map(|e| e.offset())
         {
             Some(Offset::Offset(at)) => at.clamp(low, high),
-            // No record after the horizon.
-            Some(Offset::End) => high,
+            // Kafka 0.9 answers `End` whatever the time: the records' own times tell instead.
             _ => low,
         };
         partitions.push(Partition {

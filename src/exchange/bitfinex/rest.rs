@@ -3,10 +3,11 @@
 //! websocket does not cover (everything in `mode = "rest"`).
 //!
 //! Trade history is the scarce one (about 15 requests a minute per IP for hundreds of symbols),
-//! so its requests also wait in a fair queue, [`TradeQueue`]: gap repairs before backfill pages,
-//! and backfill pages one symbol after another.
+//! so its requests also wait in a fair queue, [`TradeQueue`]: gap repairs first, then backfill
+//! pages and polls one symbol after another.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use governor::DefaultDirectRateLimiter;
@@ -46,20 +47,21 @@ impl Endpoint {
 /// Who asks for a page of trade history, which decides when it is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Trades live trading left out: a gap after a reconnect, a REST poll of a symbol without a
-    /// websocket, a one-off caller (`candlestream verify`). Served first, oldest first.
+    /// Trades a reconnect left out (a gap between the newest trade seen and a new snapshot), or a
+    /// one-off caller (`candlestream verify`): rare and short, so served first, oldest first.
     Repair,
-    /// A page of a symbol's backfill at start. Served when no repair waits; each symbol asks for
-    /// its next page only once it has its last, so first come first served takes the symbols in
-    /// turn and no symbol waits behind another's whole backfill.
-    Backfill,
+    /// Work that goes on for as long as it must: the pages of a symbol's backfill, the polls of a
+    /// symbol without a websocket. Served when no repair waits. Each symbol asks for its next
+    /// page only once it has its last, so first come first served takes the symbols in turn: no
+    /// symbol waits behind another's whole backfill, and polls do not starve backfills.
+    Routine,
 }
 
 impl Class {
     fn label(self) -> &'static str {
         match self {
             Class::Repair => "repair",
-            Class::Backfill => "backfill",
+            Class::Routine => "routine",
         }
     }
 }
@@ -74,26 +76,26 @@ struct Waiter {
 #[derive(Default)]
 struct Waiting {
     repairs: VecDeque<Waiter>,
-    backfill: VecDeque<Waiter>,
+    routine: VecDeque<Waiter>,
 }
 
 impl Waiting {
     fn is_empty(&self) -> bool {
-        self.repairs.is_empty() && self.backfill.is_empty()
+        self.repairs.is_empty() && self.routine.is_empty()
     }
 
     /// The next in line: repairs first.
     fn pop(&mut self) -> Option<Waiter> {
         self.repairs
             .pop_front()
-            .or_else(|| self.backfill.pop_front())
+            .or_else(|| self.routine.pop_front())
     }
 
     /// The queue as gauges: how many wait, and for how long the oldest has.
     fn report(&self) {
         for (class, queue) in [
             (Class::Repair, &self.repairs),
-            (Class::Backfill, &self.backfill),
+            (Class::Routine, &self.routine),
         ] {
             let oldest = queue
                 .front()
@@ -131,8 +133,10 @@ impl TradeQueue {
         })
     }
 
-    /// Waits for this request's turn; false when the client is cancelled first.
-    pub(crate) async fn turn(self: &Arc<Self>, class: Class) -> bool {
+    /// Waits for this request's turn; false when the client is cancelled first. A request asked
+    /// `again` (Bitfinex refused it: 429) goes first in its class: it had its turn, and the next
+    /// in line would otherwise overtake it every time the refusals fall on its slot.
+    pub(crate) async fn turn(self: &Arc<Self>, class: Class, again: bool) -> bool {
         self.dispatcher.get_or_init(|| {
             tokio::spawn(self.clone().dispatch());
         });
@@ -141,12 +145,17 @@ impl TradeQueue {
             let mut waiting = self.waiting.lock().expect("trade queue lock");
             let queue = match class {
                 Class::Repair => &mut waiting.repairs,
-                Class::Backfill => &mut waiting.backfill,
+                Class::Routine => &mut waiting.routine,
             };
-            queue.push_back(Waiter {
+            let waiter = Waiter {
                 since: Instant::now(),
                 turn: tx,
-            });
+            };
+            if again {
+                queue.push_front(waiter);
+            } else {
+                queue.push_back(waiter);
+            }
             waiting.report();
         }
         self.wake.notify_one();
@@ -217,10 +226,10 @@ impl RestClient {
 
     /// Waits until `endpoint`'s limiter (and, for trade history, the fair queue) lets a request
     /// go.
-    async fn wait_turn(&self, endpoint: Endpoint) -> Result<(), ExchangeError> {
+    async fn wait_turn(&self, endpoint: Endpoint, again: bool) -> Result<(), ExchangeError> {
         let limiter = match endpoint {
             Endpoint::Trades(class) => {
-                return match self.trades.turn(class).await {
+                return match self.trades.turn(class, again).await {
                     true => Ok(()),
                     false => Err(ExchangeError::Cancelled),
                 };
@@ -245,10 +254,11 @@ impl RestClient {
         query: &[(&str, String)],
     ) -> Result<String, ExchangeError> {
         let label = endpoint.label();
+        let asked = AtomicBool::new(false);
         let got = retry(
             self.backoff,
             &self.cancel,
-            || self.get_once(endpoint, path, query),
+            || self.get_once(endpoint, path, query, asked.swap(true, Ordering::Relaxed)),
             |e, wait| match e {
                 ExchangeError::RateLimited(_) => {
                     tracing::warn!(
@@ -274,9 +284,10 @@ impl RestClient {
         endpoint: Endpoint,
         path: &str,
         query: &[(&str, String)],
+        again: bool,
     ) -> Result<String, ExchangeError> {
         let label = endpoint.label();
-        self.wait_turn(endpoint).await?;
+        self.wait_turn(endpoint, again).await?;
         let sent = self
             .http
             .get(format!("{}{path}", self.base))
@@ -529,7 +540,7 @@ mod tests {
             let (queue, served) = (queue.clone(), served.clone());
             backfills.spawn(async move {
                 for _ in 0..pages {
-                    assert!(queue.turn(Class::Backfill).await);
+                    assert!(queue.turn(Class::Routine, false).await);
                     served.lock().unwrap().push(symbol.to_string());
                     // The page's request and its trades.
                     tokio::task::yield_now().await;
@@ -540,7 +551,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let before = served.lock().unwrap().len();
-        assert!(queue.turn(Class::Repair).await);
+        assert!(queue.turn(Class::Repair, false).await);
         let waited_behind = served.lock().unwrap().len() - before;
         served.lock().unwrap().push("repair".into());
         while backfills.join_next().await.is_some() {}
@@ -567,19 +578,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_bitfinex_refused_goes_first_in_its_class() {
+        let cancel = CancellationToken::new();
+        // One slot every 50 ms.
+        let queue = TradeQueue::new(1_200, cancel.clone());
+        assert!(queue.turn(Class::Routine, false).await);
+        let served: Arc<Mutex<Vec<&str>>> = Arc::default();
+        let mut waiting = tokio::task::JoinSet::new();
+        for (name, again) in [("next in line", false), ("refused, asked again", true)] {
+            let (queue, served) = (queue.clone(), served.clone());
+            waiting.spawn(async move {
+                assert!(queue.turn(Class::Routine, again).await);
+                served.lock().unwrap().push(name);
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        while waiting.join_next().await.is_some() {}
+        cancel.cancel();
+        assert_eq!(
+            *served.lock().unwrap(),
+            ["refused, asked again", "next in line"]
+        );
+    }
+
+    #[tokio::test]
     async fn a_caller_that_stops_waiting_passes_its_turn_on() {
         let cancel = CancellationToken::new();
         // One slot a second: the first passes at once, the next waits.
         let queue = TradeQueue::new(60, cancel.clone());
-        assert!(queue.turn(Class::Backfill).await);
+        assert!(queue.turn(Class::Routine, false).await);
         let gave_up = tokio::time::timeout(
             std::time::Duration::from_millis(50),
-            queue.turn(Class::Backfill),
+            queue.turn(Class::Routine, false),
         )
         .await;
         assert!(gave_up.is_err(), "the second slot is a second away");
         let started = Instant::now();
-        assert!(queue.turn(Class::Repair).await);
+        assert!(queue.turn(Class::Repair, false).await);
         let waited = started.elapsed();
         assert!(
             waited < std::time::Duration::from_millis(1_100),
@@ -587,7 +622,7 @@ mod tests {
         );
         cancel.cancel();
         assert!(
-            !queue.turn(Class::Repair).await,
+            !queue.turn(Class::Repair, false).await,
             "cancelled: no turn, no wait"
         );
     }

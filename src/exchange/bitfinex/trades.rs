@@ -10,9 +10,10 @@
 //! Duplicates that still get through are harmless: a trade's InfluxDB point is keyed by its own
 //! time and id, so a second write overwrites the first.
 //!
-//! Every fetch from REST history waits its turn in the client's fair queue (see
-//! [`Class`]): a symbol's backfill pages as [`Class::Backfill`], everything else as
-//! [`Class::Repair`]. [`Fetches`] follows each symbol's backfill for the progress log and metrics.
+//! Every fetch from REST history waits its turn in the client's fair queue (see [`Class`]): the
+//! repair of a gap a reconnect left as [`Class::Repair`], backfill pages and REST polls as
+//! [`Class::Routine`]. [`Fetches`] follows each symbol's backfill for the progress log and
+//! metrics.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -214,6 +215,28 @@ impl Progress {
     }
 }
 
+/// Why trades are fetched from REST history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    /// A gap a reconnect left, between the newest trade seen and a new snapshot.
+    Gap,
+    /// The symbol's backfill at start.
+    Backfill,
+    /// A poll of a symbol the websocket does not cover.
+    Poll,
+}
+
+impl Purpose {
+    /// Gaps are rare and short, and what they hold is live: first. Backfill pages and polls go
+    /// on for as long as they must: in turn across symbols, so that neither starves the other.
+    fn class(self) -> Class {
+        match self {
+            Purpose::Gap => Class::Repair,
+            Purpose::Backfill | Purpose::Poll => Class::Routine,
+        }
+    }
+}
+
 /// Counts trades dropped because this process already sent them.
 fn count_repeats(source: Source, n: usize) {
     if n > 0 {
@@ -323,16 +346,16 @@ async fn repair(ctx: &Ctx, symbol: &str, fetch: Fetch) {
         until_ms: until,
         backfill,
     } = fetch;
-    let class = if backfill {
-        Class::Backfill
+    let purpose = if backfill {
+        Purpose::Backfill
     } else {
-        Class::Repair
+        Purpose::Gap
     };
     // Trades fetched are sent even when the producer stops meanwhile.
     let repaired = retry_letting_attempts_finish(
         ctx.cfg.repair_backoff(),
         &ctx.cancel,
-        || catch_up(ctx, symbol, from, until, class),
+        || catch_up(ctx, symbol, from, until, purpose),
         |e, wait| {
             if !e.is_retryable() {
                 return Verdict::Fail;
@@ -351,14 +374,14 @@ async fn repair(ctx: &Ctx, symbol: &str, fetch: Fetch) {
 }
 
 /// Fetches `symbol`'s trades with `from_ms <= MTS <= until_ms` from REST history, oldest first,
-/// page by page, each in turn as `class`, and sends those not sent yet. Returns how many were
+/// page by page, each in turn for its `purpose`, and sends those not sent yet. Returns how many were
 /// new.
 pub(super) async fn catch_up(
     ctx: &Ctx,
     symbol: &str,
     from_ms: i64,
     until_ms: i64,
-    class: Class,
+    purpose: Purpose,
 ) -> Result<usize, ExchangeError> {
     let mut start = from_ms;
     let mut recovered = 0;
@@ -369,7 +392,7 @@ pub(super) async fn catch_up(
         }
         let rows = ctx
             .rest
-            .trades_as(class, symbol, start, until_ms, PAGE)
+            .trades_as(purpose.class(), symbol, start, until_ms, PAGE)
             .await?;
         let received_at = now_ms();
         let full = rows.len() >= PAGE;
@@ -383,7 +406,7 @@ pub(super) async fn catch_up(
             ctx.book
                 .admit_page(symbol, start, complete, valid(symbol, rows));
         count_repeats(Source::Rest, repeats);
-        if class == Class::Backfill {
+        if purpose == Purpose::Backfill {
             ctx.fetches.paged(symbol, complete);
         }
         for t in new {
@@ -407,13 +430,13 @@ async fn poll(ctx: &Ctx, symbol: &str) -> Result<usize, ExchangeError> {
     match ctx.book.cursor(symbol) {
         Some(c) if c.backfill => {
             ctx.fetches.started(symbol, c.at.0, now);
-            let n = catch_up(ctx, symbol, c.at.0, now, Class::Backfill).await?;
+            let n = catch_up(ctx, symbol, c.at.0, now, Purpose::Backfill).await?;
             ctx.fetches.finished(symbol);
             Ok(n)
         }
-        Some(c) => catch_up(ctx, symbol, c.at.0, now, Class::Repair).await,
+        Some(c) => catch_up(ctx, symbol, c.at.0, now, Purpose::Poll).await,
         // No backfill and nothing seen yet: the recent trades, like a snapshot would give.
-        None => catch_up(ctx, symbol, now - 60_000, now, Class::Repair).await,
+        None => catch_up(ctx, symbol, now - 60_000, now, Purpose::Poll).await,
     }
 }
 

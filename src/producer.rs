@@ -64,7 +64,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
     let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
     // Before the exchange starts, so that backfills start where Kafka's copy ends.
-    let resumed = resume::newest_trades(&settings, &cancel).await;
+    let resumed = resume::newest_trades(&settings, &settings.bitfinex.symbols, &cancel).await;
     let mut exchange = tokio::spawn(bitfinex::run(
         settings.bitfinex.clone(),
         rest,

@@ -553,12 +553,14 @@ async fn the_trades_topics_tail_gives_each_symbols_newest_trade() {
     .map(|(s, t)| (s.to_string(), (t.exchange_time, t.id)))
     .collect();
     let cancel = CancellationToken::new();
-    let found = candlestream::producer::resume::newest_trades(&s, &cancel).await;
+    let found =
+        candlestream::producer::resume::newest_trades(&s, &s.bitfinex.symbols, &cancel).await;
     assert_eq!(found, expected);
 
     s.bitfinex.resume_timeout = Duration::from_millis(1);
     let started = std::time::Instant::now();
-    let cut_short = candlestream::producer::resume::newest_trades(&s, &cancel).await;
+    let cut_short =
+        candlestream::producer::resume::newest_trades(&s, &s.bitfinex.symbols, &cancel).await;
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(
         cut_short.iter().all(|(s, at)| at <= &expected[s]),

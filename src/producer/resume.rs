@@ -48,10 +48,14 @@ enum ResumeError {
     Blocking(#[from] tokio::task::JoinError),
 }
 
-/// The newest trade per configured symbol in `kafka.trades_topic`, within
+/// The newest trade of each of `symbols` in `kafka.trades_topic`, within
 /// `bitfinex.resume_timeout`. Whatever cannot be read by then (or at all) is left out, with a
 /// warning: those symbols get the full backfill.
-pub async fn newest_trades(settings: &Settings, cancel: &CancellationToken) -> Newest {
+pub async fn newest_trades(
+    settings: &Settings,
+    symbols: &[String],
+    cancel: &CancellationToken,
+) -> Newest {
     let cfg = &settings.bitfinex;
     let mut found = Newest::new();
     if !cfg.trades || cfg.backfill.is_zero() || cfg.resume_timeout.is_zero() {
@@ -63,7 +67,7 @@ pub async fn newest_trades(settings: &Settings, cancel: &CancellationToken) -> N
     let scanned = {
         let scan = tokio::time::timeout(
             cfg.resume_timeout,
-            scan(settings, horizon_ms, deadline, &mut found),
+            scan(settings, symbols, horizon_ms, deadline, &mut found),
         );
         tokio::select! {
             biased;
@@ -71,7 +75,7 @@ pub async fn newest_trades(settings: &Settings, cancel: &CancellationToken) -> N
             scanned = scan => Some(scanned),
         }
     };
-    let symbols = cfg.symbols.len();
+    let symbols = symbols.len();
     metrics::gauge!(metric::BACKFILL_RESUMED).set(found.len() as f64);
     match scanned {
         Some(Ok(Ok(records))) => tracing::info!(
@@ -112,6 +116,7 @@ struct Partition {
 /// round; returns how many records it read.
 async fn scan(
     settings: &Settings,
+    symbols: &[String],
     horizon_ms: i64,
     deadline: Instant,
     found: &mut Newest,
@@ -131,12 +136,7 @@ async fn scan(
     let consumer: Arc<StreamConsumer> =
         Arc::new(client_config(&kafka.brokers, &defaults, &kafka.consumer).create()?);
     let decoder = Decoder::new(&settings.schema_registry)?;
-    let wanted: HashSet<&str> = settings
-        .bitfinex
-        .symbols
-        .iter()
-        .map(String::as_str)
-        .collect();
+    let wanted: HashSet<&str> = symbols.iter().map(String::as_str).collect();
     let mut partitions = {
         let (consumer, topic) = (consumer.clone(), topic.clone());
         let wait = deadline.saturating_duration_since(Instant::now());

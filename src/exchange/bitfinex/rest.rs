@@ -575,6 +575,7 @@ mod tests {
         }
         assert!(rounds[18..].iter().all(|s| s == "tHUGE"));
         assert_eq!(rounds.len(), 60 + 5 * 3);
+        assert_eq!(size_of::<Waiter>(), 24, "the figure in the README");
     }
 
     #[tokio::test]

@@ -45,7 +45,7 @@ enum Backfill {
 }
 
 /// Per symbol: its backfill's progress, and whether a REST poll of it runs. A few dozen bytes a
-/// symbol (the map entry, its name, a 24-byte [`Backfill`]), whatever the backfill size.
+/// symbol (the map entry, its name, a 32-byte [`Backfill`]), whatever the backfill size.
 pub(super) struct Fetches {
     backfills: Mutex<HashMap<String, Backfill>>,
     started: Instant,
@@ -495,5 +495,6 @@ mod tests {
         assert_eq!(p.remaining_seconds, (6.0 + 6.0) * 5.0);
         let all = [Backfill::Done { pages: 1 }];
         assert_eq!(Progress::of(all.iter(), 12).remaining_seconds, 0.0);
+        assert_eq!(size_of::<Backfill>(), 32, "the figure in the README");
     }
 }

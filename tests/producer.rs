@@ -566,4 +566,17 @@ async fn the_trades_topics_tail_gives_each_symbols_newest_trade() {
         cut_short.iter().all(|(s, at)| at <= &expected[s]),
         "a read cut short finds at most the newest: {cut_short:?}"
     );
+
+    // No broker answers: the deadline holds, and every symbol gets the full backfill.
+    s.kafka.brokers = format!("127.0.0.1:{}", support::rig::free_port());
+    s.bitfinex.resume_timeout = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let unreachable =
+        candlestream::producer::resume::newest_trades(&s, &s.bitfinex.symbols, &cancel).await;
+    let took = started.elapsed();
+    assert!(unreachable.is_empty());
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?} with a 1 s deadline"
+    );
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{CodecError, Decoder};
 use crate::config::Settings;
 use crate::kafka::client_config;
-use crate::model::{Record, now_ms};
+use crate::model::{Record, Source, now_ms};
 use crate::telemetry::metric;
 
 /// Records read from a partition at a time. Small enough that a partition whose symbols all
@@ -143,6 +143,7 @@ async fn scan(
         tokio::task::spawn_blocking(move || bounds(&consumer, &topic, horizon_ms, wait)).await??
     };
     let mut records = 0;
+    let mut live = HashSet::new();
     loop {
         partitions.retain(|p| p.end > p.floor);
         if partitions.is_empty() || wanted.iter().all(|s| found.contains_key(*s)) {
@@ -156,7 +157,9 @@ async fn scan(
                 start,
                 end: p.end,
             };
-            let newest_received = chunk.read(&consumer, &decoder, &wanted, found).await?;
+            let newest_received = chunk
+                .read(&consumer, &decoder, &wanted, found, &mut live)
+                .await?;
             records += p.end - start;
             p.end = start;
             // The partition is in receive order: once a whole chunk was received before the
@@ -224,17 +227,23 @@ struct Chunk<'a> {
 
 impl Chunk<'_> {
     /// Reads the chunk, keeping the newest trade of each wanted symbol in `found`; returns the
-    /// latest receive time among its trades.
+    /// latest receive time among its trades. Decoding is most of the cost, so a record is decoded
+    /// only when it is the chunk's last (for its receive time) or of a wanted symbol not yet
+    /// `live` (no websocket trade of it found in a later chunk). Further back than a websocket
+    /// trade, a symbol's trades are older; not so behind a repair's, which are older than the
+    /// websocket trades sent before them.
     async fn read(
         &self,
         consumer: &StreamConsumer,
         decoder: &Decoder,
         wanted: &HashSet<&str>,
         found: &mut Newest,
+        live: &mut HashSet<String>,
     ) -> Result<Option<i64>, ResumeError> {
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(self.topic, self.partition, Offset::Offset(self.start))?;
         consumer.assign(&assignment)?;
+        let settled = live.clone();
         let mut newest_received: Option<i64> = None;
         loop {
             let message = match consumer.recv().await {
@@ -251,11 +260,17 @@ impl Chunk<'_> {
             if offset >= self.end {
                 break;
             }
-            if let Some(payload) = message.payload() {
+            let last = offset + 1 >= self.end;
+            let key = message.key().and_then(|k| std::str::from_utf8(k).ok());
+            let skip = !last && key.is_some_and(|k| !wanted.contains(k) || settled.contains(k));
+            if let Some(payload) = message.payload().filter(|_| !skip) {
                 match decoder.decode(payload).await {
                     Ok(Record::Trade(t)) => {
                         newest_received = newest_received.max(Some(t.received_at));
                         if wanted.contains(t.symbol.as_str()) {
+                            if t.source == Source::Websocket {
+                                live.insert(t.symbol.clone());
+                            }
                             let at = (t.exchange_time, t.id);
                             let newest = found.entry(t.symbol).or_insert(at);
                             *newest = at.max(*newest);
@@ -268,7 +283,7 @@ impl Chunk<'_> {
                     Err(e) => tracing::debug!(offset, error = %e, "undecodable record skipped"),
                 }
             }
-            if offset + 1 >= self.end {
+            if last {
                 break;
             }
         }

@@ -580,3 +580,75 @@ async fn the_trades_topics_tail_gives_each_symbols_newest_trade() {
         "took {took:?} with a 1 s deadline"
     );
 }
+
+/// Issue 18, fairness through the whole producer: 17 symbols share a trade-history budget of one
+/// request every 200 ms. One has a backfill of 3 pages (of 10 000 trades), the others of one.
+/// Every symbol's first page comes before the big backfill's second, and the gap a reconnect
+/// leaves in a small symbol is repaired with the next request, ahead of a dozen backfill pages
+/// still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_pages_take_turns_and_a_reconnect_gap_is_repaired_first() {
+    let mut t = Setup::new().await;
+    let ex = &t.exchange;
+    let now = support::now_ms();
+    let small: Vec<String> = (0..16).map(|i| format!("tS{i:02}")).collect();
+    ex.preload_history("tHUGE", now - 5 * 3_600_000, now - 60_000, 25_000);
+    for s in &small {
+        ex.preload_history(s, now - 3_600_000, now - 60_000, 50);
+    }
+    // A snapshot of one trade: whatever the socket misses leaves a gap.
+    ex.set_snapshot_len(1);
+    let mut symbols = vec!["tHUGE".to_string()];
+    symbols.extend(small.iter().cloned());
+    t.settings.bitfinex.symbols = symbols.clone();
+    t.settings.bitfinex.rest_trades_per_minute = 300;
+    // Only the gap repair can close the gap.
+    t.settings.bitfinex.rest_poll_interval = Duration::from_secs(3600);
+    let running = start(t.settings.clone());
+    let symbols: Vec<&str> = symbols.iter().map(String::as_str).collect();
+    ex.wait_trades_subscribed(&symbols, WAIT).await;
+
+    // Early in the backfill, tS00 misses 5 trades while the socket is down.
+    eventually("the first backfill pages", WAIT, || {
+        ex.trades_queries().len() >= 3
+    })
+    .await;
+    ex.set_accepting(false);
+    ex.drop_connections().await;
+    ex.execute("tS00", 5).await;
+    ex.set_accepting(true);
+    ex.wait_trades_subscribed(&symbols, WAIT).await;
+    // tS00's new snapshot is out: its gap is known from here on.
+    let snapshot_at = ex.trades_queries().len();
+    // Every backfill page, and the repair.
+    let requests = 3 + small.len() + 1;
+    eventually("every backfill page and the repair", WAIT, || {
+        ex.trades_queries().len() >= requests
+    })
+    .await;
+    let queries = ex.trades_queries();
+    running.stop().await;
+
+    let order: Vec<&str> = queries.iter().map(|(s, ..)| s.as_str()).collect();
+    let pages_of =
+        |symbol: &str| -> Vec<usize> { (0..order.len()).filter(|&i| order[i] == symbol).collect() };
+    let s00 = pages_of("tS00");
+    assert_eq!(s00.len(), 2, "tS00's backfill and its repair: {order:?}");
+    let repair = s00[1];
+    assert!(
+        repair <= snapshot_at + 1,
+        "tS00's repair waited behind {} backfill pages: {order:?}",
+        repair.saturating_sub(snapshot_at)
+    );
+    assert!(
+        order.len() - repair > 5,
+        "backfill pages were still waiting: {order:?}"
+    );
+    let huge = pages_of("tHUGE");
+    assert_eq!(huge.len(), 3, "{order:?}");
+    let last_small = small.iter().map(|s| pages_of(s)[0]).max().unwrap();
+    assert!(
+        last_small < huge[1],
+        "every small symbol's page before tHUGE's second: {order:?}"
+    );
+}

@@ -318,18 +318,14 @@ pub(super) async fn on_snapshot(
     for t in new {
         send(ctx, symbol, t, Source::Websocket, sequence, received_at).await?;
     }
-    let fetch = match gap {
-        Some(fetch) if fetch.backfill => {
-            ctx.fetches.started(symbol, fetch.from_ms, fetch.until_ms);
-            fetch
-        }
-        gap => {
-            ctx.fetches.settled(symbol);
-            match gap {
-                Some(fetch) => fetch,
-                None => return Ok(()),
-            }
-        }
+    match gap {
+        Some(f) if f.backfill => ctx.fetches.started(symbol, f.from_ms, f.until_ms),
+        // The symbol's first snapshot reached back to where its backfill starts, or this is a
+        // later one: no backfill waits any more.
+        _ => ctx.fetches.settled(symbol),
+    }
+    let Some(fetch) = gap else {
+        return Ok(());
     };
     let (ctx, symbol) = (ctx.clone(), symbol.to_string());
     ctx.repairs

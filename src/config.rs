@@ -146,6 +146,10 @@ pub struct BitfinexConfig {
     /// History of trades fetched over REST at start; zero turns the backfill off.
     #[serde(with = "humantime_serde")]
     pub backfill: Duration,
+    /// How long the start may spend reading the trades topic's tail for the newest trade per
+    /// symbol, so the backfill starts there; zero turns that off (full backfill).
+    #[serde(with = "humantime_serde")]
+    pub resume_timeout: Duration,
     /// Bitfinex's per-minute REST limits, one limiter each, shared by every REST caller.
     pub rest_tickers_per_minute: u32,
     pub rest_trades_per_minute: u32,
@@ -192,6 +196,7 @@ impl Default for BitfinexConfig {
             request_timeout: Duration::from_secs(10),
             trades: true,
             backfill: Duration::from_secs(6 * 3600),
+            resume_timeout: Duration::from_secs(30),
             rest_tickers_per_minute: 90,
             rest_trades_per_minute: 12,
             rest_candles_per_minute: 10,

@@ -31,6 +31,16 @@ pub mod metric {
     pub const TRADES_REJECTED: &str = "candlestream_trades_rejected_total";
     pub const REST_REQUESTS: &str = "candlestream_rest_requests_total";
     pub const RATE_LIMIT_WAITS: &str = "candlestream_rest_rate_limit_waits_total";
+    /// Trade history requests waiting for their turn, per class (repair, backfill).
+    pub const TRADE_HISTORY_QUEUED: &str = "candlestream_rest_trades_queued";
+    /// How long the oldest of them has waited, per class.
+    pub const TRADE_HISTORY_OLDEST_WAIT: &str = "candlestream_rest_trades_oldest_wait_seconds";
+    /// Symbols per backfill state (waiting, running, done).
+    pub const BACKFILL_SYMBOLS: &str = "candlestream_backfill_symbols";
+    /// An estimate of the time the backfill still takes.
+    pub const BACKFILL_REMAINING: &str = "candlestream_backfill_remaining_seconds";
+    /// Symbols whose backfill starts at the newest trade the trades topic held at start.
+    pub const BACKFILL_RESUMED: &str = "candlestream_backfill_resumed_symbols";
     pub const TIME_ADJUSTED: &str = "candlestream_ticks_time_adjusted_total";
     pub const PRODUCED: &str = "candlestream_kafka_produced_total";
     pub const DELIVERY_ERRORS: &str = "candlestream_kafka_delivery_errors_total";

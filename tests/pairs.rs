@@ -70,7 +70,14 @@ impl Source {
                 sink.lock().unwrap().push(r);
             }
         });
-        let task = tokio::spawn(bitfinex::run(cfg, rest, tx, data, cancel.clone()));
+        let task = tokio::spawn(bitfinex::run(
+            cfg,
+            rest,
+            Default::default(),
+            tx,
+            data,
+            cancel.clone(),
+        ));
         Self {
             cancel,
             task,

@@ -471,3 +471,184 @@ async fn rate_limited_rest_backs_off_and_loses_nothing() {
         ex.rate_limited()
     );
 }
+
+/// Issue 18: at start the producer reads each symbol's newest trade from the tail of the trades
+/// topic, backwards a chunk (5 000 records) at a time until every symbol is found. Here one
+/// partition holds a quiet symbol's single trade behind 12 000 of a busy one (three chunks back),
+/// and a repair's older trades after a newer websocket trade; a symbol with no trade is not found,
+/// and a deadline too short for the read leaves symbols out rather than wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trades_topics_tail_gives_each_symbols_newest_trade() {
+    use std::collections::HashMap;
+
+    use candlestream::codec::Encoder;
+    use candlestream::model::{Record, RecordKind, Trade, now_ms};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tokio_util::sync::CancellationToken;
+
+    let topic = unique("resume");
+    let cluster = MockCluster::new(1).unwrap();
+    cluster
+        .create_topic(&format!("{topic}-trades"), 1, 1)
+        .unwrap();
+    let exchange = FakeBitfinex::start().await;
+    let registry = FakeRegistry::start().await;
+    let mut s = settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
+    s.bitfinex.symbols = ["tQUIET", "tBUSY", "tREPAIRED", "tNONE"]
+        .map(String::from)
+        .to_vec();
+    let encoder = Encoder::new(&s.schema_registry, &s.kafka).unwrap();
+    encoder.register(RecordKind::Trade).await.unwrap();
+    let producer: FutureProducer = candlestream::kafka::producer_config(&s.kafka)
+        .create()
+        .unwrap();
+    let now = now_ms();
+    let trade = |symbol: &str, id: i64, ago_ms: i64, source: Source| Trade {
+        symbol: symbol.into(),
+        id,
+        exchange_time: now - ago_ms,
+        amount: 1.0,
+        price: 1.0,
+        source,
+        sequence: None,
+        received_at: now - ago_ms.min(60_000),
+    };
+    let mut trades = vec![
+        trade("tQUIET", 1, 3 * 3_600_000, Source::Websocket),
+        trade("tREPAIRED", 500, 600_000, Source::Websocket),
+    ];
+    trades.extend((0..12_000).map(|i| trade("tBUSY", 1_000 + i, 500_000 - i, Source::Websocket)));
+    // The repair of the gap before trade 500, sent after it.
+    trades.extend((400..500).map(|id| trade("tREPAIRED", id, 700_000 - id, Source::Rest)));
+    let topic_of_trades = s.kafka.trades_topic.clone();
+    let sends: Vec<_> = futures::future::join_all(trades.iter().map(|t| async {
+        let payload = encoder.encode(&Record::Trade(t.clone())).await.unwrap();
+        producer
+            .send(
+                FutureRecord::to(&topic_of_trades)
+                    .key(&t.symbol)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+    }))
+    .await;
+    assert!(sends.iter().all(Result::is_ok), "every trade in Kafka");
+
+    let expected: HashMap<String, (i64, i64)> = [
+        (
+            "tQUIET",
+            trade("tQUIET", 1, 3 * 3_600_000, Source::Websocket),
+        ),
+        (
+            "tBUSY",
+            trade("tBUSY", 12_999, 500_000 - 11_999, Source::Websocket),
+        ),
+        (
+            "tREPAIRED",
+            trade("tREPAIRED", 500, 600_000, Source::Websocket),
+        ),
+    ]
+    .into_iter()
+    .map(|(s, t)| (s.to_string(), (t.exchange_time, t.id)))
+    .collect();
+    let cancel = CancellationToken::new();
+    let found =
+        candlestream::producer::resume::newest_trades(&s, &s.bitfinex.symbols, &cancel).await;
+    assert_eq!(found, expected);
+
+    s.bitfinex.resume_timeout = Duration::from_millis(1);
+    let started = std::time::Instant::now();
+    let cut_short =
+        candlestream::producer::resume::newest_trades(&s, &s.bitfinex.symbols, &cancel).await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        cut_short.iter().all(|(s, at)| at <= &expected[s]),
+        "a read cut short finds at most the newest: {cut_short:?}"
+    );
+
+    // No broker answers: the deadline holds, and every symbol gets the full backfill.
+    s.kafka.brokers = format!("127.0.0.1:{}", support::rig::free_port());
+    s.bitfinex.resume_timeout = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let unreachable =
+        candlestream::producer::resume::newest_trades(&s, &s.bitfinex.symbols, &cancel).await;
+    let took = started.elapsed();
+    assert!(unreachable.is_empty());
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?} with a 1 s deadline"
+    );
+}
+
+/// Issue 18, fairness through the whole producer: 17 symbols share a trade-history budget of one
+/// request every 200 ms. One has a backfill of 3 pages (of 10 000 trades), the others of one.
+/// Every symbol's first page comes before the big backfill's second, and the gap a reconnect
+/// leaves in a small symbol is repaired with the next request, ahead of a dozen backfill pages
+/// still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_pages_take_turns_and_a_reconnect_gap_is_repaired_first() {
+    let mut t = Setup::new().await;
+    let ex = &t.exchange;
+    let now = support::now_ms();
+    let small: Vec<String> = (0..16).map(|i| format!("tS{i:02}")).collect();
+    ex.preload_history("tHUGE", now - 5 * 3_600_000, now - 60_000, 25_000);
+    for s in &small {
+        ex.preload_history(s, now - 3_600_000, now - 60_000, 50);
+    }
+    // A snapshot of one trade: whatever the socket misses leaves a gap.
+    ex.set_snapshot_len(1);
+    let mut symbols = vec!["tHUGE".to_string()];
+    symbols.extend(small.iter().cloned());
+    t.settings.bitfinex.symbols = symbols.clone();
+    t.settings.bitfinex.rest_trades_per_minute = 300;
+    // Only the gap repair can close the gap.
+    t.settings.bitfinex.rest_poll_interval = Duration::from_secs(3600);
+    let running = start(t.settings.clone());
+    let symbols: Vec<&str> = symbols.iter().map(String::as_str).collect();
+    ex.wait_trades_subscribed(&symbols, WAIT).await;
+
+    // Early in the backfill, tS00 misses 5 trades while the socket is down.
+    eventually("the first backfill pages", WAIT, || {
+        ex.trades_queries().len() >= 3
+    })
+    .await;
+    ex.set_accepting(false);
+    ex.drop_connections().await;
+    ex.execute("tS00", 5).await;
+    ex.set_accepting(true);
+    ex.wait_trades_subscribed(&symbols, WAIT).await;
+    // tS00's new snapshot is out: its gap is known from here on.
+    let snapshot_at = ex.trades_queries().len();
+    // Every backfill page, and the repair.
+    let requests = 3 + small.len() + 1;
+    eventually("every backfill page and the repair", WAIT, || {
+        ex.trades_queries().len() >= requests
+    })
+    .await;
+    let queries = ex.trades_queries();
+    running.stop().await;
+
+    let order: Vec<&str> = queries.iter().map(|(s, ..)| s.as_str()).collect();
+    let pages_of =
+        |symbol: &str| -> Vec<usize> { (0..order.len()).filter(|&i| order[i] == symbol).collect() };
+    let s00 = pages_of("tS00");
+    assert_eq!(s00.len(), 2, "tS00's backfill and its repair: {order:?}");
+    let repair = s00[1];
+    assert!(
+        repair <= snapshot_at + 1,
+        "tS00's repair waited behind {} backfill pages: {order:?}",
+        repair.saturating_sub(snapshot_at)
+    );
+    assert!(
+        order.len() - repair > 5,
+        "backfill pages were still waiting: {order:?}"
+    );
+    let huge = pages_of("tHUGE");
+    assert_eq!(huge.len(), 3, "{order:?}");
+    let last_small = small.iter().map(|s| pages_of(s)[0]).max().unwrap();
+    assert!(
+        last_small < huge[1],
+        "every small symbol's page before tHUGE's second: {order:?}"
+    );
+}

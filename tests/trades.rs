@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use candlestream::config::ExchangeMode;
 
 use support::fake_trades::Trader;
+use support::kafka09::client_overrides;
 use support::pipeline::{WAIT, start, start_consumer};
 use support::rig::{CLUSTER, Rig, until};
-use support::{Process, SYMBOLS, now_ms, settings_toml};
+use support::{Process, SYMBOLS, now_ms, settings_toml, topic_size};
 
 /// History executed before the producer starts, per symbol.
 const HISTORY: usize = 400;
@@ -42,6 +43,8 @@ async fn metric(rig: &Rig, name: &str) -> f64 {
 /// twice (once for far longer than a snapshot covers), the server restarts (20051), the
 /// producer is killed with SIGKILL and restarted, and a consumer too. InfluxDB ends up holding
 /// exactly the trades the exchange executed, history from before the start included.
+/// Issue 18: the restarted producer backfills from the newest trade Kafka holds, so Kafka gets
+/// no trade twice beyond a snapshot's worth per symbol.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_trade_once_through_disconnects_and_kills() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -97,6 +100,12 @@ async fn every_trade_once_through_disconnects_and_kills() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _producer = Process::spawn("producer", producer_config.path());
     ex.wait_trades_subscribed(&SYMBOLS, WAIT).await;
+    let resumed = metric(&rig, "candlestream_backfill_resumed_symbols").await;
+    assert_eq!(
+        resumed,
+        SYMBOLS.len() as f64,
+        "the restart found every symbol's newest trade in Kafka"
+    );
 
     // SIGKILL a consumer: the other takes over and replays overwrite.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -116,6 +125,16 @@ async fn every_trade_once_through_disconnects_and_kills() {
         )
         .await;
     assert!(n >= 5_000 + SYMBOLS.len() * HISTORY);
+    let in_kafka = topic_size(
+        &rig.cluster.bootstrap(),
+        &rig.trades_topic(),
+        &client_overrides(),
+    );
+    let (twice, snapshot) = (in_kafka.saturating_sub(n), 30);
+    assert!(
+        twice <= SYMBOLS.len() * snapshot,
+        "{twice} trades twice in Kafka"
+    );
 }
 
 /// `mode = "rest"`: trades come only from REST history polling, backfill included.

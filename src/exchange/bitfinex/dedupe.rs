@@ -41,11 +41,15 @@
 //!   repair fetching the same range (whichever comes second finds the range gone from the gap).
 //!   Within one millisecond, the order of the rows does not matter.
 //!
+//! After a restart, a symbol also has the newest trade the trades topic held at start: every trade
+//! at or below it is a repeat (Kafka holds it, and no gap lies there), so the first snapshot sends
+//! nothing Kafka has, and the backfill starts there.
+//!
 //! The bound per symbol: the window holds at most [`WINDOW`] positions of 16 bytes, and there are
 //! at most [`MAX_GAPS`] gaps of 32 bytes (more only when a connection flaps faster than repairs
 //! finish; the oldest two are then merged into one, which can let through a repeat but never
 //! drops a trade). With the vectors' capacities and headers that is at most
-//! 16 384 + 1 024 + 64 = 17 472 bytes, plus the symbol's name and map entry: about 5 MB for 300
+//! 16 384 + 1 024 + 88 = 17 496 bytes, plus the symbol's name and map entry: about 5 MB for 300
 //! busy symbols, and far less for quiet ones, whose window holds only the trades they had.
 
 use std::collections::{HashMap, VecDeque};
@@ -81,6 +85,16 @@ type Gap = (Position, Position);
 pub struct Fetch {
     pub from_ms: i64,
     pub until_ms: i64,
+    /// The symbol's backfill: the range starts where this process started (the backfill horizon,
+    /// or the newest trade Kafka held), not at a trade it saw.
+    pub backfill: bool,
+}
+
+/// Where a fetch of a symbol's trades starts, and whether that is its backfill (see [`Fetch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub at: Position,
+    pub backfill: bool,
 }
 
 /// What was new among a batch of trades offered at once.
@@ -98,6 +112,9 @@ struct Seen {
     gaps: Vec<Gap>,
     /// Times two gaps were merged to keep within [`MAX_GAPS`].
     merged: u64,
+    /// The newest trade the trades topic held at start: every trade up to it is in Kafka already,
+    /// so none at or below it is new (no gap lies there: gaps start at or above it).
+    resumed: Option<Position>,
 }
 
 fn in_gap(p: Position, (after, before): Gap) -> bool {
@@ -119,6 +136,9 @@ impl Seen {
     }
 
     fn is_new(&self, p: Position) -> bool {
+        if self.resumed.is_some_and(|r| p <= r) {
+            return false;
+        }
         match self.window.binary_search(&p) {
             Ok(_) => false,
             // Below the window: only a gap holds trades not admitted there.
@@ -211,15 +231,46 @@ impl Seen {
 /// Per symbol, which trades were already sent: see the module documentation.
 pub struct TradeBook {
     symbols: Mutex<HashMap<String, Seen>>,
-    /// Before any trade of a symbol was seen, gaps start here: the backfill horizon.
+    /// Before any trade of a symbol was seen, gaps start here (or at the newest trade Kafka held,
+    /// when that is later): the backfill horizon.
     horizon: Option<Position>,
 }
 
 impl TradeBook {
-    pub fn new(backfill_from_ms: Option<i64>) -> Self {
+    /// `resumed`: per symbol, the newest trade the trades topic held at start. Without a backfill
+    /// (`backfill_from_ms` is `None`) nothing is fetched from before the first snapshot, and
+    /// `resumed` only keeps what Kafka holds from being sent again.
+    pub fn new(backfill_from_ms: Option<i64>, resumed: HashMap<String, Position>) -> Self {
+        let symbols = resumed
+            .into_iter()
+            .map(|(symbol, newest)| {
+                let seen = Seen {
+                    resumed: Some(newest),
+                    ..Seen::default()
+                };
+                (symbol, seen)
+            })
+            .collect();
         Self {
-            symbols: Mutex::new(HashMap::new()),
+            symbols: Mutex::new(symbols),
             horizon: backfill_from_ms.map(|ms| (ms, i64::MIN)),
+        }
+    }
+
+    /// Where `symbol`'s backfill starts: the horizon, or the newest trade Kafka held if later.
+    fn start(&self, seen: &Seen) -> Option<Position> {
+        let horizon = self.horizon?;
+        Some(seen.resumed.map_or(horizon, |r| r.max(horizon)))
+    }
+
+    /// Where a fetch of `seen`'s trades starts: its newest trade, or its backfill start before any.
+    fn cursor_of(&self, seen: &Seen) -> Option<Cursor> {
+        match seen.newest() {
+            Some(at) => Some(Cursor {
+                at,
+                backfill: false,
+            }),
+            None => self.start(seen).map(|at| Cursor { at, backfill: true }),
         }
     }
 
@@ -237,11 +288,10 @@ impl TradeBook {
         symbols.retain(|symbol, _| keep(symbol));
     }
 
-    /// Where a gap in `symbol`'s trades would start: its newest trade seen, or the backfill
-    /// horizon before any. `None`: nothing to catch up on.
-    pub fn cursor(&self, symbol: &str) -> Option<Position> {
-        let symbols = self.symbols.lock().expect("trade book lock");
-        symbols.get(symbol).and_then(Seen::newest).or(self.horizon)
+    /// Where a gap in `symbol`'s trades would start: its newest trade seen, or its backfill
+    /// start before any. `None`: nothing to catch up on.
+    pub fn cursor(&self, symbol: &str) -> Option<Cursor> {
+        self.with(symbol, |seen| self.cursor_of(seen))
     }
 
     /// A `te` or `tu`: records the trade; false when it was seen before.
@@ -267,24 +317,26 @@ impl TradeBook {
     ) -> (Admitted, Option<Fetch>) {
         trades.sort_by_key(|t| (t.mts, t.id));
         self.with(symbol, |seen| {
-            let from = seen.newest().or(self.horizon);
+            let from = self.cursor_of(seen);
             let oldest = trades.first().map(|t| (t.mts, t.id));
             let fetch = match (from, oldest) {
                 // A snapshot that reaches back to what we saw leaves no gap.
-                (Some(from), Some(oldest)) if oldest <= from => None,
+                (Some(from), Some(oldest)) if oldest <= from.at => None,
                 (Some(from), Some(oldest)) => {
-                    seen.open_gap(from, oldest);
+                    seen.open_gap(from.at, oldest);
                     Some(Fetch {
-                        from_ms: from.0,
+                        from_ms: from.at.0,
                         until_ms: oldest.0,
+                        backfill: from.backfill,
                     })
                 }
                 // An empty snapshot: Bitfinex holds no recent trade of the symbol. The fetch up to
                 // now is a safeguard, without a gap: what it can find came as `te` since, above the
                 // newest trade, where the window judges it.
                 (Some(from), None) => Some(Fetch {
-                    from_ms: from.0,
+                    from_ms: from.at.0,
                     until_ms: now_ms,
+                    backfill: from.backfill,
                 }),
                 (None, _) => None,
             };
@@ -381,9 +433,9 @@ mod tests {
 
     #[test]
     fn book_drops_repeats_and_tracks_the_newest_trade() {
-        let book = TradeBook::new(Some(1_000));
+        let book = TradeBook::new(Some(1_000), HashMap::new());
         assert_eq!(
-            book.cursor(S).map(|(mts, _)| mts),
+            book.cursor(S).map(|c| c.at.0),
             Some(1_000),
             "the backfill horizon before any trade"
         );
@@ -396,20 +448,24 @@ mod tests {
         );
         assert!(!book.admit(S, &t(5, 2_000)));
         assert!(book.admit("tETHUSD", &t(5, 2_000)), "books are per symbol");
-        assert_eq!(book.cursor(S), Some((2_000, 6)));
-        assert_eq!(TradeBook::new(None).cursor(S), None);
+        assert_eq!(
+            book.cursor(S).map(|c| (c.at, c.backfill)),
+            Some(((2_000, 6), false))
+        );
+        assert_eq!(TradeBook::new(None, HashMap::new()).cursor(S), None);
     }
 
     #[test]
     fn a_snapshot_opens_a_gap_back_to_the_newest_trade_seen() {
-        let book = TradeBook::new(Some(1_000));
+        let book = TradeBook::new(Some(1_000), HashMap::new());
         let (first, fetch) = book.admit_snapshot(S, vec![t(9, 3_000), t(8, 2_900)], 10_000);
         assert_eq!(ids(&first), [8, 9], "oldest first");
         assert_eq!(
             fetch,
             Some(Fetch {
                 from_ms: 1_000,
-                until_ms: 2_900
+                until_ms: 2_900,
+                backfill: true,
             }),
             "at start: from the backfill horizon"
         );
@@ -421,7 +477,8 @@ mod tests {
             fetch,
             Some(Fetch {
                 from_ms: 3_000,
-                until_ms: 5_000
+                until_ms: 5_000,
+                backfill: false,
             })
         );
         let (_, fetch) = book.admit_snapshot(S, vec![], 10_000);
@@ -429,14 +486,59 @@ mod tests {
             fetch,
             Some(Fetch {
                 from_ms: 5_000,
-                until_ms: 10_000
+                until_ms: 10_000,
+                backfill: false,
             }),
             "an empty snapshot: up to now"
         );
-        let (_, fetch) = TradeBook::new(None).admit_snapshot(S, vec![t(1, 1)], 10_000);
+        let (_, fetch) =
+            TradeBook::new(None, HashMap::new()).admit_snapshot(S, vec![t(1, 1)], 10_000);
         assert_eq!(
             fetch, None,
             "no backfill and nothing seen: nothing to fetch"
+        );
+    }
+
+    /// A restart: Kafka held trades up to (2 000, 6). The backfill starts there, not at the
+    /// horizon; the snapshot's trades Kafka held are not sent again; the window judges the rest.
+    #[test]
+    fn a_resumed_symbol_backfills_from_the_newest_trade_kafka_held() {
+        let resumed = HashMap::from([(S.to_string(), (2_000, 6)), ("tOLD".to_string(), (10, 1))]);
+        let book = TradeBook::new(Some(1_000), resumed);
+        assert_eq!(
+            book.cursor(S),
+            Some(Cursor {
+                at: (2_000, 6),
+                backfill: true
+            })
+        );
+        assert_eq!(
+            book.cursor("tOLD").map(|c| c.at),
+            Some((1_000, i64::MIN)),
+            "never further back than the horizon"
+        );
+        let (first, fetch) = book.admit_snapshot(
+            S,
+            vec![t(5, 2_000), t(6, 2_000), t(7, 2_000), t(9, 2_500)],
+            9_000,
+        );
+        assert_eq!(
+            (ids(&first), first.repeats),
+            (vec![7, 9], 2),
+            "the two Kafka held are repeats"
+        );
+        assert_eq!(fetch, None, "the snapshot reaches back to what Kafka held");
+        let (_, fetch) = book.admit_snapshot("tNEW", vec![t(1, 3_000)], 9_000);
+        assert_eq!(
+            fetch.map(|f| (f.from_ms, f.backfill)),
+            Some((1_000, true)),
+            "a symbol Kafka did not hold: from the horizon"
+        );
+        let page = book.admit_page(S, 1_000, 2_500, vec![t(4, 1_500), t(6, 2_000), t(8, 2_100)]);
+        assert_eq!(
+            (ids(&page), page.repeats),
+            (vec![8], 2),
+            "a page reaching below it"
         );
     }
 
@@ -450,7 +552,7 @@ mod tests {
 
     #[test]
     fn below_the_window_only_a_gap_holds_new_trades() {
-        let book = TradeBook::new(Some(100));
+        let book = TradeBook::new(Some(100), HashMap::new());
         // A snapshot at 500 opens the gap (horizon, 500).
         book.admit_snapshot(S, vec![t(50, 500)], 0);
         fill_window(&book, 1_000);
@@ -488,7 +590,7 @@ mod tests {
 
     #[test]
     fn a_te_out_of_order_or_a_tu_without_its_te_is_new_in_the_window() {
-        let book = TradeBook::new(None);
+        let book = TradeBook::new(None, HashMap::new());
         assert!(book.admit(S, &t(10, 1_000)));
         assert!(
             book.admit(S, &t(9, 1_000)),
@@ -503,7 +605,7 @@ mod tests {
 
     #[test]
     fn a_trade_admitted_inside_a_gap_is_taken_out_of_it() {
-        let book = TradeBook::new(Some(100));
+        let book = TradeBook::new(Some(100), HashMap::new());
         book.admit_snapshot(S, vec![t(50, 500)], 0);
         // The `tu` of a trade a disconnect had kept from the socket.
         assert!(book.admit(S, &t(20, 300)));
@@ -514,7 +616,7 @@ mod tests {
 
     #[test]
     fn too_many_gaps_merge_the_oldest_and_drop_nothing() {
-        let book = TradeBook::new(None);
+        let book = TradeBook::new(None, HashMap::new());
         assert!(book.admit(S, &t(0, 0)));
         // Each snapshot skips ahead: one gap per disconnect, none of them repaired yet.
         for k in 1..=(MAX_GAPS as i64 + 5) {
@@ -567,7 +669,7 @@ mod tests {
             rows
         };
 
-        let book = TradeBook::new(Some(0));
+        let book = TradeBook::new(Some(0), HashMap::new());
         let mut sent: HashMap<i64, usize> = HashMap::new();
         let mut record = |new: &[TradeValues]| {
             for t in new {
@@ -645,7 +747,7 @@ mod tests {
         assert_eq!(sent.len(), all.len(), "every trade admitted");
         assert!(all.iter().all(|id| sent.get(id) == Some(&1)), "each once");
         assert_eq!(
-            BYTES_PER_SYMBOL, 17_472,
+            BYTES_PER_SYMBOL, 17_496,
             "the figure in the module documentation"
         );
     }

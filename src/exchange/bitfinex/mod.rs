@@ -11,7 +11,7 @@ mod shards;
 mod trades;
 mod ws;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -165,6 +165,7 @@ struct Ctx {
     opens_held_until: Mutex<Option<tokio::time::Instant>>,
     rest: RestClient,
     book: dedupe::TradeBook,
+    fetches: trades::Fetches,
     /// Gap repairs run beside the sockets; shutdown waits for them.
     repairs: TaskTracker,
     cancel: CancellationToken,
@@ -181,11 +182,14 @@ impl Ctx {
 }
 
 /// Streams ticker updates and trades for every symbol selected (see [`pairs`]) into `tx` until
-/// `cancel`. Returns once every task has stopped, so that dropping `tx` afterwards tells the next
-/// stage no more records will come.
+/// `cancel`. `resumed`: per symbol, the newest trade (exchange time, id) Kafka already holds,
+/// where its backfill starts instead of the horizon when that is later.
+/// Returns once every task has stopped, so that dropping `tx` afterwards tells the next stage no
+/// more records will come.
 pub async fn run(
     cfg: BitfinexConfig,
     rest: RestClient,
+    resumed: HashMap<String, (i64, i64)>,
     tx: mpsc::Sender<Record>,
     data: Arc<Liveness>,
     cancel: CancellationToken,
@@ -199,7 +203,11 @@ pub async fn run(
         connects: per_minute(cfg.connections_per_minute as u32),
         opens_held_until: Mutex::new(None),
         coverage: Coverage::new(),
-        book: dedupe::TradeBook::new(backfill_from),
+        book: dedupe::TradeBook::new(backfill_from, resumed),
+        fetches: trades::Fetches::new(
+            cfg.trades && backfill_from.is_some(),
+            cfg.rest_trades_per_minute,
+        ),
         repairs: TaskTracker::new(),
         rest,
         cfg,

@@ -191,6 +191,7 @@ pub async fn resolve_once(
 pub(super) async fn follow_listing(ctx: Arc<Ctx>, selection: Selection) {
     if !selection.needs_listing() {
         ctx.symbols.set(selection.resolve(&[]), true);
+        ctx.fetches.follow(&ctx.symbols.current());
         return;
     }
     let mut first = true;
@@ -206,6 +207,7 @@ pub(super) async fn follow_listing(ctx: Arc<Ctx>, selection: Selection) {
         // are listed and delisted over time.
         let streamed = ctx.symbols.current();
         ctx.book.retain(|symbol| streamed.contains(symbol));
+        ctx.fetches.follow(&streamed);
         if !sleep_or_cancel(ctx.cfg.symbols_refresh, &ctx.cancel).await {
             return;
         }

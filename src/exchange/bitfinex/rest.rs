@@ -1,11 +1,18 @@
 //! Bitfinex's public REST API: tickers, trade history and candle history, each behind its own
 //! rate limiter shared by every caller in the process, and the polling of whatever the
 //! websocket does not cover (everything in `mode = "rest"`).
+//!
+//! Trade history is the scarce one (about 15 requests a minute per IP for hundreds of symbols),
+//! so its requests also wait in a fair queue, [`TradeQueue`]: gap repairs first, then backfill
+//! pages and polls one symbol after another.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use governor::DefaultDirectRateLimiter;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::{
@@ -24,7 +31,8 @@ use crate::telemetry::{metric, truncate};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Tickers,
-    Trades,
+    /// Trade history, asked for by a caller of this class (see [`TradeQueue`]).
+    Trades(Class),
     Candles,
     /// The list of trading pairs, read once an hour or so: under the tickers' budget.
     Pairs,
@@ -34,9 +42,158 @@ impl Endpoint {
     fn label(self) -> &'static str {
         match self {
             Endpoint::Tickers => "tickers",
-            Endpoint::Trades => "trades",
+            Endpoint::Trades(_) => "trades",
             Endpoint::Candles => "candles",
             Endpoint::Pairs => "pairs",
+        }
+    }
+}
+
+/// Who asks for a page of trade history, which decides when it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Trades a reconnect left out (a gap between the newest trade seen and a new snapshot), or a
+    /// one-off caller (`candlestream verify`): rare and short, so served first, oldest first.
+    Repair,
+    /// Work that goes on for as long as it must: the pages of a symbol's backfill, the polls of a
+    /// symbol without a websocket. Served when no repair waits. Each symbol asks for its next
+    /// page only once it has its last, so first come first served takes the symbols in turn: no
+    /// symbol waits behind another's whole backfill, and polls do not starve backfills.
+    Routine,
+}
+
+impl Class {
+    fn label(self) -> &'static str {
+        match self {
+            Class::Repair => "repair",
+            Class::Routine => "routine",
+        }
+    }
+}
+
+/// A request waiting for its turn.
+struct Waiter {
+    since: Instant,
+    turn: oneshot::Sender<()>,
+}
+
+/// Requests waiting for trade history, per class, first come first.
+#[derive(Default)]
+struct Waiting {
+    repairs: VecDeque<Waiter>,
+    routine: VecDeque<Waiter>,
+}
+
+impl Waiting {
+    fn is_empty(&self) -> bool {
+        self.repairs.is_empty() && self.routine.is_empty()
+    }
+
+    /// The next in line: repairs first.
+    fn pop(&mut self) -> Option<Waiter> {
+        self.repairs
+            .pop_front()
+            .or_else(|| self.routine.pop_front())
+    }
+
+    /// The queue as gauges: how many wait, and for how long the oldest has.
+    fn report(&self) {
+        for (class, queue) in [
+            (Class::Repair, &self.repairs),
+            (Class::Routine, &self.routine),
+        ] {
+            let oldest = queue
+                .front()
+                .map_or(0.0, |w| w.since.elapsed().as_secs_f64());
+            metrics::gauge!(metric::TRADE_HISTORY_QUEUED, "class" => class.label())
+                .set(queue.len() as f64);
+            metrics::gauge!(metric::TRADE_HISTORY_OLDEST_WAIT, "class" => class.label())
+                .set(oldest);
+        }
+    }
+}
+
+/// The trade history budget (`bitfinex.rest_trades_per_minute`), handed out in order: one
+/// dispatcher waits for each slot of the limiter and gives it to the next request in line (see
+/// [`Class`]). Each waiting request is one entry (a start time and a channel), and a caller
+/// waits with at most one request at a time, so the queue holds at most one entry per running
+/// repair or backfill: bounded by the symbols and their open gaps, whatever the backfill size.
+pub(crate) struct TradeQueue {
+    limiter: DefaultDirectRateLimiter,
+    waiting: Mutex<Waiting>,
+    wake: Notify,
+    /// The dispatcher starts with the first request (a runtime is there then).
+    dispatcher: OnceLock<()>,
+    cancel: CancellationToken,
+}
+
+impl TradeQueue {
+    pub(crate) fn new(per_minute_limit: u32, cancel: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            limiter: per_minute(per_minute_limit),
+            waiting: Mutex::default(),
+            wake: Notify::new(),
+            dispatcher: OnceLock::new(),
+            cancel,
+        })
+    }
+
+    /// Waits for this request's turn; false when the client is cancelled first. A request asked
+    /// `again` (Bitfinex refused it: 429) goes first in its class: it had its turn, and the next
+    /// in line would otherwise overtake it every time the refusals fall on its slot.
+    pub(crate) async fn turn(self: &Arc<Self>, class: Class, again: bool) -> bool {
+        self.dispatcher.get_or_init(|| {
+            tokio::spawn(self.clone().dispatch());
+        });
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut waiting = self.waiting.lock().expect("trade queue lock");
+            let queue = match class {
+                Class::Repair => &mut waiting.repairs,
+                Class::Routine => &mut waiting.routine,
+            };
+            let waiter = Waiter {
+                since: Instant::now(),
+                turn: tx,
+            };
+            if again {
+                queue.push_front(waiter);
+            } else {
+                queue.push_back(waiter);
+            }
+            waiting.report();
+        }
+        self.wake.notify_one();
+        // A caller that stops waiting drops `rx`; the dispatcher then passes its turn on.
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => false,
+            got = rx => got.is_ok(),
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            while self.waiting.lock().expect("trade queue lock").is_empty() {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                }
+            }
+            if self.limiter.check().is_err() {
+                metrics::counter!(metric::RATE_LIMIT_WAITS, "endpoint" => "trades").increment(1);
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    _ = self.limiter.until_ready() => {}
+                }
+            }
+            let mut waiting = self.waiting.lock().expect("trade queue lock");
+            while let Some(next) = waiting.pop() {
+                if next.turn.send(()).is_ok() {
+                    break;
+                }
+            }
+            waiting.report();
         }
     }
 }
@@ -47,7 +204,7 @@ pub struct RestClient {
     http: reqwest::Client,
     base: String,
     tickers: DefaultDirectRateLimiter,
-    trades: DefaultDirectRateLimiter,
+    trades: Arc<TradeQueue>,
     candles: DefaultDirectRateLimiter,
     backoff: Backoff,
     cancel: CancellationToken,
@@ -65,19 +222,32 @@ impl RestClient {
                 .map_err(ExchangeError::Rest)?,
             base: cfg.rest_url.trim_end_matches('/').to_string(),
             tickers: per_minute(cfg.rest_tickers_per_minute),
-            trades: per_minute(cfg.rest_trades_per_minute),
+            trades: TradeQueue::new(cfg.rest_trades_per_minute, cancel.clone()),
             candles: per_minute(cfg.rest_candles_per_minute),
             backoff: cfg.rest_backoff(),
             cancel,
         })
     }
 
-    fn limiter(&self, endpoint: Endpoint) -> &DefaultDirectRateLimiter {
-        match endpoint {
+    /// Waits until `endpoint`'s limiter (and, for trade history, the fair queue) lets a request
+    /// go.
+    async fn wait_turn(&self, endpoint: Endpoint, again: bool) -> Result<(), ExchangeError> {
+        let limiter = match endpoint {
+            Endpoint::Trades(class) => {
+                return match self.trades.turn(class, again).await {
+                    true => Ok(()),
+                    false => Err(ExchangeError::Cancelled),
+                };
+            }
             Endpoint::Tickers | Endpoint::Pairs => &self.tickers,
-            Endpoint::Trades => &self.trades,
             Endpoint::Candles => &self.candles,
+        };
+        if limiter.check().is_err() {
+            metrics::counter!(metric::RATE_LIMIT_WAITS, "endpoint" => endpoint.label())
+                .increment(1);
+            limiter.until_ready().await;
         }
+        Ok(())
     }
 
     /// One GET, after waiting for the endpoint's limiter; rate-limit answers are retried with
@@ -89,10 +259,11 @@ impl RestClient {
         query: &[(&str, String)],
     ) -> Result<String, ExchangeError> {
         let label = endpoint.label();
+        let asked = AtomicBool::new(false);
         let got = retry(
             self.backoff,
             &self.cancel,
-            || self.get_once(endpoint, path, query),
+            || self.get_once(endpoint, path, query, asked.swap(true, Ordering::Relaxed)),
             |e, wait| match e {
                 ExchangeError::RateLimited(_) => {
                     tracing::warn!(
@@ -118,13 +289,10 @@ impl RestClient {
         endpoint: Endpoint,
         path: &str,
         query: &[(&str, String)],
+        again: bool,
     ) -> Result<String, ExchangeError> {
         let label = endpoint.label();
-        let limiter = self.limiter(endpoint);
-        if limiter.check().is_err() {
-            metrics::counter!(metric::RATE_LIMIT_WAITS, "endpoint" => label).increment(1);
-            limiter.until_ready().await;
-        }
+        self.wait_turn(endpoint, again).await?;
         let sent = self
             .http
             .get(format!("{}{path}", self.base))
@@ -221,7 +389,8 @@ impl RestClient {
             .map_err(|e| ExchangeError::RestBody(format!("{e}: {}", truncate(&body))))
     }
 
-    /// Up to `limit` trades of `symbol` with `start_ms <= MTS <= end_ms`, oldest first.
+    /// Up to `limit` trades of `symbol` with `start_ms <= MTS <= end_ms`, oldest first, for a
+    /// one-off caller: in line with gap repairs.
     pub async fn trades(
         &self,
         symbol: &str,
@@ -229,9 +398,22 @@ impl RestClient {
         end_ms: i64,
         limit: usize,
     ) -> Result<Vec<TradeEntry>, ExchangeError> {
+        self.trades_as(Class::Repair, symbol, start_ms, end_ms, limit)
+            .await
+    }
+
+    /// [`RestClient::trades`], served in turn as `class`.
+    pub async fn trades_as(
+        &self,
+        class: Class,
+        symbol: &str,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TradeEntry>, ExchangeError> {
         let path = format!("/v2/trades/{symbol}/hist");
         let query = window(start_ms, end_ms, limit);
-        let rows = self.history(Endpoint::Trades, &path, &query).await?;
+        let rows = self.history(Endpoint::Trades(class), &path, &query).await?;
         Ok(rows.iter().map(|r| TradeValues::from_raw(r)).collect())
     }
 
@@ -339,7 +521,7 @@ pub(super) async fn poll_uncovered(ctx: Arc<Ctx>) {
     }
 }
 
-async fn poll_once(ctx: &Ctx, uncovered: &[Sub]) -> Result<(), ExchangeError> {
+async fn poll_once(ctx: &Arc<Ctx>, uncovered: &[Sub]) -> Result<(), ExchangeError> {
     let tickers: Vec<String> = uncovered
         .iter()
         .filter(|s| s.channel == Channel::Ticker)
@@ -351,13 +533,131 @@ async fn poll_once(ctx: &Ctx, uncovered: &[Sub]) -> Result<(), ExchangeError> {
             ctx.send(Record::Tick(tick)).await?;
         }
     }
+    // Each symbol's trades on their own: one symbol's backfill must not hold up the others' polls.
+    // A poll of hundreds of symbols takes minutes under the trades limit: those a connection
+    // took over, or that were delisted, meanwhile are skipped.
+    let streamed = ctx.symbols.current();
     for sub in uncovered.iter().filter(|s| s.channel == Channel::Trades) {
-        // A poll of hundreds of symbols takes minutes under the trades limit: skip those a
-        // connection took over, or that were delisted, meanwhile.
-        if ctx.coverage.covers(sub) || !ctx.symbols.current().contains(&sub.symbol) {
+        if ctx.coverage.covers(sub) || !streamed.contains(&sub.symbol) {
             continue;
         }
-        trades::poll(ctx, &sub.symbol).await?;
+        trades::poll_beside(ctx, sub.symbol.clone());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Issue 18: one symbol with a huge backfill and five with small ones share the budget.
+    /// Backfill pages go round the symbols, and a gap repair that comes up meanwhile takes the
+    /// next slot.
+    #[tokio::test]
+    async fn backfill_pages_take_turns_and_a_repair_goes_first() {
+        let cancel = CancellationToken::new();
+        // One slot every 5 ms.
+        let queue = TradeQueue::new(12_000, cancel.clone());
+        let served: Arc<Mutex<Vec<String>>> = Arc::default();
+        let mut backfills = tokio::task::JoinSet::new();
+        for (symbol, pages) in [
+            ("tHUGE", 60),
+            ("tA", 3),
+            ("tB", 3),
+            ("tC", 3),
+            ("tD", 3),
+            ("tE", 3),
+        ] {
+            let (queue, served) = (queue.clone(), served.clone());
+            backfills.spawn(async move {
+                for _ in 0..pages {
+                    assert!(queue.turn(Class::Routine, false).await);
+                    served.lock().unwrap().push(symbol.to_string());
+                    // The page's request and its trades.
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        while served.lock().unwrap().len() < 8 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let before = served.lock().unwrap().len();
+        assert!(queue.turn(Class::Repair, false).await);
+        let waited_behind = served.lock().unwrap().len() - before;
+        served.lock().unwrap().push("repair".into());
+        while backfills.join_next().await.is_some() {}
+        cancel.cancel();
+
+        let served = served.lock().unwrap().clone();
+        assert!(
+            waited_behind <= 1,
+            "the repair waited behind {waited_behind} backfill pages: {served:?}"
+        );
+        // Three rounds of all six symbols (the repair took one slot among them); then the huge
+        // backfill alone.
+        let rounds: Vec<String> = served.iter().filter(|s| *s != "repair").cloned().collect();
+        for (i, round) in rounds[..18].chunks(6).enumerate() {
+            let symbols: BTreeSet<&String> = round.iter().collect();
+            assert_eq!(
+                symbols.len(),
+                6,
+                "round {i} serves every symbol once: {served:?}"
+            );
+        }
+        assert!(rounds[18..].iter().all(|s| s == "tHUGE"));
+        assert_eq!(rounds.len(), 60 + 5 * 3);
+        assert_eq!(size_of::<Waiter>(), 24, "the figure in the README");
+    }
+
+    #[tokio::test]
+    async fn a_request_bitfinex_refused_goes_first_in_its_class() {
+        let cancel = CancellationToken::new();
+        // One slot every 50 ms.
+        let queue = TradeQueue::new(1_200, cancel.clone());
+        assert!(queue.turn(Class::Routine, false).await);
+        let served: Arc<Mutex<Vec<&str>>> = Arc::default();
+        let mut waiting = tokio::task::JoinSet::new();
+        for (name, again) in [("next in line", false), ("refused, asked again", true)] {
+            let (queue, served) = (queue.clone(), served.clone());
+            waiting.spawn(async move {
+                assert!(queue.turn(Class::Routine, again).await);
+                served.lock().unwrap().push(name);
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        while waiting.join_next().await.is_some() {}
+        cancel.cancel();
+        assert_eq!(
+            *served.lock().unwrap(),
+            ["refused, asked again", "next in line"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_waiting_passes_its_turn_on() {
+        let cancel = CancellationToken::new();
+        // One slot a second: the first passes at once, the next waits.
+        let queue = TradeQueue::new(60, cancel.clone());
+        assert!(queue.turn(Class::Routine, false).await);
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            queue.turn(Class::Routine, false),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the second slot is a second away");
+        let started = Instant::now();
+        assert!(queue.turn(Class::Repair, false).await);
+        let waited = started.elapsed();
+        assert!(
+            waited < std::time::Duration::from_millis(1_100),
+            "the slot went to the next in line: {waited:?}"
+        );
+        cancel.cancel();
+        assert!(
+            !queue.turn(Class::Repair, false).await,
+            "cancelled: no turn, no wait"
+        );
+    }
 }

@@ -495,6 +495,7 @@ impl<'a> Session<'a> {
                     // Reported once; the shards then drop the symbol, so it is not asked
                     // for again on this or any connection.
                     self.ctx.symbols.reject(s, msg.as_deref());
+                    self.ctx.fetches.follow(&self.ctx.symbols.current());
                 }
                 self.subscribe_deferred(ws).await?;
             }

@@ -57,6 +57,13 @@ pub mod metric {
     pub const LAST_TRADE_STORED: &str = "candlestream_trade_last_stored_timestamp_seconds";
     /// When the websocket last connected (Unix seconds).
     pub const LAST_CONNECT: &str = "candlestream_exchange_last_connect_timestamp_seconds";
+    /// Age (since the producer received it) of the oldest record of a partition that Kafka holds
+    /// and the consumer group has not committed, i.e. not yet stored in InfluxDB; 0 when none.
+    /// Per topic and partition, read by every consumer process from the brokers.
+    pub const OLDEST_UNSTORED: &str = "candlestream_oldest_unstored_seconds";
+    /// Stalls logged (a record older than `pipeline.stall_warning` not stored), by the stage
+    /// where it waited: fetch, write or commit.
+    pub const STALLS: &str = "candlestream_pipeline_stalls_total";
     /// 1 while /healthz answers 200, 0 while it answers 503.
     pub const HEALTHY: &str = "candlestream_healthy";
 }

@@ -112,6 +112,18 @@ async fn counter(rig: &Rig, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The largest value of a metric over its label sets; 0 when absent.
+fn max_of(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn influx_outage() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -137,6 +149,20 @@ async fn influx_outage() {
         counter(&rig, "candlestream_consumer_pauses_total").await > 0.0,
         "partitions paused while InfluxDB was down"
     );
+    // The freeze is visible while it lasts: the oldest unstored record is older than the outage
+    // minus a check interval, and the stall was logged as waiting for the write.
+    let metrics = rig.metrics().await;
+    let oldest = max_of(&metrics, "candlestream_oldest_unstored_seconds");
+    let stall_warning = rig.settings.pipeline.stall_warning.as_secs_f64();
+    assert!(
+        oldest > outage.as_secs_f64() - 5.0,
+        "candlestream_oldest_unstored_seconds {oldest} after a {outage:?} outage"
+    );
+    let stalls = counter(&rig, r#"candlestream_pipeline_stalls_total{stage="write"}"#).await;
+    assert!(
+        stalls >= 1.0,
+        "a stall waiting for the write was logged: {stalls}"
+    );
     tokio::task::block_in_place(|| rig.influx.start_again());
     let back = Instant::now();
     load.stop().await;
@@ -155,6 +181,15 @@ async fn influx_outage() {
         0,
     )
     .await;
+    // Everything stored and committed: the gauge falls back under the warning.
+    let fresh = until(Duration::from_secs(15), || async {
+        max_of(&rig.metrics().await, "candlestream_oldest_unstored_seconds") < stall_warning
+    })
+    .await;
+    assert!(
+        fresh.is_some(),
+        "candlestream_oldest_unstored_seconds back under {stall_warning} s once caught up"
+    );
     producer.stop().await;
     consumer.stop().await;
 }

@@ -112,14 +112,12 @@ async fn counter(rig: &Rig, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The largest value of a metric over its label sets; 0 when absent.
-fn max_of(metrics: &str, name: &str) -> f64 {
+/// The largest value of a metric over its label sets that contain `labels`; 0 when absent. The
+/// recorder is the process's, shared by every test of this binary: `labels` picks a test's own.
+fn max_of(metrics: &str, name: &str, labels: &str) -> f64 {
     metrics
         .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with(['{', ' ']))
-        })
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{')) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .fold(0.0, f64::max)
 }
@@ -142,6 +140,10 @@ async fn influx_outage() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let revoked = r#"candlestream_consumer_rebalances_total{event="revoke"}"#;
     let revokes = counter(&rig, revoked).await;
+    let write_stalls = r#"candlestream_pipeline_stalls_total{stage="write"}"#;
+    let stalls_before = counter(&rig, write_stalls).await;
+    // This test's partitions (ticker and trades topics share the prefix).
+    let ours = format!("topic=\"{}", rig.topic);
     let outage = Duration::from_secs(30);
     rig.influx.stop();
     tokio::time::sleep(outage).await;
@@ -152,13 +154,13 @@ async fn influx_outage() {
     // The freeze is visible while it lasts: the oldest unstored record is older than the outage
     // minus a check interval, and the stall was logged as waiting for the write.
     let metrics = rig.metrics().await;
-    let oldest = max_of(&metrics, "candlestream_oldest_unstored_seconds");
+    let oldest = max_of(&metrics, "candlestream_oldest_unstored_seconds", &ours);
     let stall_warning = rig.settings.pipeline.stall_warning.as_secs_f64();
     assert!(
         oldest > outage.as_secs_f64() - 5.0,
         "candlestream_oldest_unstored_seconds {oldest} after a {outage:?} outage"
     );
-    let stalls = counter(&rig, r#"candlestream_pipeline_stalls_total{stage="write"}"#).await;
+    let stalls = counter(&rig, write_stalls).await - stalls_before;
     assert!(
         stalls >= 1.0,
         "a stall waiting for the write was logged: {stalls}"
@@ -183,7 +185,11 @@ async fn influx_outage() {
     .await;
     // Everything stored and committed: the gauge falls back under the warning.
     let fresh = until(Duration::from_secs(15), || async {
-        max_of(&rig.metrics().await, "candlestream_oldest_unstored_seconds") < stall_warning
+        max_of(
+            &rig.metrics().await,
+            "candlestream_oldest_unstored_seconds",
+            &ours,
+        ) < stall_warning
     })
     .await;
     assert!(

@@ -91,6 +91,7 @@ pub struct Settings {
     pub influx: InfluxConfig,
     pub http: HttpConfig,
     pub health: HealthConfig,
+    pub pipeline: PipelineConfig,
     pub log: LogConfig,
     pub verify: VerifyConfig,
 }
@@ -522,6 +523,24 @@ impl Default for HealthConfig {
         Self {
             max_exchange_silence: Duration::from_secs(60),
             max_ack_silence: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The pipeline as a whole: how long a record may take from the producer's receipt to InfluxDB.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// A record older than this (since the producer received it) and not yet stored in InfluxDB
+    /// is a stall: logged once per partition, with where it waits.
+    #[serde(with = "humantime_serde")]
+    pub stall_warning: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            stall_warning: Duration::from_secs(10),
         }
     }
 }

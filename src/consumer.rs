@@ -7,6 +7,7 @@
 //! its partitions however long that lasts.
 
 mod group;
+mod stall;
 mod writer;
 
 use std::collections::VecDeque;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -68,6 +69,8 @@ struct Shared {
     shutdown: Shutdown,
     /// Held by the member that is leaving the group; see [`member`].
     leaving: tokio::sync::Mutex<()>,
+    /// What the workers fetched and stored, for telling where a stalled record waits.
+    progress: Arc<stall::Progress>,
 }
 
 /// Runs `workers` group members until `cancel`; each then writes what it read, commits and
@@ -82,7 +85,7 @@ pub async fn run(
     let setup = health.fault("influx_writes");
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();
-    serve_http(settings.http.listen, health, http_stop).await?;
+    serve_http(settings.http.listen, health, http_stop.clone()).await?;
 
     let shared = Arc::new(Shared {
         decoder: Decoder::new(&settings.schema_registry)?,
@@ -95,6 +98,7 @@ pub async fn run(
         setup,
         shutdown: Shutdown::new(cancel, settings.consumer.shutdown_timeout),
         leaving: tokio::sync::Mutex::new(()),
+        progress: Arc::default(),
         settings,
     });
     let mut members = JoinSet::new();
@@ -103,6 +107,11 @@ pub async fn run(
         members.spawn(member(shared.clone(), id, consumer));
     }
     let topics = topics(&shared.settings);
+    tokio::spawn(stall::watch(
+        shared.clone(),
+        topics.iter().map(|t| t.to_string()).collect(),
+        http_stop.clone(),
+    ));
     tracing::info!(workers, ?topics, group = %shared.settings.kafka.group_id, "consumer running");
     let mut unclosed = 0;
     while let Some(r) = members.join_next().await {
@@ -144,6 +153,7 @@ fn subscribe(shared: &Shared, id: usize) -> Result<Member, ConsumerError> {
         cooperative: shared.settings.kafka.assignment_strategy
             == AssignmentStrategy::CooperativeSticky,
         joined,
+        progress: shared.progress.clone(),
     };
     let consumer: StreamConsumer<GroupContext> =
         consumer_config(&shared.settings.kafka).create_with_context(context)?;
@@ -195,7 +205,7 @@ async fn member(
             _ = shared.shutdown.expired.cancelled() => (None, joined),
         }
     };
-    let (turn, joined) = poll(&consumer, tx, turn, id).await;
+    let (turn, joined) = poll(&consumer, tx, turn, id, &shared.progress).await;
     let deadline = shared
         .shutdown
         .deadline()
@@ -241,6 +251,7 @@ async fn poll<T>(
     tx: mpsc::Sender<OwnedMessage>,
     stop: impl std::future::Future<Output = T>,
     id: usize,
+    progress: &stall::Progress,
 ) -> T {
     let mut held: VecDeque<OwnedMessage> = VecDeque::new();
     tokio::pin!(stop);
@@ -257,6 +268,7 @@ async fn poll<T>(
             next = consumer.recv() => match next {
                 Ok(m) => {
                     metrics::counter!(metric::CONSUMED).increment(1);
+                    progress.fetched(m.topic(), m.partition(), m.offset());
                     let record = m.detach();
                     if !held.is_empty() {
                         // Fetched before the pause took hold, or from a partition assigned since.

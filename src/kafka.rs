@@ -21,7 +21,24 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("compression.type", "lz4"),
     ("linger.ms", "20"),
     ("client.id", "candlestream-producer"),
+    // What idempotence allows at most, said outright so that a producer without it (Kafka 0.9,
+    // or enable.idempotence=false) keeps the same bound. While acks stall (a broker died and
+    // its followers are not yet out of the in-sync replicas), an unbounded producer sends a
+    // request per linger.ms; the broker answers one request per connection at a time, each
+    // after replication, so once acks resume the backlog drained a few records per request and
+    // every partition led by that broker waited behind it (issue 19: 12-15 s round trips, records
+    // 30 s late). With 5 in flight, the records wait in the client and go out in full batches.
+    ("max.in.flight.requests.per.connection", "5"),
+    FAILOVER_RECONNECT,
 ];
+
+/// How long a client waits at most before connecting again to a broker it lost. librdkafka
+/// doubles the wait after each refused attempt, up to 10 s by default: a broker back after a
+/// restart was then reached up to 10 s late, and once Kafka hands leadership back to it (the
+/// preferred-leader election that follows a restart) its partitions waited that long (issue 19:
+/// a producer reconnected 4 s after it learned that the restarted broker led again). Trying a
+/// dead broker once a second costs nothing.
+const FAILOVER_RECONNECT: (&str, &str) = ("reconnect.backoff.max.ms", "1000");
 
 pub fn client_config(
     brokers: &str,
@@ -58,6 +75,7 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         ),
         ("enable.partition.eof", "false"),
         ("client.id", "candlestream-consumer"),
+        FAILOVER_RECONNECT,
     ];
     client_config(&cfg.brokers, &defaults, &cfg.consumer)
 }
@@ -95,22 +113,13 @@ const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// it has to keep rising while every consumer is stopped, and a consumer that paused its
 /// partitions fetches nothing, so its own view of the high watermark stands still.
 pub async fn report_group_lag(cfg: KafkaConfig, topics: Vec<String>, cancel: CancellationToken) {
-    use rdkafka::consumer::BaseConsumer;
-    // Never subscribes, so it only reads the group's offsets and never joins it.
-    let defaults = [
-        ("group.id", cfg.group_id.as_str()),
-        ("enable.auto.commit", "false"),
-        ("client.id", "candlestream-lag"),
-    ];
-    let client: BaseConsumer = match client_config(&cfg.brokers, &defaults, &cfg.consumer).create()
-    {
-        Ok(c) => c,
+    let client = match group_offsets_reader(&cfg, "candlestream-lag") {
+        Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::error!(error = %e, "cannot create the client that reads consumer lag; no lag metric");
             return;
         }
     };
-    let client = Arc::new(client);
     let mut ticker = tokio::time::interval(LAG_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -121,9 +130,9 @@ pub async fn report_group_lag(cfg: KafkaConfig, topics: Vec<String>, cancel: Can
         let (c, t) = (client.clone(), topics.clone());
         match tokio::task::spawn_blocking(move || group_lag(&c, &t, LAG_INTERVAL)).await {
             Ok(Ok(lags)) => {
-                for (topic, partition, lag) in lags {
-                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
-                        .set(lag as f64);
+                for p in lags {
+                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => p.topic, "partition" => p.partition.to_string())
+                        .set((p.high - p.committed).max(0) as f64);
                 }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot read consumer lag; trying again"),
@@ -132,12 +141,43 @@ pub async fn report_group_lag(cfg: KafkaConfig, topics: Vec<String>, cancel: Can
     }
 }
 
-/// (topic, partition, high watermark - committed offset) of every committed partition.
-fn group_lag(
+/// A client of `cfg.group_id` that never subscribes, so it never joins the group: it reads the
+/// group's committed offsets, the high watermarks and single records at chosen offsets.
+pub fn group_offsets_reader(
+    cfg: &KafkaConfig,
+    client_id: &str,
+) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {
+    let defaults = [
+        ("group.id", cfg.group_id.as_str()),
+        ("client.id", client_id),
+        // It reads one record per partition at a time: a small fetch, not a backlog's megabytes.
+        ("max.partition.fetch.bytes", "65536"),
+    ];
+    let mut config = client_config(&cfg.brokers, &defaults, &cfg.consumer);
+    // Set after the pass-through table, whatever it says: a commit from this client would mark
+    // records stored that InfluxDB never saw.
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    config.create()
+}
+
+/// Where the group stands in one partition: everything before `committed` is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset: the next record it will store.
+    pub committed: i64,
+    pub high: i64,
+}
+
+/// The committed offset and high watermark of every partition of `topics` the group committed.
+pub fn group_lag(
     client: &rdkafka::consumer::BaseConsumer,
     topics: &[String],
     timeout: Duration,
-) -> Result<Vec<(String, i32, i64)>, KafkaError> {
+) -> Result<Vec<PartitionLag>, KafkaError> {
     use rdkafka::consumer::Consumer;
     let mut partitions = rdkafka::TopicPartitionList::new();
     for topic in topics {
@@ -151,8 +191,52 @@ fn group_lag(
     for e in committed.elements() {
         if let rdkafka::Offset::Offset(offset) = e.offset() {
             let (_, high) = client.fetch_watermarks(e.topic(), e.partition(), timeout)?;
-            lags.push((e.topic().to_string(), e.partition(), (high - offset).max(0)));
+            lags.push(PartitionLag {
+                topic: e.topic().to_string(),
+                partition: e.partition(),
+                committed: offset,
+                high,
+            });
         }
     }
     Ok(lags)
+}
+
+/// Reads the record at `offset` of each partition in `at` (topic, partition, offset), waiting at
+/// most `timeout` for all of them; the ones that did not come in time are left out.
+pub fn read_at(
+    client: &rdkafka::consumer::BaseConsumer,
+    at: &[(String, i32, i64)],
+    timeout: Duration,
+) -> Result<Vec<rdkafka::message::OwnedMessage>, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::Message;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (topic, partition, offset) in at {
+        tpl.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))?;
+    }
+    client.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut wanted: Vec<&(String, i32, i64)> = at.iter().collect();
+    let mut out = Vec::new();
+    while !wanted.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // An error (a partition whose leader is away) leaves the others to come.
+        if let Some(Ok(m)) = client.poll(left) {
+            let at = (m.topic(), m.partition(), m.offset());
+            if let Some(i) = wanted
+                .iter()
+                .position(|(t, p, o)| (t.as_str(), *p, *o) == at)
+            {
+                wanted.swap_remove(i);
+                out.push(m.detach());
+            }
+        }
+    }
+    // Nothing more is fetched until the next read.
+    client.unassign()?;
+    Ok(out)
 }

@@ -75,6 +75,13 @@ pub mod metric {
     pub const SYMBOLS_REMOVED: &str = "candlestream_exchange_symbols_removed_total";
     /// Websocket shards (connections of up to `channels_per_connection` channels) now.
     pub const SHARDS: &str = "candlestream_exchange_shards";
+    /// Age (since the producer received it) of the oldest record of a partition that Kafka holds
+    /// and the consumer group has not committed, i.e. not yet stored in InfluxDB; 0 when none.
+    /// Per topic and partition, read by every consumer process from the brokers.
+    pub const OLDEST_UNSTORED: &str = "candlestream_oldest_unstored_seconds";
+    /// Stalls logged (a record older than `pipeline.stall_warning` not stored), by the stage
+    /// where it waited: fetch, write or commit.
+    pub const STALLS: &str = "candlestream_pipeline_stalls_total";
     /// 1 while /healthz answers 200, 0 while it answers 503.
     pub const HEALTHY: &str = "candlestream_healthy";
 }

@@ -331,7 +331,7 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
     assert_eq!(symbol["datasource"]["uid"], PROMETHEUS_UID);
 
     // The alert rules: file-provisioned, on that datasource, each with a summary and a pending
-    // period Grafana parses; the six the issue asks for.
+    // period Grafana parses; the six the issue asks for, and the stall alert of issue 19.
     let doc = yaml(ALERT_RULES);
     assert_eq!(text(&doc["apiVersion"]), "1");
     let mut uids = Vec::new();
@@ -363,6 +363,7 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
             "candlestream-dead-letters",
             "candlestream-latency-p99",
             "candlestream-stale-feed",
+            "candlestream-stall",
             "candlestream-unhealthy",
             "candlestream-verified-ratio",
         ]
@@ -814,4 +815,60 @@ async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
     for (name, value) in &results {
         report!("OPERATIONS | {name} | {value}");
     }
+}
+
+/// The stall alert's query and threshold, run by `promtool test rules` over the gauge as a frozen
+/// partition and a broker failover draw it: it fires for a freeze of a minute, on the frozen
+/// partition only, while it lasts, and not for a failover that delays records by 18 s.
+#[test]
+fn stall_alert_fires_for_a_freeze_not_for_a_failover() {
+    let stall = rule("candlestream-stall");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "groups:\n  - name: stall\n    rules:\n      - alert: Stall\n        expr: '({}) > {}'\n",
+        stall.query.expr, stall.threshold
+    );
+    std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
+    // One sample per 15 s scrape, from two consumers that export the same partitions.
+    let series = |partition: u32, instance: &str, values: &str| {
+        format!(
+            "      - series: 'candlestream_oldest_unstored_seconds{{topic=\"t\",partition=\"{partition}\",instance=\"{instance}\"}}'\n        values: '{values}'\n"
+        )
+    };
+    let frozen = "0 0 15 30 45 60 0 0 0 0 0 0";
+    let failover = "0 0 8 18 0 0 0 0 0 0 0 0";
+    let alert_at = |seconds: u32, firing: bool| {
+        let expected = if firing {
+            "\n          - exp_labels: {topic: t, partition: \"0\"}"
+        } else {
+            " []"
+        };
+        format!(
+            "      - eval_time: {seconds}s\n        alertname: Stall\n        exp_alerts:{expected}\n"
+        )
+    };
+    let test = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 15s\ntests:\n  - interval: 15s\n    input_series:\n{}{}{}{}    alert_rule_test:\n{}{}{}{}",
+        series(0, "c1", frozen),
+        series(0, "c2", frozen),
+        series(1, "c1", failover),
+        series(1, "c2", failover),
+        // Before the freeze passes 30 s; while it does; within a minute after; a minute after.
+        alert_at(30, false),
+        alert_at(75, true),
+        alert_at(120, true),
+        alert_at(150, false),
+    );
+    std::fs::write(dir.path().join("test.yml"), test).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules", "test.yml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("promtool not found; run tests/install-deps.sh");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -22,6 +22,8 @@ pub struct GroupContext {
     pub cooperative: bool,
     /// Set once the member has joined the group (its first assignment, even an empty one).
     pub joined: tokio::sync::watch::Sender<bool>,
+    /// Forgets what the worker did with a partition once it is revoked.
+    pub progress: std::sync::Arc<super::stall::Progress>,
 }
 
 impl rdkafka::client::ClientContext for GroupContext {}
@@ -52,6 +54,9 @@ impl rdkafka::consumer::ConsumerContext for GroupContext {
             }
             RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.pre_revoke(consumer, tpl);
+                for e in tpl.elements() {
+                    self.progress.revoked(e.topic(), e.partition());
+                }
                 let r = if self.cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {

@@ -383,9 +383,12 @@ impl Writer {
         )
         .await;
         for ((topic, partition), offset) in batch.offsets {
-            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
+            match self.consumer.store_offset(&topic, partition, offset) {
+                Ok(()) => self.shared.progress.stored(&topic, partition, offset),
                 // Revoked meanwhile: the new owner re-reads from the last commit.
-                tracing::debug!(worker = self.id, %topic, partition, error = %e, "offset not stored");
+                Err(e) => {
+                    tracing::debug!(worker = self.id, %topic, partition, error = %e, "offset not stored")
+                }
             }
         }
     }

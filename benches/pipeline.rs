@@ -50,11 +50,13 @@ const POLL: Duration = Duration::from_millis(5);
 const RECORD_DELIM: &str = "|~csbench-end~|";
 const KEY_DELIM: &str = "|~csbench-key~|";
 
-/// Durations of the phases; `--quick` divides them by 4 (for trying the bench, not for figures).
+/// Durations of the phases; `--quick` divides them by 4 (for trying the bench, not for figures);
+/// `--throughput` runs only phase 1 (producer next to kcat).
 struct Plan {
     flat_out: Duration,
     live: Duration,
     high: Duration,
+    throughput_only: bool,
 }
 
 fn main() {
@@ -64,6 +66,7 @@ fn main() {
         flat_out: Duration::from_secs(12 / k),
         live: Duration::from_secs(48 / k),
         high: Duration::from_secs(32 / k),
+        throughput_only: std::env::args().any(|a| a == "--throughput"),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -612,6 +615,15 @@ async fn throughput(env: &Env, flat_out: Duration) -> Throughput {
     progress(&format!(
         "kcat: {records} records in {kcat_secs:.2} s = {kcat_rate:.0}/s"
     ));
+    let (ours_us, kcat_us) = (
+        cpu[0] / records as f64 * 1e6,
+        kcat_cpu / records as f64 * 1e6,
+    );
+    progress(&format!(
+        "CPU per record: producer {ours_us:.2} µs, kcat {kcat_us:.2} µs, ratio {:.2}; producer peak RSS {:.1} MB",
+        ours_us / kcat_us,
+        producer_rss.0
+    ));
     let bytes = (sizes[0].1 + sizes[1].1) as f64;
     Throughput {
         records,
@@ -1086,6 +1098,9 @@ async fn run(plan: Plan) -> String {
     let total = Instant::now();
     let env = Env::start().await;
     let tp = throughput(&env, plan.flat_out).await;
+    if plan.throughput_only {
+        return table(&tp, &[]);
+    }
 
     let live = latency(
         &env,
@@ -1128,6 +1143,14 @@ fn table(tp: &Throughput, runs: &[&Latency]) -> String {
         tp.ours,
         tp.kcat,
         tp.ours / tp.kcat,
+    ));
+    let (ours_us, kcat_us) = (
+        tp.producer_cpu / tp.records as f64 * 1e6,
+        tp.kcat_cpu / tp.records as f64 * 1e6,
+    );
+    t.push_str(&format!(
+        "| producer CPU per record (user + system), same records | {ours_us:.1} µs | kcat: {kcat_us:.1} µs | {:.2} (goal ≤ 2) |\n",
+        ours_us / kcat_us,
     ));
     for r in runs {
         let goal = if r.label.starts_with("live") {

@@ -149,6 +149,7 @@ struct Ctx {
     connects: DefaultDirectRateLimiter,
     rest: RestClient,
     book: dedupe::TradeBook,
+    trade_counters: trades::TradeCounters,
     /// Gap repairs run beside the sockets; shutdown waits for them.
     repairs: TaskTracker,
     cancel: CancellationToken,
@@ -180,6 +181,7 @@ pub async fn run(
         connects: per_minute(cfg.connections_per_minute as u32),
         coverage: Coverage::new(),
         book: dedupe::TradeBook::new(backfill_from),
+        trade_counters: trades::TradeCounters::register(),
         repairs: TaskTracker::new(),
         rest,
         cfg,
@@ -226,6 +228,9 @@ mod tests {
         let passed = (0..50).filter(|_| limiter.check().is_ok()).count();
         assert_eq!(passed, 1);
         std::thread::sleep(std::time::Duration::from_millis(25));
-        assert!(limiter.check().is_ok(), "the next slot opens after 60/n seconds");
+        assert!(
+            limiter.check().is_ok(),
+            "the next slot opens after 60/n seconds"
+        );
     }
 }

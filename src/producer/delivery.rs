@@ -327,9 +327,14 @@ impl Deliveries {
         tracing::error!(%error, %key, "delivery failed permanently; record not stored");
     }
 
-    fn publish_oldest(&self) {
+    /// How long the oldest record not yet settled has waited; zero when none waits.
+    fn oldest_unacked(&self) -> Duration {
         let oldest = self.lock().since.first_key_value().map(|(_, t)| *t);
-        let age = oldest.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        oldest.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    fn publish_oldest(&self) {
+        let age = self.oldest_unacked().as_secs_f64();
         self.metrics.oldest_unacked.set(age);
     }
 
@@ -409,4 +414,49 @@ fn is_purged(e: &KafkaError) -> bool {
         e.rdkafka_error_code(),
         Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Health;
+
+    fn deliveries() -> Deliveries {
+        Deliveries {
+            acks: Health::default().progress("kafka_acks", Duration::from_secs(1)),
+            outstanding: Mutex::default(),
+            settled: Notify::new(),
+            failed: mpsc::unbounded_channel().0,
+            failed_waiting: AtomicUsize::new(0),
+            resent: Notify::new(),
+            metrics: DeliveryMetrics::register(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_oldest_unacked_record_is_the_oldest_not_yet_settled() {
+        let d = deliveries();
+        assert_eq!(d.oldest_unacked(), Duration::ZERO, "nothing handed over");
+        let first = d.hand_over();
+        std::thread::sleep(Duration::from_millis(50));
+        let second = d.hand_over();
+        assert!(d.oldest_unacked() >= Duration::from_millis(50));
+        assert_eq!(d.acks.pending(), 2);
+
+        // Acks arrive out of order across partitions: the newer one settles first.
+        d.settle(second);
+        assert!(d.oldest_unacked() >= Duration::from_millis(50));
+        let third = d.hand_over();
+        d.settle(first);
+        assert!(
+            d.oldest_unacked() < Duration::from_millis(50),
+            "only the record just handed over waits"
+        );
+        d.settle(third);
+        assert_eq!(d.oldest_unacked(), Duration::ZERO);
+        assert_eq!(d.acks.pending(), 0);
+        tokio::time::timeout(Duration::from_secs(1), d.all_settled())
+            .await
+            .expect("nothing outstanding: settled at once");
+    }
 }

@@ -50,11 +50,13 @@ const POLL: Duration = Duration::from_millis(5);
 const RECORD_DELIM: &str = "|~csbench-end~|";
 const KEY_DELIM: &str = "|~csbench-key~|";
 
-/// Durations of the phases; `--quick` divides them by 4 (for trying the bench, not for figures).
+/// Durations of the phases; `--quick` divides them by 4 (for trying the bench, not for figures);
+/// `--throughput` runs only phase 1 (producer next to kcat).
 struct Plan {
     flat_out: Duration,
     live: Duration,
     high: Duration,
+    throughput_only: bool,
 }
 
 fn main() {
@@ -64,6 +66,7 @@ fn main() {
         flat_out: Duration::from_secs(12 / k),
         live: Duration::from_secs(48 / k),
         high: Duration::from_secs(32 / k),
+        throughput_only: std::env::args().any(|a| a == "--throughput"),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -612,6 +615,15 @@ async fn throughput(env: &Env, flat_out: Duration) -> Throughput {
     progress(&format!(
         "kcat: {records} records in {kcat_secs:.2} s = {kcat_rate:.0}/s"
     ));
+    let (ours_us, kcat_us) = (
+        cpu[0] / records as f64 * 1e6,
+        kcat_cpu / records as f64 * 1e6,
+    );
+    progress(&format!(
+        "CPU per record: producer {ours_us:.2} µs, kcat {kcat_us:.2} µs, ratio {:.2}; producer peak RSS {:.1} MB",
+        ours_us / kcat_us,
+        producer_rss.0
+    ));
     let bytes = (sizes[0].1 + sizes[1].1) as f64;
     Throughput {
         records,
@@ -1086,6 +1098,9 @@ async fn run(plan: Plan) -> String {
     let total = Instant::now();
     let env = Env::start().await;
     let tp = throughput(&env, plan.flat_out).await;
+    if plan.throughput_only {
+        return table(&tp, &[]);
+    }
 
     let live = latency(
         &env,
@@ -1128,6 +1143,14 @@ fn table(tp: &Throughput, runs: &[&Latency]) -> String {
         tp.ours,
         tp.kcat,
         tp.ours / tp.kcat,
+    ));
+    let (ours_us, kcat_us) = (
+        tp.producer_cpu / tp.records as f64 * 1e6,
+        tp.kcat_cpu / tp.records as f64 * 1e6,
+    );
+    t.push_str(&format!(
+        "| producer CPU per record (user + system), same records | {ours_us:.1} µs | kcat: {kcat_us:.1} µs | {:.2} (goal ≤ 2) |\n",
+        ours_us / kcat_us,
     ));
     for r in runs {
         let goal = if r.label.starts_with("live") {
@@ -1210,10 +1233,12 @@ fn table(tp: &Throughput, runs: &[&Latency]) -> String {
             r.label, r.backlog.0, r.backlog.1, r.backlog.2, r.drain_secs, r.window, r.cpu_parts,
         ));
     }
-    t.push_str(
-        "- Latency runs from the fake exchange writing a record's frame to its websocket to the first InfluxDB query that returns the point. \
-         All parts run on this 2-core machine: 3 Kafka brokers and ZooKeeper (JVMs), InfluxDB 1.6.7, the fake exchange and Schema Registry, producer, consumer.\n",
-    );
+    if !runs.is_empty() {
+        t.push_str(
+            "- Latency runs from the fake exchange writing a record's frame to its websocket to the first InfluxDB query that returns the point. \
+             All parts run on this 2-core machine: 3 Kafka brokers and ZooKeeper (JVMs), InfluxDB 1.6.7, the fake exchange and Schema Registry, producer, consumer.\n",
+        );
+    }
     t.push_str(
         "- Settings: candlestream's defaults (linger.ms 20, influx.batch_size 500, influx.flush_interval 0 s (group commit), 1 consumer worker), except for Kafka 0.9: the test-only overrides \
          enable.idempotence=false, compression.type=gzip (not lz4), api.version.request=false, broker.version.fallback=0.9.0.1, and consumer session.timeout.ms 10 s (0.9 caps it at 30 s); kcat gets the same acks=all, gzip, linger.ms 20 and murmur2_random partitioner. \

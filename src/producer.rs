@@ -5,7 +5,6 @@ pub mod resume;
 
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -50,10 +49,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
         tracing::info!(schema_id, %subject, "schema registered");
     }
 
-    let producer: FutureProducer = producer_config(&settings.kafka)
-        .create()
-        .map_err(KafkaStageError::Client)?;
-    let (tracker, settle) = DeliveryTracker::new(producer, acks, shutdown.expired.clone());
+    let tracker = DeliveryTracker::new(
+        &producer_config(&settings.kafka),
+        acks,
+        shutdown.expired.clone(),
+    )?;
     // Consumer lag is read here, where it survives every consumer being stopped.
     let topics = RecordKind::ALL.map(|k| settings.kafka.topic_of(k).to_string());
     tokio::spawn(crate::kafka::report_group_lag(
@@ -98,15 +98,19 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let mut clock = MonotonicClock::default();
     let mut abandoned = 0usize;
     let mut announced = false;
+    // Made once: a new one per record locks and registers a waiter each time.
+    let expired = shutdown.expired.cancelled();
+    let stopping = cancel.cancelled();
+    tokio::pin!(expired, stopping);
     loop {
         let mut record = tokio::select! {
             biased;
-            _ = shutdown.expired.cancelled() => {
+            _ = &mut expired => {
                 abandoned += rx.len();
                 break;
             }
             next = rx.recv() => match next { Some(t) => t, None => break },
-            _ = cancel.cancelled(), if !announced => {
+            _ = &mut stopping, if !announced => {
                 tracing::info!("shutting down: no new exchange reads; delivering what was read");
                 announced = true;
                 continue;
@@ -143,12 +147,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     }
 
     let remaining = shutdown.remaining(settings.producer.shutdown_timeout);
-    let flushed = tracker.flush(remaining).await;
-    drop(tracker);
-    let remaining = shutdown.remaining(settings.producer.shutdown_timeout);
-    if tokio::time::timeout(remaining, settle).await.is_err() {
-        tracing::error!("delivery reports still outstanding at shutdown");
-    }
+    let flushed = tracker.close(remaining).await;
     match (flushed, abandoned) {
         (Ok(()), 0) => {
             tracing::info!("producer stopped; every record read was acknowledged by Kafka")
@@ -201,19 +200,26 @@ async fn encode(
     settings: &Settings,
     expired: &CancellationToken,
 ) -> Option<Vec<u8>> {
-    let encoded = retry(
-        Backoff::new(REGISTRY_BACKOFF_MIN, settings.producer.retry_backoff_max),
-        expired,
-        || encoder.encode(record),
-        |e, wait| {
-            if !e.is_retryable() {
-                return Verdict::Fail;
-            }
-            tracing::warn!(error = %e, ?wait, "encode needs the registry; retrying");
-            Verdict::Retry
-        },
-    )
-    .await;
+    // The retry machinery only once the registry is needed and away: it costs more than the
+    // encoding.
+    let encoded = match encoder.encode(record).await {
+        Err(e) if e.is_retryable() => {
+            retry(
+                Backoff::new(REGISTRY_BACKOFF_MIN, settings.producer.retry_backoff_max),
+                expired,
+                || encoder.encode(record),
+                |e, wait| {
+                    if !e.is_retryable() {
+                        return Verdict::Fail;
+                    }
+                    tracing::warn!(error = %e, ?wait, "encode needs the registry; retrying");
+                    Verdict::Retry
+                },
+            )
+            .await
+        }
+        done => done.map_err(GaveUp::Failed),
+    };
     match encoded {
         Ok(p) => Some(p),
         Err(GaveUp::Stopped) => {

@@ -45,6 +45,8 @@ pub mod metric {
     pub const PRODUCED: &str = "candlestream_kafka_produced_total";
     pub const DELIVERY_ERRORS: &str = "candlestream_kafka_delivery_errors_total";
     pub const IN_FLIGHT: &str = "candlestream_kafka_in_flight";
+    /// Age of the oldest record handed to Kafka and not yet acknowledged (0 when none).
+    pub const OLDEST_UNACKED: &str = "candlestream_producer_oldest_unacked_seconds";
     pub const ENCODE_ERRORS: &str = "candlestream_encode_errors_total";
     pub const CONSUMED: &str = "candlestream_consumer_records_total";
     /// Records the consumer group has not committed yet, per topic and partition.

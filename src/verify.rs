@@ -21,7 +21,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, Stored, Verdict};
@@ -176,11 +175,12 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
         },
         cancel.clone(),
     )?;
-    let producer: FutureProducer = producer_config(&settings.kafka)
-        .create()
-        .map_err(KafkaStageError::Client)?;
     let shutdown = Shutdown::new(cancel.clone(), settings.producer.shutdown_timeout);
-    let (tracker, settle) = DeliveryTracker::new(producer, acks, shutdown.expired.clone());
+    let tracker = DeliveryTracker::new(
+        &producer_config(&settings.kafka),
+        acks,
+        shutdown.expired.clone(),
+    )?;
     let http = InfluxConnection::new(&settings.influx)?;
     let mut timeframes = settings.verify.timeframes.clone();
     // Minutes first: a wider candle waits for the repairs of its minutes.
@@ -243,9 +243,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
 
     tracing::info!("shutting down: delivering healed trades still in flight");
     let timeout = verifier.settings.producer.shutdown_timeout;
-    let flushed = verifier.tracker.flush(timeout).await;
-    drop(verifier);
-    if tokio::time::timeout(timeout, settle).await.is_err() || flushed.is_err() {
+    if verifier.tracker.close(timeout).await.is_err() {
         tracing::error!("verifier stopped before Kafka acknowledged every healed trade");
     } else {
         tracing::info!("verifier stopped");

@@ -52,6 +52,12 @@ async fn broker_loss() {
         rig.health().await
     );
     assert!(rig.metrics().await.contains("candlestream_kafka_in_flight"));
+    // Records have waited for an ack at least since the health check's silence began.
+    let oldest = counter(&rig, "candlestream_producer_oldest_unacked_seconds").await;
+    assert!(
+        oldest >= 1.0,
+        "the oldest unacknowledged record's age rises while no broker takes writes: {oldest} s"
+    );
 
     let restarted = Instant::now();
     tokio::task::block_in_place(|| {
@@ -71,6 +77,14 @@ async fn broker_loss() {
         0,
     )
     .await;
+    let caught_up = until(Duration::from_secs(5), || async {
+        counter(&rig, "candlestream_producer_oldest_unacked_seconds").await == 0.0
+    })
+    .await;
+    assert!(
+        caught_up.is_some(),
+        "no record waits for an ack once everything is stored"
+    );
     producer.stop().await;
     consumer.stop().await;
 }

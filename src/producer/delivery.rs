@@ -1,14 +1,25 @@
 //! Delivery tracking: every record handed to Kafka is either acknowledged, sent again after a
 //! passing failure, or reported as given up.
+//!
+//! librdkafka reports each delivery to [`Deliveries`] on the client's polling thread, with the
+//! record's sequence number as its opaque. Why a callback and not a future per record: the
+//! oneshot channel, boxed opaque and task wake-up of a future per record, awaited by a task of
+//! their own, cost more CPU than the rest of the producer's path after the websocket (see the
+//! README's benchmark notes).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use tokio::sync::mpsc;
+use metrics::{Counter, Gauge};
+use rdkafka::ClientContext;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::is_retriable;
@@ -30,180 +41,422 @@ pub struct Outgoing<'a> {
     pub payload: Vec<u8>,
 }
 
+/// How often `candlestream_producer_oldest_unacked_seconds` is brought up to date.
+const OLDEST_REFRESH: Duration = Duration::from_secs(1);
+
+/// How often a full librdkafka queue is offered the record again: about one delivery's time.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
+
 /// Produces records and tracks every delivery: acks are counted, retriable failures are sent
-/// again, permanent failures are logged with their key. Memory stays bounded because librdkafka's
-/// queue is bounded and [`DeliveryTracker::send`] waits while it is full.
-#[derive(Clone)]
+/// again, permanent failures are logged with their key. Memory stays bounded: librdkafka's queue
+/// is bounded and [`DeliveryTracker::send`] waits while it is full, and while failed records wait
+/// to be sent again (they left that queue, so new records must not take their room).
 pub struct DeliveryTracker {
-    producer: FutureProducer,
-    acks: Arc<Liveness>,
-    pending_tx: mpsc::Sender<(DeliveryFuture, Arc<str>)>,
+    producer: ThreadedProducer<Deliveries>,
     /// Shutdown's deadline: waits for room in librdkafka's queue end here.
     expired: CancellationToken,
+    /// Sends failed records again and keeps the oldest-unacked gauge current.
+    resender: JoinHandle<()>,
+    stop_resender: CancellationToken,
 }
 
 impl DeliveryTracker {
-    /// Returns the tracker and the task that awaits deliveries; the task ends once every clone
-    /// of the tracker is dropped and all deliveries are settled.
+    /// Creates the Kafka producer from `config` and the task that sends failed records again.
     pub fn new(
-        producer: FutureProducer,
+        config: &ClientConfig,
         acks: Arc<Liveness>,
         expired: CancellationToken,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (pending_tx, pending_rx) = mpsc::channel(4096);
-        let tracker = Self {
-            producer,
+    ) -> Result<Self, KafkaStageError> {
+        let (failed_tx, failed_rx) = mpsc::unbounded_channel();
+        let context = Deliveries {
             acks,
-            pending_tx,
-            expired,
+            outstanding: Mutex::default(),
+            settled: Notify::new(),
+            failed: failed_tx,
+            failed_waiting: AtomicUsize::new(0),
+            resent: Notify::new(),
+            metrics: DeliveryMetrics::register(),
         };
-        let task = tokio::spawn(tracker.clone().settle(pending_rx));
-        (tracker, task)
+        let producer = ThreadedProducer::from_config_and_context(config, context)
+            .map_err(KafkaStageError::Client)?;
+        let stop_resender = CancellationToken::new();
+        let resender = tokio::spawn(resend_failed(
+            producer.clone(),
+            failed_rx,
+            expired.clone(),
+            stop_resender.clone(),
+        ));
+        Ok(Self {
+            producer,
+            expired,
+            resender,
+            stop_resender,
+        })
     }
 
-    /// Enqueues one record, waiting while librdkafka's queue is full. Gives up only when
-    /// shutdown's deadline passes, returning false.
+    /// Enqueues one record, waiting while librdkafka's queue is full or failed records wait to
+    /// be sent again. Gives up only when shutdown's deadline passes, returning false.
     pub async fn send(&self, msg: &Outgoing<'_>) -> bool {
+        let deliveries = self.producer.context();
+        if !deliveries.resends_done(&self.expired).await {
+            return false;
+        }
+        let seq = deliveries.hand_over();
         let enqueued = enqueue(
             &self.producer,
             msg.topic,
             msg.key.as_bytes(),
             &msg.payload,
+            seq,
             &self.expired,
         )
         .await;
         match enqueued {
-            Ok(Some(delivery)) => {
-                self.acks.add_pending(1);
-                metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
-                // The settle task holds at most this many futures; beyond that we wait.
-                let _ = self.pending_tx.send((delivery, msg.key.into())).await;
-                true
+            Ok(true) => true,
+            Ok(false) => {
+                deliveries.settle(seq);
+                false
             }
-            Ok(None) => false,
             Err(e) => {
-                metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
+                deliveries.settle(seq);
+                deliveries.metrics.permanent.increment(1);
                 tracing::error!(error = %e, topic = msg.topic, key = msg.key, "Kafka refused a record; it is not retried");
                 true
             }
         }
     }
 
-    async fn settle(self, mut incoming: mpsc::Receiver<(DeliveryFuture, Arc<str>)>) {
+    /// Waits up to `timeout` for every record sent to be acknowledged (or given up), then closes
+    /// the Kafka client; what is still unacknowledged by then is dropped and reported.
+    pub async fn close(self, timeout: Duration) -> Result<(), KafkaStageError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let deliveries = self.producer.context().clone();
+        let settled = tokio::time::timeout_at(deadline, deliveries.all_settled())
+            .await
+            // Counted before closing: closing purges them.
+            .map_err(|_| KafkaStageError::Undelivered(deliveries.lock().since.len()));
         let Self {
             producer,
-            acks,
-            pending_tx,
-            expired,
+            resender,
+            stop_resender,
+            ..
         } = self;
-        // Our own sender must go, or the channel could never close.
-        drop(pending_tx);
-        let mut inflight = FuturesUnordered::new();
-        let mut open = true;
-        loop {
-            tokio::select! {
-                next = incoming.recv(), if open => match next {
-                    Some((delivery, key)) => inflight.push(settled(delivery, key)),
-                    None => open = false,
-                },
-                Some((result, key)) = inflight.next() => {
-                    match result {
-                        Ok(Ok(_)) => {
-                            acks.beat();
-                            acks.add_pending(-1);
-                            metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
-                            metrics::counter!(metric::PRODUCED).increment(1);
-                        }
-                        Ok(Err((e, msg))) if is_retriable(&e) => {
-                            metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "retried").increment(1);
-                            tracing::warn!(error = %e, %key, "delivery failed; sending again");
-                            let (k, p) = (msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
-                            match enqueue(&producer, msg.topic(), k, p, &expired).await {
-                                Ok(Some(delivery)) => inflight.push(settled(delivery, key)),
-                                // Shutdown's deadline passed: the flush reports what is left.
-                                Ok(None) => {}
-                                Err(e) => given_up(&acks, &e, &key),
-                            }
-                        }
-                        Ok(Err((e, _))) => given_up(&acks, &e, &key),
-                        Err(_) => tracing::error!(%key, "producer dropped before delivery was reported"),
-                    }
-                }
-                else => break,
-            }
+        // The resender holds the last handle of the client and closes it.
+        drop(producer);
+        stop_resender.cancel();
+        if tokio::time::timeout_at(deadline, resender).await.is_err() {
+            tracing::warn!("the Kafka client was still closing at the shutdown deadline");
         }
-    }
-
-    /// Waits up to `timeout` for everything queued to be acknowledged.
-    pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaStageError> {
-        let producer = self.producer.clone();
-        let result = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
-        match result {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(KafkaStageError::Undelivered(
-                self.producer.in_flight_count().max(0) as usize,
-            )),
-        }
+        settled
     }
 }
-
-async fn settled(
-    delivery: DeliveryFuture,
-    key: Arc<str>,
-) -> (
-    Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures::channel::oneshot::Canceled,
-    >,
-    Arc<str>,
-) {
-    (delivery.await, key)
-}
-
-/// How often a full librdkafka queue is offered the record again: about one delivery's time.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
 
 /// Enqueues one record, waiting while librdkafka refuses it for a passing reason (queue full).
-/// `Ok(None)` when `expired` came first; `Err` when Kafka will never take it.
+/// `Ok(false)` when `expired` came first; `Err` when Kafka will never take it.
 async fn enqueue(
-    producer: &FutureProducer,
+    producer: &ThreadedProducer<Deliveries>,
     topic: &str,
     key: &[u8],
     payload: &[u8],
+    seq: usize,
     expired: &CancellationToken,
-) -> Result<Option<DeliveryFuture>, KafkaError> {
-    let mut warned = false;
+) -> Result<bool, KafkaError> {
+    let record = || {
+        BaseRecord::with_opaque_to(topic, seq)
+            .key(key)
+            .payload(payload)
+    };
+    // Almost always there is room: no retry machinery on that path.
+    match producer.send(record()) {
+        Ok(()) => return Ok(true),
+        Err((e, _)) if !is_retriable(&e) => return Err(e),
+        Err((e, _)) => {
+            tracing::warn!(error = %e, "Kafka producer queue is full; holding data (backpressure)")
+        }
+    }
     let sent = retry(
         Backoff::new(QUEUE_FULL_WAIT, QUEUE_FULL_WAIT),
         expired,
-        || async {
-            producer
-                .send_result(FutureRecord::to(topic).key(key).payload(payload))
-                .map_err(|(e, _)| e)
-        },
+        || async { producer.send(record()).map_err(|(e, _)| e) },
         |e, _| {
-            if !is_retriable(e) {
-                return Verdict::Fail;
+            if is_retriable(e) {
+                Verdict::Retry
+            } else {
+                Verdict::Fail
             }
-            if !warned {
-                tracing::warn!(error = %e, "Kafka producer queue is full; holding data (backpressure)");
-                warned = true;
-            }
-            Verdict::Retry
         },
     )
     .await;
     match sent {
-        Ok(delivery) => Ok(Some(delivery)),
-        Err(GaveUp::Stopped) => Ok(None),
+        Ok(()) => Ok(true),
+        Err(GaveUp::Stopped) => Ok(false),
         Err(GaveUp::Failed(e)) => Err(e),
     }
 }
 
-/// A record Kafka will never take: reported, counted, and no longer waited for.
-fn given_up(acks: &Liveness, error: &KafkaError, key: &str) {
-    acks.add_pending(-1);
-    metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
-    metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent").increment(1);
-    tracing::error!(%error, key, "delivery failed permanently; record not stored");
+/// A record whose delivery failed for a passing reason, to be sent again.
+struct Failed {
+    seq: usize,
+    topic: String,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+/// Sends failed records again until `stop`, and refreshes the oldest-unacked gauge; then closes
+/// the Kafka client.
+async fn resend_failed(
+    producer: ThreadedProducer<Deliveries>,
+    mut failed: mpsc::UnboundedReceiver<Failed>,
+    expired: CancellationToken,
+    stop: CancellationToken,
+) {
+    let deliveries = producer.context().clone();
+    let mut refresh = tokio::time::interval(OLDEST_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = refresh.tick() => deliveries.publish_oldest(),
+            Some(f) = failed.recv() => {
+                match enqueue(&producer, &f.topic, &f.key, &f.payload, f.seq, &expired).await {
+                    Ok(true) => {}
+                    // Shutdown's deadline passed: the record stays unacknowledged and is counted
+                    // as such when the tracker closes.
+                    Ok(false) => {}
+                    Err(e) => deliveries.give_up(f.seq, &e, &f.key),
+                }
+                if deliveries.failed_waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    deliveries.resent.notify_waiters();
+                }
+            }
+        }
+    }
+    // Failed records from now on are not sent again: the callback sees the channel closed.
+    drop(failed);
+    deliveries.publish_oldest();
+    // Closing purges what is left and may wait for brokers: not on a runtime thread.
+    let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+}
+
+/// Records handed to Kafka and not yet settled, by sequence number, with when each was first
+/// handed over: the first entry is the oldest. Bounded like librdkafka's queue (see
+/// [`DeliveryTracker`]).
+#[derive(Default)]
+struct Outstanding {
+    next: usize,
+    since: BTreeMap<usize, Instant>,
+}
+
+/// Metric handles, registered once: a lookup per record costs more than the update.
+struct DeliveryMetrics {
+    produced: Counter,
+    in_flight: Gauge,
+    retried: Counter,
+    permanent: Counter,
+    oldest_unacked: Gauge,
+}
+
+impl DeliveryMetrics {
+    fn register() -> Self {
+        Self {
+            produced: metrics::counter!(metric::PRODUCED),
+            in_flight: metrics::gauge!(metric::IN_FLIGHT),
+            retried: metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "retried"),
+            permanent: metrics::counter!(metric::DELIVERY_ERRORS, "kind" => "permanent"),
+            oldest_unacked: metrics::gauge!(metric::OLDEST_UNACKED),
+        }
+    }
+}
+
+/// The producer's context: settles each delivery librdkafka reports.
+struct Deliveries {
+    acks: Arc<Liveness>,
+    outstanding: Mutex<Outstanding>,
+    /// Signalled when nothing is outstanding any more.
+    settled: Notify,
+    failed: mpsc::UnboundedSender<Failed>,
+    /// Failed records not yet enqueued again; new records wait while there are any.
+    failed_waiting: AtomicUsize,
+    /// Signalled when `failed_waiting` drops to 0.
+    resent: Notify,
+    metrics: DeliveryMetrics,
+}
+
+impl Deliveries {
+    fn lock(&self) -> MutexGuard<'_, Outstanding> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent entries.
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counts a record as handed to Kafka; returns its sequence number.
+    fn hand_over(&self) -> usize {
+        let now = Instant::now();
+        let seq = {
+            let mut o = self.lock();
+            let seq = o.next;
+            o.next += 1;
+            o.since.insert(seq, now);
+            seq
+        };
+        self.acks.add_pending(1);
+        self.metrics.in_flight.increment(1.0);
+        seq
+    }
+
+    /// The record is no longer waited for: acknowledged, given up, or never enqueued.
+    fn settle(&self, seq: usize) {
+        let none_left = {
+            let mut o = self.lock();
+            o.since.remove(&seq);
+            o.since.is_empty()
+        };
+        self.acks.add_pending(-1);
+        self.metrics.in_flight.decrement(1.0);
+        if none_left {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// A record Kafka will never take: reported, counted, and no longer waited for.
+    fn give_up(&self, seq: usize, error: &KafkaError, key: &[u8]) {
+        self.settle(seq);
+        self.metrics.permanent.increment(1);
+        let key = String::from_utf8_lossy(key);
+        tracing::error!(%error, %key, "delivery failed permanently; record not stored");
+    }
+
+    /// How long the oldest record not yet settled has waited; zero when none waits.
+    fn oldest_unacked(&self) -> Duration {
+        let oldest = self.lock().since.first_key_value().map(|(_, t)| *t);
+        oldest.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    fn publish_oldest(&self) {
+        let age = self.oldest_unacked().as_secs_f64();
+        self.metrics.oldest_unacked.set(age);
+    }
+
+    /// Returns once no failed record waits to be sent again; false when `expired` came first.
+    async fn resends_done(&self, expired: &CancellationToken) -> bool {
+        while self.failed_waiting.load(Ordering::Acquire) > 0 {
+            let resent = self.resent.notified();
+            tokio::pin!(resent);
+            resent.as_mut().enable();
+            if self.failed_waiting.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = resent => {}
+                _ = expired.cancelled() => return false,
+            }
+        }
+        true
+    }
+
+    async fn all_settled(&self) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.lock().since.is_empty() {
+                return;
+            }
+            settled.await;
+        }
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let (error, msg) = match result {
+            Ok(_) => {
+                self.acks.beat();
+                self.settle(seq);
+                self.metrics.produced.increment(1);
+                return;
+            }
+            Err((error, msg)) => (error, msg),
+        };
+        let key = msg.key().unwrap_or_default();
+        if is_purged(error) {
+            // The client closed after shutdown's deadline; the tracker reported these already.
+            self.settle(seq);
+        } else if is_retriable(error) {
+            self.metrics.retried.increment(1);
+            tracing::warn!(%error, key = %String::from_utf8_lossy(key), "delivery failed; sending again");
+            self.failed_waiting.fetch_add(1, Ordering::AcqRel);
+            let again = Failed {
+                seq,
+                topic: msg.topic().to_string(),
+                key: key.to_vec(),
+                payload: msg.payload().unwrap_or_default().to_vec(),
+            };
+            if self.failed.send(again).is_err() {
+                // The tracker closed after shutdown's deadline, which reported the record.
+                self.failed_waiting.fetch_sub(1, Ordering::AcqRel);
+                self.settle(seq);
+            }
+        } else {
+            self.give_up(seq, error, key);
+        }
+    }
+}
+
+/// Records librdkafka dropped because the client closed.
+fn is_purged(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Health;
+
+    fn deliveries() -> Deliveries {
+        Deliveries {
+            acks: Health::default().progress("kafka_acks", Duration::from_secs(1)),
+            outstanding: Mutex::default(),
+            settled: Notify::new(),
+            failed: mpsc::unbounded_channel().0,
+            failed_waiting: AtomicUsize::new(0),
+            resent: Notify::new(),
+            metrics: DeliveryMetrics::register(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_oldest_unacked_record_is_the_oldest_not_yet_settled() {
+        let d = deliveries();
+        assert_eq!(d.oldest_unacked(), Duration::ZERO, "nothing handed over");
+        let first = d.hand_over();
+        std::thread::sleep(Duration::from_millis(50));
+        let second = d.hand_over();
+        assert!(d.oldest_unacked() >= Duration::from_millis(50));
+        assert_eq!(d.acks.pending(), 2);
+
+        // Acks arrive out of order across partitions: the newer one settles first.
+        d.settle(second);
+        assert!(d.oldest_unacked() >= Duration::from_millis(50));
+        let third = d.hand_over();
+        d.settle(first);
+        assert!(
+            d.oldest_unacked() < Duration::from_millis(50),
+            "only the record just handed over waits"
+        );
+        d.settle(third);
+        assert_eq!(d.oldest_unacked(), Duration::ZERO);
+        assert_eq!(d.acks.pending(), 0);
+        tokio::time::timeout(Duration::from_secs(1), d.all_settled())
+            .await
+            .expect("nothing outstanding: settled at once");
+    }
 }

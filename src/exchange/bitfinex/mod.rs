@@ -166,6 +166,7 @@ struct Ctx {
     rest: RestClient,
     book: dedupe::TradeBook,
     fetches: trades::Fetches,
+    trade_counters: trades::TradeCounters,
     /// Gap repairs run beside the sockets; shutdown waits for them.
     repairs: TaskTracker,
     cancel: CancellationToken,
@@ -208,6 +209,7 @@ pub async fn run(
             cfg.trades && backfill_from.is_some(),
             cfg.rest_trades_per_minute,
         ),
+        trade_counters: trades::TradeCounters::register(),
         repairs: TaskTracker::new(),
         rest,
         cfg,

@@ -19,6 +19,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use metrics::Counter;
+
 use super::dedupe::{Admitted, Fetch, complete_until};
 use super::message::{TradeEntry, TradeValues};
 use super::rest::{Class, PAGE};
@@ -249,10 +251,50 @@ impl Purpose {
     }
 }
 
-/// Counts trades dropped because this process already sent them.
-fn count_repeats(source: Source, n: usize) {
-    if n > 0 {
-        metrics::counter!(metric::TRADES_DUPLICATE, "source" => source.label()).increment(n as u64);
+/// Trade counters by source (and symbol), registered once: a registry lookup per trade builds
+/// and hashes the key and allocates the symbol's label.
+pub(super) struct TradeCounters {
+    /// symbol → received by [`Source`] (websocket, rest).
+    received: Mutex<HashMap<String, [Counter; 2]>>,
+    repeats: [Counter; 2],
+}
+
+impl TradeCounters {
+    pub(super) fn register() -> Self {
+        Self {
+            received: Mutex::default(),
+            repeats: SOURCES
+                .map(|s| metrics::counter!(metric::TRADES_DUPLICATE, "source" => s.label())),
+        }
+    }
+
+    fn received(&self, symbol: &str, source: Source) {
+        let mut received = self.received.lock().unwrap_or_else(|p| p.into_inner());
+        // Symbols are bounded by the pairs Bitfinex lists.
+        let counters = match received.get(symbol) {
+            Some(c) => c,
+            None => received.entry(symbol.to_string()).or_insert(SOURCES.map(|s| {
+                metrics::counter!(metric::TRADES_RECEIVED, "source" => s.label(), "symbol" => symbol.to_string())
+            })),
+        };
+        counters[index(source)].increment(1);
+    }
+
+    /// Counts trades dropped because this process already sent them.
+    fn repeats(&self, source: Source, n: usize) {
+        if n > 0 {
+            self.repeats[index(source)].increment(n as u64);
+        }
+    }
+}
+
+/// Index order of the counters in [`TradeCounters`].
+const SOURCES: [Source; 2] = [Source::Websocket, Source::Rest];
+
+fn index(source: Source) -> usize {
+    match source {
+        Source::Websocket => 0,
+        Source::Rest => 1,
     }
 }
 
@@ -265,9 +307,7 @@ async fn send(
     sequence: Option<u64>,
     received_at: i64,
 ) -> Result<(), ExchangeError> {
-    // Symbols are bounded by bitfinex.symbols.
-    metrics::counter!(metric::TRADES_RECEIVED, "source" => source.label(), "symbol" => symbol.to_string())
-        .increment(1);
+    ctx.trade_counters.received(symbol, source);
     let trade = Trade {
         symbol: symbol.to_string(),
         id: t.id,
@@ -285,15 +325,20 @@ async fn send(
 fn valid(symbol: &str, entries: Vec<TradeEntry>) -> Vec<TradeValues> {
     entries
         .into_iter()
-        .filter_map(|e| match e {
-            Ok(t) => Some(t),
-            Err(e) => {
-                metrics::counter!(metric::TRADES_REJECTED).increment(1);
-                tracing::warn!(%symbol, error = %e, "trade rejected");
-                None
-            }
-        })
+        .filter_map(|e| checked(symbol, e))
         .collect()
+}
+
+/// The trade, or `None` after logging and counting why it is not one.
+fn checked(symbol: &str, entry: TradeEntry) -> Option<TradeValues> {
+    match entry {
+        Ok(t) => Some(t),
+        Err(e) => {
+            metrics::counter!(metric::TRADES_REJECTED).increment(1);
+            tracing::warn!(%symbol, error = %e, "trade rejected");
+            None
+        }
+    }
 }
 
 /// A `te` or `tu` update: the trade, once.
@@ -303,13 +348,13 @@ pub(super) async fn on_update(
     entry: TradeEntry,
     sequence: Option<u64>,
 ) -> Result<(), ExchangeError> {
-    let received_at = now_ms();
-    for t in valid(symbol, vec![entry]) {
-        if ctx.book.admit(symbol, &t) {
-            send(ctx, symbol, t, Source::Websocket, sequence, received_at).await?;
-        } else {
-            count_repeats(Source::Websocket, 1);
-        }
+    let Some(t) = checked(symbol, entry) else {
+        return Ok(());
+    };
+    if ctx.book.admit(symbol, &t) {
+        send(ctx, symbol, t, Source::Websocket, sequence, now_ms()).await?;
+    } else {
+        ctx.trade_counters.repeats(Source::Websocket, 1);
     }
     Ok(())
 }
@@ -326,7 +371,7 @@ pub(super) async fn on_snapshot(
     let (Admitted { new, repeats }, gap) =
         ctx.book
             .admit_snapshot(symbol, valid(symbol, entries), received_at);
-    count_repeats(Source::Websocket, repeats);
+    ctx.trade_counters.repeats(Source::Websocket, repeats);
     for t in new {
         send(ctx, symbol, t, Source::Websocket, sequence, received_at).await?;
     }
@@ -413,7 +458,7 @@ pub(super) async fn catch_up(
         let Admitted { new, repeats } =
             ctx.book
                 .admit_page(symbol, start, complete, valid(symbol, rows));
-        count_repeats(Source::Rest, repeats);
+        ctx.trade_counters.repeats(Source::Rest, repeats);
         if purpose == Purpose::Backfill {
             ctx.fetches.paged(symbol, complete);
         }

@@ -166,6 +166,7 @@ struct Session<'a> {
     last_seq: Option<u64>,
     /// True once any channel was subscribed: the connection worked, so backoff starts over.
     subscribed: bool,
+    frames: FrameCounters,
 }
 
 impl<'a> Session<'a> {
@@ -183,6 +184,7 @@ impl<'a> Session<'a> {
             draining: false,
             last_seq: None,
             subscribed: false,
+            frames: FrameCounters::register(),
         }
     }
 
@@ -211,9 +213,12 @@ impl<'a> Session<'a> {
         )
         .await?;
         self.subscribe_all(&mut ws).await?;
+        // One for the whole session: a new one per frame locks and registers a waiter each time.
+        let cancelled = self.ctx.cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let next = tokio::select! {
-                _ = self.ctx.cancel.cancelled() => return Ok(self.drain(&mut ws).await),
+                _ = &mut cancelled => return Ok(self.drain(&mut ws).await),
                 changed = self.wanted.changed() => {
                     if changed.is_err() {
                         self.drain(&mut ws).await;
@@ -247,7 +252,7 @@ impl<'a> Session<'a> {
                     });
                     return Err(ExchangeError::Closed(why));
                 }
-                Message::Binary(_) => count_frame("unknown"),
+                Message::Binary(_) => self.frames.count("unknown"),
                 _ => {}
             }
         }
@@ -362,7 +367,7 @@ impl<'a> Session<'a> {
         let frame = match parse_frame(text) {
             Ok(f) => f,
             Err(e) => {
-                count_frame("invalid");
+                self.frames.count("invalid");
                 metrics::counter!(metric::FRAME_ERRORS).increment(1);
                 tracing::warn!(shard = self.shard, error = %e, frame = %truncate(text), "unparseable frame ignored");
                 return Ok(None);
@@ -370,7 +375,7 @@ impl<'a> Session<'a> {
         };
         match frame {
             Frame::Event(event) => {
-                count_frame("event");
+                self.frames.count("event");
                 self.on_event(event, ws).await
             }
             Frame::Channel(msg) => {
@@ -501,7 +506,7 @@ impl<'a> Session<'a> {
             }
             Event::Pong { cid } => tracing::debug!(shard, ?cid, "pong"),
             Event::Unknown => {
-                count_frame("unknown");
+                self.frames.count("unknown");
                 tracing::warn!(shard, "unknown event ignored");
             }
         }
@@ -513,7 +518,7 @@ impl<'a> Session<'a> {
             self.check_sequence(seq);
         }
         let Some(sub) = self.channels.get(&msg.chan_id) else {
-            count_frame("unknown_channel");
+            self.frames.count("unknown_channel");
             metrics::counter!(metric::UNKNOWN_CHANNEL).increment(1);
             tracing::debug!(
                 shard = self.shard,
@@ -524,32 +529,32 @@ impl<'a> Session<'a> {
         };
         let symbol = sub.symbol.as_str();
         match (sub.channel, msg.payload) {
-            (_, Payload::Heartbeat) => count_frame("heartbeat"),
+            (_, Payload::Heartbeat) => self.frames.count("heartbeat"),
             (_, Payload::Other(kind)) => {
-                count_frame("unknown");
+                self.frames.count("unknown");
                 tracing::debug!(shard = self.shard, %kind, "unhandled channel payload");
             }
             (Channel::Ticker, Payload::Ticker(raw)) => {
-                count_frame("ticker");
+                self.frames.count("ticker");
                 self.on_ticker(symbol, &raw, msg.seq, msg.timestamp_ms)
                     .await?;
             }
             (Channel::Trades, Payload::Trades(entries)) => {
-                count_frame("trades_snapshot");
+                self.frames.count("trades_snapshot");
                 trades::on_snapshot(self.ctx, symbol, entries, msg.seq).await?;
             }
             (Channel::Trades, Payload::TradeExecuted(entry)) => {
-                count_frame("te");
+                self.frames.count("te");
                 trades::on_update(self.ctx, symbol, entry, msg.seq).await?;
             }
             // Normally a repeat of the `te` already sent, which the trade book drops; should
             // the `te` have been lost, this is the trade's only copy.
             (Channel::Trades, Payload::TradeUpdated(entry)) => {
-                count_frame("tu");
+                self.frames.count("tu");
                 trades::on_update(self.ctx, symbol, entry, msg.seq).await?;
             }
             (channel, _) => {
-                count_frame("invalid");
+                self.frames.count("invalid");
                 let rejected = if channel == Channel::Ticker {
                     metric::TICKS_REJECTED
                 } else {
@@ -608,6 +613,33 @@ async fn send(ws: &mut Socket, value: serde_json::Value) -> Result<(), ExchangeE
         .map_err(|e| ExchangeError::Socket(Box::new(e)))
 }
 
-fn count_frame(kind: &'static str) {
-    metrics::counter!(metric::FRAMES, "kind" => kind).increment(1);
+/// Every kind of `candlestream_exchange_frames_total`.
+const FRAME_KINDS: [&str; 9] = [
+    "event",
+    "heartbeat",
+    "ticker",
+    "trades_snapshot",
+    "te",
+    "tu",
+    "unknown",
+    "unknown_channel",
+    "invalid",
+];
+
+/// `candlestream_exchange_frames_total` by kind, registered once per connection: a registry
+/// lookup per frame (building and hashing the key) costs several times the increment.
+struct FrameCounters([metrics::Counter; FRAME_KINDS.len()]);
+
+impl FrameCounters {
+    fn register() -> Self {
+        Self(FRAME_KINDS.map(|kind| metrics::counter!(metric::FRAMES, "kind" => kind)))
+    }
+
+    fn count(&self, kind: &'static str) {
+        let i = FRAME_KINDS.iter().position(|k| *k == kind);
+        debug_assert!(i.is_some(), "frame kind {kind} missing from FRAME_KINDS");
+        if let Some(i) = i {
+            self.0[i].increment(1);
+        }
+    }
 }

@@ -310,7 +310,7 @@ pub fn settings_toml(s: &Settings) -> String {
          heartbeat_timeout = {}\nreconnect_backoff_min = {}\nreconnect_backoff_max = {}\n\
          rest_backoff_min = {}\nrest_backoff_max = {}\nrepair_backoff_min = {}\nrepair_backoff_max = {}\n\
          mode = \"{}\"\ntrades = {}\nbackfill = {}\nrest_trades_per_minute = {}\n\
-         rest_tickers_per_minute = {}\nconnections_per_minute = {}\n\
+         rest_tickers_per_minute = {}\nconnections_per_minute = {}\nresume_timeout = {}\n\
          [kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\ntrades_topic = \"{}\"\ndlq_topic = \"{}\"\ngroup_id = \"{}\"\n\
          [kafka.producer]\n{}[kafka.consumer]\n{}\
          [schema_registry]\nurl = \"{}\"\n\
@@ -338,6 +338,7 @@ pub fn settings_toml(s: &Settings) -> String {
         s.bitfinex.rest_trades_per_minute,
         s.bitfinex.rest_tickers_per_minute,
         s.bitfinex.connections_per_minute,
+        d(s.bitfinex.resume_timeout),
         s.kafka.brokers,
         s.kafka.topic,
         s.kafka.trades_topic,

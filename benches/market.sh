@@ -5,7 +5,7 @@
 # candlestream producer and consumer, a 3-broker Kafka 0.9.0.1 cluster and InfluxDB 1.6.7.
 # Prints one Markdown table: end-to-end latency, RSS and CPU of producer and consumer, the most
 # connection opens in a minute, REST requests per minute, and the exact count check.
-# Takes about 14 minutes after the release build; --quick measures 2 minutes instead of 10
+# Takes about 12 minutes after the release build; --quick measures 2 minutes instead of 10
 # (for trying it, not for figures).
 # Usage: benches/market.sh [--quick]
 set -euo pipefail

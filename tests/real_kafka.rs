@@ -35,6 +35,9 @@ async fn producer_writes_every_update_through_a_replicated_cluster() {
     let mut s = settings(&exchange, &registry, &cluster.bootstrap(), &topic);
     s.kafka.producer = producer_overrides();
     s.kafka.producer.insert("acks".into(), "all".into());
+    // The producer also reads (the trades topic's tail at start, the group's lag): those
+    // clients need the 0.9 compatibility settings too.
+    s.kafka.consumer = client_overrides();
     let running = start(s);
     exchange.wait_subscribed(&SYMBOLS, WAIT).await;
     assert_eq!(emit_rounds(&exchange, 50).await, 150);

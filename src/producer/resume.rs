@@ -180,6 +180,12 @@ fn bounds(
     wait: Duration,
 ) -> Result<Vec<Partition>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), wait)?;
+    // A topic the brokers do not know (or are only now creating) holds no trade: nothing to
+    // resume, and no reason to wait out the deadline on partitions without a leader.
+    if let Some(error) = metadata.topics().iter().find_map(|t| t.error()) {
+        tracing::debug!(%topic, ?error, "the trades topic holds nothing yet");
+        return Ok(Vec::new());
+    }
     let ids: Vec<i32> = metadata
         .topics()
         .iter()

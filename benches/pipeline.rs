@@ -23,6 +23,11 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+// Shared with benches/market.rs; this bench keeps its own per-symbol point polling, so the
+// module's `Pending` and `poll` go unused here.
+#[path = "measure.rs"]
+#[allow(dead_code)]
+mod measure;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -34,6 +39,7 @@ use std::time::{Duration, Instant};
 use candlestream::config::{InfluxApi, Settings};
 use serde_json::Value;
 
+use measure::{Usage, clock_ticks, metric_sum, percentile, rows, rss_mb};
 use support::fake_bitfinex::FakeBitfinex;
 use support::fake_registry::FakeRegistry;
 use support::influx1::Influx1;
@@ -126,17 +132,6 @@ impl Proc {
     }
 }
 
-/// CPU seconds (user + system) of a process, from /proc/PID/stat.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the file, 12th and 13th after the name.
-    (ticks(11) + ticks(12)) / clock_ticks()
-}
-
 /// CPU seconds of this process's children that have exited and been waited for.
 fn reaped_children_cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -145,140 +140,6 @@ fn reaped_children_cpu_seconds() -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     // cutime and cstime are fields 16 and 17 of the file.
     (ticks(13) + ticks(14)) / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// (VmHWM, VmRSS) in MB.
-fn rss_mb(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (kb("VmHWM:") / 1024.0, kb("VmRSS:") / 1024.0)
-}
-
-/// Busy and total jiffies of the whole machine, from /proc/stat.
-fn machine_jiffies() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: f64 = cpu.iter().take(8).sum();
-    let idle = cpu.get(3).copied().unwrap_or(0.0) + cpu.get(4).copied().unwrap_or(0.0);
-    (total - idle, total)
-}
-
-/// CPU seconds so far of this process and of each of its children, labelled by what they run.
-fn components() -> HashMap<String, (&'static str, f64)> {
-    let me = std::process::id().to_string();
-    let mut out = HashMap::new();
-    out.insert(
-        me.clone(),
-        ("bench (fake exchange, driver, poller)", cpu_seconds(&me)),
-    );
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .unwrap_or("");
-        if ppid != me {
-            continue;
-        }
-        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .unwrap_or_default()
-            .replace('\0', " ");
-        let label = if cmd.contains("kafka.Kafka") {
-            "Kafka brokers"
-        } else if cmd.contains("QuorumPeerMain") {
-            "ZooKeeper"
-        } else if cmd.contains("influxd") {
-            "InfluxDB"
-        } else if cmd.contains(" producer ") {
-            "producer"
-        } else if cmd.contains(" consumer ") {
-            "consumer"
-        } else {
-            "other"
-        };
-        out.insert(pid.clone(), (label, cpu_seconds(&pid)));
-    }
-    out
-}
-
-/// CPU use of some processes, of every part, and of the machine over a window.
-struct Usage {
-    started: Instant,
-    cpu: Vec<(String, f64)>,
-    components: HashMap<String, (&'static str, f64)>,
-    machine: (f64, f64),
-}
-
-impl Usage {
-    fn start(pids: &[String]) -> Self {
-        Self {
-            started: Instant::now(),
-            cpu: pids.iter().map(|p| (p.clone(), cpu_seconds(p))).collect(),
-            components: components(),
-            machine: machine_jiffies(),
-        }
-    }
-
-    /// CPU seconds of each process since start, the window's length, and the machine's busy share.
-    fn stop(&self) -> (Vec<f64>, f64, f64) {
-        let wall = self.started.elapsed().as_secs_f64();
-        let cpu = self
-            .cpu
-            .iter()
-            .map(|(pid, before)| cpu_seconds(pid) - before)
-            .collect();
-        let (busy, total) = machine_jiffies();
-        let share = (busy - self.machine.0) / (total - self.machine.1).max(1.0);
-        (cpu, wall, share)
-    }
-
-    /// CPU seconds since start by part, largest first, e.g. "Kafka brokers 12.1 s".
-    fn breakdown(&self) -> String {
-        let mut by: BTreeMap<&str, f64> = BTreeMap::new();
-        for (pid, (label, now)) in components() {
-            let before = self.components.get(&pid).map_or(0.0, |c| c.1);
-            *by.entry(label).or_default() += now - before;
-        }
-        let ours: f64 = by.values().sum();
-        let machine = (machine_jiffies().0 - self.machine.0) / clock_ticks();
-        by.insert("processes outside this bench", (machine - ours).max(0.0));
-        let mut by: Vec<(&str, f64)> = by.into_iter().filter(|(_, s)| *s >= 0.05).collect();
-        by.sort_by(|a, b| b.1.total_cmp(&a.1));
-        by.iter()
-            .map(|(l, s)| format!("{l} {s:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
 }
 
 impl Env {
@@ -429,14 +290,6 @@ impl Phase {
             .collect();
         panic!("{what}\n{}", logs.join("\n"));
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -989,25 +842,6 @@ async fn latency(env: &Env, name: &str, label: String, rate: Rate, duration: Dur
     }
 }
 
-/// Sum of a metric's samples on a process's /metrics; 0 when unreachable.
-async fn metric_sum(http: &reqwest::Client, port: u16, name: &str) -> f64 {
-    let Ok(r) = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-    else {
-        return 0.0;
-    };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn count(env: &Env, db: &str, measurement: &str, field: &str) -> usize {
     let rows = env
         .influx
@@ -1079,17 +913,6 @@ async fn poll(
         started.elapsed().as_secs_f64() * 1e3 / polls.max(1) as f64,
         percentile(&round_trips, 50.0),
     )
-}
-
-/// The value rows of a statement's result, columns after `time`.
-fn rows(result: &Value) -> Vec<Vec<Value>> {
-    let mut out = Vec::new();
-    for series in result["series"].as_array().into_iter().flatten() {
-        for row in series["values"].as_array().into_iter().flatten() {
-            out.push(row.as_array().map(|r| r[1..].to_vec()).unwrap_or_default());
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -64,20 +64,25 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
     let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
     // Before the exchange starts, so that backfills start where Kafka's copy ends. Patterns are
-    // resolved against the listing for this; when it cannot be read now, every symbol gets the
-    // full backfill (a trade sent twice is harmless: its point is keyed by the exchange's id).
-    let selection = bitfinex::pairs::Selection::new(
-        &settings.bitfinex.symbols,
-        &settings.bitfinex.symbols_exclude,
-    )
-    .expect("symbols were validated with the configuration");
-    let symbols = bitfinex::pairs::resolve_once(&selection, &rest)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot resolve the symbols to resume; every symbol gets the full backfill");
-            Vec::new()
-        });
-    let resumed = resume::newest_trades(&settings, &symbols, &cancel).await;
+    // resolved against the listing for this (only when resuming: no listing request otherwise);
+    // when it cannot be read now, every symbol gets the full backfill (a trade sent twice is
+    // harmless: its point is keyed by the exchange's id).
+    let resumed = if resume::enabled(&settings) {
+        let selection = bitfinex::pairs::Selection::new(
+            &settings.bitfinex.symbols,
+            &settings.bitfinex.symbols_exclude,
+        )
+        .expect("symbols were validated with the configuration");
+        let symbols = bitfinex::pairs::resolve_once(&selection, &rest)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot resolve the symbols to resume; every symbol gets the full backfill");
+                Vec::new()
+            });
+        resume::newest_trades(&settings, &symbols, &cancel).await
+    } else {
+        resume::Newest::new()
+    };
     let mut exchange = tokio::spawn(bitfinex::run(
         settings.bitfinex.clone(),
         rest,

@@ -48,6 +48,13 @@ enum ResumeError {
     Blocking(#[from] tokio::task::JoinError),
 }
 
+/// True when the producer resumes from Kafka at all: trades are streamed, with a backfill to
+/// shorten, and `bitfinex.resume_timeout` is not "0s".
+pub fn enabled(settings: &Settings) -> bool {
+    let cfg = &settings.bitfinex;
+    cfg.trades && !cfg.backfill.is_zero() && !cfg.resume_timeout.is_zero()
+}
+
 /// The newest trade of each of `symbols` in `kafka.trades_topic`, within
 /// `bitfinex.resume_timeout`. Whatever cannot be read by then (or at all) is left out, with a
 /// warning: those symbols get the full backfill.
@@ -58,7 +65,7 @@ pub async fn newest_trades(
 ) -> Newest {
     let cfg = &settings.bitfinex;
     let mut found = Newest::new();
-    if !cfg.trades || cfg.backfill.is_zero() || cfg.resume_timeout.is_zero() {
+    if !enabled(settings) {
         return found;
     }
     let horizon_ms = now_ms() - cfg.backfill.as_millis() as i64;

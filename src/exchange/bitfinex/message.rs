@@ -216,21 +216,11 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
             .next_element()?
             .ok_or_else(|| de::Error::invalid_length(1, &self))?;
         let payload = match payload {
-            RawPayload::Text(s) if s == "hb" => Payload::Heartbeat,
+            RawPayload::Heartbeat => Payload::Heartbeat,
             // `[CHAN, "te", [ID, MTS, AMOUNT, PRICE], SEQ?, TS?]`: the trade comes before the trailer.
-            RawPayload::Text(s) if s == "te" || s == "tu" => {
-                let trade = match seq.next_element::<Elem>()? {
-                    Some(Elem::Array(values)) => TradeValues::from_raw(&values),
-                    Some(Elem::Number(_)) => Err(TradeError::NotAnArray),
-                    None => return Err(de::Error::invalid_length(2, &self)),
-                };
-                if s == "te" {
-                    Payload::TradeExecuted(trade)
-                } else {
-                    Payload::TradeUpdated(trade)
-                }
-            }
-            RawPayload::Text(s) => Payload::Other(s),
+            RawPayload::TradeExecuted => Payload::TradeExecuted(next_trade(&mut seq, &self)?),
+            RawPayload::TradeUpdated => Payload::TradeUpdated(next_trade(&mut seq, &self)?),
+            RawPayload::Other(s) => Payload::Other(s),
             // A snapshot is an array of arrays, a ticker an array of numbers that may grow
             // nested fields at its end.
             RawPayload::Values(v) if v.is_empty() || matches!(v[0], Elem::Array(_)) => {
@@ -269,11 +259,127 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// The trade after `"te"` or `"tu"`.
+fn next_trade<'de, A: SeqAccess<'de>>(
+    seq: &mut A,
+    expected: &ChannelMessageVisitor,
+) -> Result<TradeEntry, A::Error> {
+    match seq.next_element::<TradeElem>()? {
+        Some(TradeElem::Array(a)) => Ok(TradeValues::from_raw(a.values())),
+        Some(TradeElem::NotAnArray) => Ok(Err(TradeError::NotAnArray)),
+        None => Err(de::Error::invalid_length(2, expected)),
+    }
+}
+
+/// The second element of a channel message: a string (`"hb"`, `"te"`, `"tu"`, or one not
+/// handled here) or an array (ticker values or a trades snapshot).
+/// Why a visitor and not `#[serde(untagged)]`: serde buffers an untagged enum's input into an
+/// intermediate tree before trying each variant, and the string variant allocated; both showed
+/// in the producer's profile, on every `te` and `tu` (see the README's benchmark notes).
 enum RawPayload {
-    Text(String),
+    Heartbeat,
+    TradeExecuted,
+    TradeUpdated,
+    Other(String),
     Values(Vec<Elem>),
+}
+
+impl<'de> Deserialize<'de> for RawPayload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawPayload;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a channel payload: a string or an array")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<RawPayload, E> {
+                Ok(match s {
+                    "hb" => RawPayload::Heartbeat,
+                    "te" => RawPayload::TradeExecuted,
+                    "tu" => RawPayload::TradeUpdated,
+                    other => RawPayload::Other(other.to_string()),
+                })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawPayload, A::Error> {
+                let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(TICKER_FIELDS));
+                while let Some(e) = seq.next_element::<Elem>()? {
+                    values.push(e);
+                }
+                Ok(RawPayload::Values(values))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// The trade of a `te` or `tu`: `[ID, MTS, AMOUNT, PRICE, …]`, read without a heap allocation
+/// (the four leading values and how many there are), or something that is not an array.
+enum TradeElem {
+    Array(TradeArray),
+    NotAnArray,
+}
+
+struct TradeArray {
+    leading: [Option<f64>; 4],
+    len: usize,
+}
+
+impl TradeArray {
+    /// The leading values, as many as the array has (up to four): what
+    /// [`TradeValues::from_raw`] reads.
+    fn values(&self) -> &[Option<f64>] {
+        &self.leading[..self.len.min(4)]
+    }
+}
+
+impl<'de> Deserialize<'de> for TradeElem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TradeElem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TradeElem, A::Error> {
+                let mut a = TradeArray {
+                    leading: [None; 4],
+                    len: 0,
+                };
+                // Values beyond the fourth (Bitfinex may append some) are read and dropped, and
+                // a nested array reads as None, as in [`Elem`].
+                while let Some(e) = seq.next_element::<Elem>()? {
+                    if let (Some(slot), Elem::Number(n)) = (a.leading.get_mut(a.len), e) {
+                        *slot = n;
+                    }
+                    a.len += 1;
+                }
+                Ok(TradeElem::Array(a))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<TradeElem, E> {
+                Ok(TradeElem::NotAnArray)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<TradeElem, E> {
+                Ok(TradeElem::NotAnArray)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<TradeElem, E> {
+                Ok(TradeElem::NotAnArray)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<TradeElem, E> {
+                Ok(TradeElem::NotAnArray)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<TradeElem, E> {
+                Ok(TradeElem::NotAnArray)
+            }
+            fn visit_unit<E>(self) -> Result<TradeElem, E> {
+                Ok(TradeElem::NotAnArray)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TradeElem, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(TradeElem::NotAnArray)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// One element of a payload array: a number (ticker value) or an array of numbers (a trade).
@@ -763,6 +869,8 @@ mod tests {
             ),
             ("[2, \"te\", [5, 1700000000000]]", RejectedTrade(2)),
             ("[2, \"te\", 5]", RejectedTrade(2)),
+            ("[2, \"te\", {\"id\": 5}]", RejectedTrade(2)),
+            ("[2, \"tu\", [5, [1700000000000], 1, 2]]", RejectedTrade(2)),
             ("[2, \"te\", [1e20, 1700000000000, 1, 2]]", RejectedTrade(2)),
             ("[2, \"te\"]", Unparseable),
             ("[2, \"te\", [5, 1700000000000, 1, 2]", Unparseable),

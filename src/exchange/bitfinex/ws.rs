@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -27,6 +27,9 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long shutdown waits for the server to confirm unsubscribes.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Frames handled in a row while the socket has more ready (see `Session::run`).
+const READY_BATCH: usize = 64;
 
 /// Ticker and trade frames are a few hundred bytes, a trades snapshot a few kilobytes; anything
 /// near this is not a frame we want to buffer.
@@ -230,32 +233,54 @@ impl<'a> Session<'a> {
                 }
                 next = tokio::time::timeout(cfg.heartbeat_timeout, ws.next()) => next,
             };
-            let msg = match next {
-                Err(_) => return Err(ExchangeError::Stale(cfg.heartbeat_timeout)),
-                Ok(None) => {
-                    return Err(ExchangeError::Closed(
-                        "stream ended without a close frame".into(),
-                    ));
-                }
-                Ok(Some(Err(e))) => return Err(ExchangeError::Socket(Box::new(e))),
-                Ok(Some(Ok(msg))) => msg,
+            let Ok(mut next) = next else {
+                return Err(ExchangeError::Stale(cfg.heartbeat_timeout));
             };
-            match msg {
-                Message::Text(text) => {
-                    if let Some(end) = self.on_text(text.as_str(), &mut ws).await? {
-                        return Ok(end);
-                    }
+            // Frames already read off the socket are handled without going back through the
+            // select above: its futures and the heartbeat timer, set up again for every frame,
+            // cost more than a `te` frame's handling (see the README's benchmark notes). At most
+            // READY_BATCH of them, so that shutdown and channel changes wait for little.
+            for handled in 1..=READY_BATCH {
+                if let Some(end) = self.on_message(next, &mut ws).await? {
+                    return Ok(end);
                 }
-                Message::Close(frame) => {
-                    let why = frame.map_or("no close frame".into(), |f| {
-                        format!("{} {}", f.code, f.reason)
-                    });
-                    return Err(ExchangeError::Closed(why));
+                if handled == READY_BATCH {
+                    break;
                 }
-                Message::Binary(_) => self.frames.count("unknown"),
-                _ => {}
+                match ws.next().now_or_never() {
+                    Some(ready) => next = ready,
+                    None => break,
+                }
             }
         }
+    }
+
+    async fn on_message(
+        &mut self,
+        next: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+        ws: &mut Socket,
+    ) -> Result<Option<End>, ExchangeError> {
+        let msg = match next {
+            None => {
+                return Err(ExchangeError::Closed(
+                    "stream ended without a close frame".into(),
+                ));
+            }
+            Some(Err(e)) => return Err(ExchangeError::Socket(Box::new(e))),
+            Some(Ok(msg)) => msg,
+        };
+        match msg {
+            Message::Text(text) => return self.on_text(text.as_str(), ws).await,
+            Message::Close(frame) => {
+                let why = frame.map_or("no close frame".into(), |f| {
+                    format!("{} {}", f.code, f.reason)
+                });
+                return Err(ExchangeError::Closed(why));
+            }
+            Message::Binary(_) => self.frames.count("unknown"),
+            _ => {}
+        }
+        Ok(None)
     }
 
     /// Unsubscribes every channel and keeps reading until the server confirms, so that every

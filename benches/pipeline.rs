@@ -506,7 +506,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// kcat with the settings candlestream's producer runs with on the 0.9 cluster: acks=all, gzip,
-/// linger 20 ms, Java's murmur2 partitioner on the key, and the 0.9 compatibility settings.
+/// linger 20 ms, Java's murmur2 partitioner on the key, at most 5 requests in flight per
+/// connection, and the 0.9 compatibility settings.
 fn kcat(brokers: &str, topic: &str, file: &Path, log: &Path) -> std::process::Child {
     Command::new("kcat")
         .args([
@@ -530,6 +531,8 @@ fn kcat(brokers: &str, topic: &str, file: &Path, log: &Path) -> std::process::Ch
             "linger.ms=20",
             "-X",
             "partitioner=murmur2_random",
+            "-X",
+            "max.in.flight.requests.per.connection=5",
         ])
         .args([
             "-X",
@@ -1064,7 +1067,7 @@ fn table(tp: &Throughput, runs: &[&Latency]) -> String {
     }
     t.push_str(
         "- Settings: candlestream's defaults (linger.ms 20, influx.batch_size 500, influx.flush_interval 0 s (group commit), 1 consumer worker), except for Kafka 0.9: the test-only overrides \
-         enable.idempotence=false, compression.type=gzip (not lz4), api.version.request=false, broker.version.fallback=0.9.0.1, and consumer session.timeout.ms 10 s (0.9 caps it at 30 s); kcat gets the same acks=all, gzip, linger.ms 20 and murmur2_random partitioner. \
+         enable.idempotence=false, compression.type=gzip (not lz4), api.version.request=false, broker.version.fallback=0.9.0.1, and consumer session.timeout.ms 10 s (0.9 caps it at 30 s); kcat gets the same acks=all, gzip, linger.ms 20, murmur2_random partitioner and max.in.flight.requests.per.connection 5. \
          Topics: 3 partitions, replication 3, min.insync.replicas 2. Backfill off (the fake has no history). The fake repeats every trade as `tu` 100 ms after its `te`, as Bitfinex does; the producer drops the repeats.\n",
     );
     t

@@ -64,21 +64,30 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let (tx, mut rx) = mpsc::channel(settings.producer.buffer);
     let rest = bitfinex::RestClient::new(&settings.bitfinex, cancel.clone())?;
     // Before the exchange starts, so that backfills start where Kafka's copy ends. Patterns are
-    // resolved against the listing for this (only when resuming: no listing request otherwise);
-    // when it cannot be read now, every symbol gets the full backfill (a trade sent twice is
-    // harmless: its point is keyed by the exchange's id).
+    // resolved against the listing for this (only when resuming: no listing request otherwise),
+    // and the listing follower starts from the same listing instead of asking again. When it
+    // cannot be read now, every symbol gets the full backfill (a trade sent twice is harmless:
+    // its point is keyed by the exchange's id) and the follower reads it with retries.
+    let mut listing = None;
     let resumed = if resume::enabled(&settings) {
         let selection = bitfinex::pairs::Selection::new(
             &settings.bitfinex.symbols,
             &settings.bitfinex.symbols_exclude,
         )
         .expect("symbols were validated with the configuration");
-        let symbols = bitfinex::pairs::resolve_once(&selection, &rest)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot resolve the symbols to resume; every symbol gets the full backfill");
-                Vec::new()
-            });
+        if selection.needs_listing() {
+            match rest.pairs().await {
+                Ok(pairs) => listing = Some(pairs),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the list of trading pairs to resolve the symbols to resume; every symbol gets the full backfill")
+                }
+            }
+        }
+        let symbols: Vec<String> = match &listing {
+            Some(pairs) => selection.resolve(pairs).into_iter().collect(),
+            None if selection.needs_listing() => Vec::new(),
+            None => selection.resolve(&[]).into_iter().collect(),
+        };
         resume::newest_trades(&settings, &symbols, &cancel).await
     } else {
         resume::Newest::new()
@@ -86,6 +95,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pr
     let mut exchange = tokio::spawn(bitfinex::run(
         settings.bitfinex.clone(),
         rest,
+        listing,
         resumed,
         tx,
         data,

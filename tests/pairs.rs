@@ -73,6 +73,7 @@ impl Source {
         let task = tokio::spawn(bitfinex::run(
             cfg,
             rest,
+            None,
             Default::default(),
             tx,
             data,
@@ -182,6 +183,11 @@ async fn three_hundred_pairs_within_the_limits_through_storms() {
     ex.wait_subscribed(&refs(&pairs), WAIT).await;
     let ramp = ramp.elapsed();
     assert_eq!(ex.channels_per_open_connection().len(), 24);
+    assert_eq!(
+        ex.listing_requests(),
+        1,
+        "one listing read at start: the resume read and the listing follower share it"
+    );
     let polled: BTreeSet<String> = ex
         .sent()
         .into_iter()

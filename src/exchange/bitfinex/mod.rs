@@ -183,13 +183,16 @@ impl Ctx {
 }
 
 /// Streams ticker updates and trades for every symbol selected (see [`pairs`]) into `tx` until
-/// `cancel`. `resumed`: per symbol, the newest trade (exchange time, id) Kafka already holds,
-/// where its backfill starts instead of the horizon when that is later.
+/// `cancel`. `listing`: the list of trading pairs when the caller has just read it (the first
+/// selection is made from it instead of reading it again). `resumed`: per symbol, the newest
+/// trade (exchange time, id) Kafka already holds, where its backfill starts instead of the
+/// horizon when that is later.
 /// Returns once every task has stopped, so that dropping `tx` afterwards tells the next stage no
 /// more records will come.
 pub async fn run(
     cfg: BitfinexConfig,
     rest: RestClient,
+    listing: Option<Vec<String>>,
     resumed: HashMap<String, (i64, i64)>,
     tx: mpsc::Sender<Record>,
     data: Arc<Liveness>,
@@ -218,7 +221,7 @@ pub async fn run(
         cancel,
     });
     let mut tasks = JoinSet::new();
-    tasks.spawn(pairs::follow_listing(ctx.clone(), selection));
+    tasks.spawn(pairs::follow_listing(ctx.clone(), selection, listing));
     if ctx.cfg.mode == ExchangeMode::Websocket {
         tasks.spawn(shards::run(ctx.clone()));
     }

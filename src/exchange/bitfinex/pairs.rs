@@ -187,8 +187,13 @@ pub async fn resolve_once(
 }
 
 /// Sets the symbols from the configuration and, when it holds a pattern, follows Bitfinex's
-/// listing every `symbols_refresh` until cancelled.
-pub(super) async fn follow_listing(ctx: Arc<Ctx>, selection: Selection) {
+/// listing every `symbols_refresh` until cancelled, starting from `first_listing` when given
+/// (read by the caller just before).
+pub(super) async fn follow_listing(
+    ctx: Arc<Ctx>,
+    selection: Selection,
+    mut first_listing: Option<Vec<String>>,
+) {
     if !selection.needs_listing() {
         ctx.symbols.set(selection.resolve(&[]), true);
         ctx.fetches.follow(&ctx.symbols.current());
@@ -198,8 +203,12 @@ pub(super) async fn follow_listing(ctx: Arc<Ctx>, selection: Selection) {
     loop {
         // Retried until read; meanwhile the symbols stay as they are (a failed refresh is no
         // reason to unsubscribe anything). None: stopping.
-        let Some(listing) = read_listing(&ctx).await else {
-            return;
+        let listing = match first_listing.take() {
+            Some(read) => read,
+            None => match read_listing(&ctx).await {
+                Some(read) => read,
+                None => return,
+            },
         };
         ctx.symbols.set(selection.resolve(&listing), first);
         first = false;

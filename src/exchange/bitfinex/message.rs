@@ -227,7 +227,7 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
                 Payload::Trades(
                     v.into_iter()
                         .map(|e| match e {
-                            Elem::Array(values) => TradeValues::from_raw(&values),
+                            Elem::Array(a) => TradeValues::from_raw(a.values()),
                             Elem::Number(_) => Err(TradeError::NotAnArray),
                         })
                         .collect(),
@@ -264,9 +264,9 @@ fn next_trade<'de, A: SeqAccess<'de>>(
     seq: &mut A,
     expected: &ChannelMessageVisitor,
 ) -> Result<TradeEntry, A::Error> {
-    match seq.next_element::<TradeElem>()? {
-        Some(TradeElem::Array(a)) => Ok(TradeValues::from_raw(a.values())),
-        Some(TradeElem::NotAnArray) => Ok(Err(TradeError::NotAnArray)),
+    match seq.next_element::<Elem>()? {
+        Some(Elem::Array(a)) => Ok(TradeValues::from_raw(a.values())),
+        Some(Elem::Number(_)) => Ok(Err(TradeError::NotAnArray)),
         None => Err(de::Error::invalid_length(2, expected)),
     }
 }
@@ -312,13 +312,8 @@ impl<'de> Deserialize<'de> for RawPayload {
     }
 }
 
-/// The trade of a `te` or `tu`: `[ID, MTS, AMOUNT, PRICE, …]`, read without a heap allocation
-/// (the four leading values and how many there are), or something that is not an array.
-enum TradeElem {
-    Array(TradeArray),
-    NotAnArray,
-}
-
+/// A trade array `[ID, MTS, AMOUNT, PRICE, …]`, read without a heap allocation: its four leading
+/// values and how many values it has.
 struct TradeArray {
     leading: [Option<f64>; 4],
     len: usize,
@@ -332,62 +327,12 @@ impl TradeArray {
     }
 }
 
-impl<'de> Deserialize<'de> for TradeElem {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TradeElem;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TradeElem, A::Error> {
-                let mut a = TradeArray {
-                    leading: [None; 4],
-                    len: 0,
-                };
-                // Values beyond the fourth (Bitfinex may append some) are read and dropped, and
-                // a nested array reads as None, as in [`Elem`].
-                while let Some(e) = seq.next_element::<Elem>()? {
-                    if let (Some(slot), Elem::Number(n)) = (a.leading.get_mut(a.len), e) {
-                        *slot = n;
-                    }
-                    a.len += 1;
-                }
-                Ok(TradeElem::Array(a))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<TradeElem, E> {
-                Ok(TradeElem::NotAnArray)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<TradeElem, E> {
-                Ok(TradeElem::NotAnArray)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<TradeElem, E> {
-                Ok(TradeElem::NotAnArray)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<TradeElem, E> {
-                Ok(TradeElem::NotAnArray)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<TradeElem, E> {
-                Ok(TradeElem::NotAnArray)
-            }
-            fn visit_unit<E>(self) -> Result<TradeElem, E> {
-                Ok(TradeElem::NotAnArray)
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TradeElem, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(TradeElem::NotAnArray)
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
-}
-
 /// One element of a payload array: a number (ticker value) or an array of numbers (a trade).
 /// Anything else (null, text, objects, arrays nested deeper, which a future API version might
 /// append) reads as `None` instead of failing the whole frame.
 enum Elem {
     Number(Option<f64>),
-    Array(Vec<Option<f64>>),
+    Array(TradeArray),
 }
 
 impl<'de> Deserialize<'de> for Elem {
@@ -399,14 +344,19 @@ impl<'de> Deserialize<'de> for Elem {
                 f.write_str("any JSON value")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elem, A::Error> {
-                let mut values = Vec::with_capacity(4);
+                let mut a = TradeArray {
+                    leading: [None; 4],
+                    len: 0,
+                };
+                // Values beyond the fourth (Bitfinex may append some) are read and dropped; a
+                // nested array reads as None.
                 while let Some(e) = seq.next_element::<Elem>()? {
-                    values.push(match e {
-                        Elem::Number(n) => n,
-                        Elem::Array(_) => None,
-                    });
+                    if let (Some(slot), Elem::Number(n)) = (a.leading.get_mut(a.len), e) {
+                        *slot = n;
+                    }
+                    a.len += 1;
                 }
-                Ok(Elem::Array(values))
+                Ok(Elem::Array(a))
             }
             fn visit_f64<E>(self, v: f64) -> Result<Elem, E> {
                 Ok(Elem::Number(Some(v)))

@@ -131,10 +131,16 @@ impl Rig {
     /// `injected` counts records the test wrote to the topic itself (poison), not duplicates.
     pub async fn assert_exact(&self, scenario: &str, recovery: Option<Duration>, injected: usize) {
         let sent = self.exchange.sent();
-        eventually_async("every sent tick stored", STORE_WAIT, || async {
-            self.stored().await >= sent.len()
-        })
-        .await;
+        let all_stored = until(STORE_WAIT, || async { self.stored().await >= sent.len() }).await;
+        if all_stored.is_none() {
+            // Where the missing ones stopped: never produced, or in Kafka and not stored.
+            let in_kafka = topic_size(&self.cluster.bootstrap(), &self.topic, &client_overrides());
+            panic!(
+                "{scenario}: timed out waiting for every sent tick to be stored: sent {}, stored {}, in Kafka {in_kafka}",
+                sent.len(),
+                self.stored().await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rows = self
             .influx

@@ -1,10 +1,18 @@
 //! `candlestream verify`: every closed candle checked against Bitfinex's, healed when it differs.
 //!
-//! Every `verify.interval`, for each symbol and timeframe, the candles that closed at least
-//! `verify.grace` ago are compared with Bitfinex's (crate::audit's readers and [`audit::judge`],
-//! the same as `candlestream audit`). The first pass covers `verify.lookback`; later passes cover
-//! what closed since, plus re-checks of candles that are not settled yet. One range request per
-//! symbol and timeframe answers a whole pass.
+//! The work is one series per symbol and timeframe. A check of a series compares its candles that
+//! closed at least `verify.grace` ago and were not checked yet (plus those it re-checks) with
+//! Bitfinex's (crate::audit's readers and [`audit::judge`], the same as `candlestream audit`):
+//! one InfluxDB query and one candles request, however many candles it covers. The first check
+//! of a series covers `verify.lookback`.
+//!
+//! Scheduling: one check at a time, always of the series most behind, i.e. the one whose oldest
+//! owed work became due first: a candle that closed (plus grace) and was never checked, or a
+//! re-check (a heal waiting for its trades, a candle whose minutes are being healed). A series is
+//! checked at most once per `verify.interval`. So a new listing, a pending heal or a due re-check
+//! never waits behind a full round over every series, and the REST limiter
+//! (`verify.rest_*_per_minute`) spaces every request: at 300 pairs the checks spread over time
+//! instead of coming in passes.
 //!
 //! Each verdict is a point in `verify.measurement`, time = candle start, with `status` as a
 //! string field so that a re-check overwrites the point. A 1-minute candle that `differs` or is
@@ -17,10 +25,17 @@
 //! candle that looks wrong here while InfluxDB holds no trade of the symbol after it yet. Trades
 //! of one symbol go through one partition in order, so a later stored trade means the pipeline is
 //! past the candle; without one, its trades may still be in Kafka (the end of an outage).
+//!
+//! Symbols: with a pattern in `bitfinex.symbols`, Bitfinex's listing is read again every
+//! `bitfinex.symbols_refresh` (by a task of its own, through the same REST client) and series are
+//! added for new listings and dropped for delisted pairs, each logged and counted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, Stored, Verdict};
@@ -33,7 +48,7 @@ use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::kafka::producer_config;
 use crate::model::{Candle, Record, RecordKind, Source, Trade, now_ms};
 use crate::producer::delivery::{DeliveryTracker, KafkaStageError, Outgoing};
-use crate::retry::Shutdown;
+use crate::retry::{GaveUp, Shutdown, Verdict as RetryVerdict, retry};
 use crate::sink::influx::{InfluxConnection, InfluxSink, SinkError, escape};
 use crate::telemetry::{Health, Liveness, metric, serve_http};
 
@@ -54,9 +69,10 @@ pub enum VerifyError {
     Http(#[from] std::io::Error),
 }
 
-/// Why one symbol's timeframe got no verdicts this pass; the next pass tries again.
+/// Why a check of one series gave no verdicts; the series is tried again after
+/// `verify.interval`.
 #[derive(Debug, thiserror::Error)]
-enum PassError {
+enum CheckError {
     #[error("reading candles: {0}")]
     Read(#[from] AuditError),
     #[error("writing verdicts: {0}")]
@@ -101,7 +117,7 @@ impl Status {
     }
 }
 
-/// A candle not settled yet: checked again on later passes.
+/// A candle not settled yet: checked again by later checks of its series.
 #[derive(Debug, Default)]
 struct Open {
     /// The last verdict written; `None` while it could not be judged.
@@ -119,6 +135,57 @@ struct Series {
     /// Candles starting before this were checked (or are in `open`).
     cursor: i64,
     open: BTreeMap<i64, Open>,
+    /// Not checked again before this (ms): its last check, or failed attempt, plus
+    /// `verify.interval`.
+    not_before: i64,
+    /// When its last check succeeded; at first, when the verifier began to follow it (at start,
+    /// or the refresh that found it listed).
+    checked_at: i64,
+    since: i64,
+}
+
+impl Series {
+    fn new(symbol: String, timeframe: Timeframe, from: i64, now: i64) -> Self {
+        let width = timeframe.width_ms();
+        Self {
+            symbol,
+            timeframe,
+            cursor: from.div_euclid(width) * width,
+            open: BTreeMap::new(),
+            not_before: now,
+            checked_at: now,
+            since: now,
+        }
+    }
+
+    /// When its oldest owed work became (or becomes) due: the close plus `grace` of its oldest
+    /// candle never checked, or, with candles to check again, `interval` after its last check.
+    /// The series with the smallest value is the one most behind. A failed check changes nothing
+    /// here, so an outage shows as work owed for longer and longer.
+    fn owed(&self, grace: i64, interval: i64) -> i64 {
+        let fresh = self.cursor + self.timeframe.width_ms() + grace;
+        if self.open.is_empty() {
+            fresh
+        } else {
+            fresh.min(self.checked_at + interval)
+        }
+    }
+
+    /// When it may be checked next: when its work is owed, not before `not_before`.
+    fn due(&self, grace: i64, interval: i64) -> i64 {
+        self.owed(grace, interval).max(self.not_before)
+    }
+
+    /// How long its owed work has waited; a series owes nothing from before the verifier began
+    /// to follow it (the lookback it starts with is no backlog). Negative: not owed yet.
+    fn overdue(&self, now: i64, grace: i64, interval: i64) -> i64 {
+        now - self.owed(grace, interval).max(self.since)
+    }
+
+    /// How long the oldest closed candle never checked has been closed; 0 when none.
+    fn lag(&self, now: i64) -> i64 {
+        (now - (self.cursor + self.timeframe.width_ms())).max(0)
+    }
 }
 
 /// What happens to a candle after its verdict is written.
@@ -142,39 +209,52 @@ struct Checked {
 struct Verifier {
     settings: Settings,
     http: InfluxConnection,
-    rest: RestClient,
+    rest: Arc<RestClient>,
     sink: InfluxSink,
     encoder: Encoder,
     tracker: DeliveryTracker,
+    /// Candle widths checked, narrowest first.
+    timeframes: Vec<Timeframe>,
+    /// Where a series added now starts: `verify.lookback` ago.
+    lookback: Duration,
     series: Vec<Series>,
     /// 1-minute verdicts of the last 24 h per symbol, for the verified ratio.
     minutes: HashMap<String, BTreeMap<i64, Status>>,
-    /// Whether the last pass read and wrote everything, to log transitions only.
+    /// Whether the last check read and wrote everything, to log transitions only.
     healthy: bool,
 }
 
-/// Runs passes until `cancel`, then waits up to `producer.shutdown_timeout` for healed trades
-/// still on their way to Kafka.
+/// Checks the series due, one at a time, until `cancel`; then waits up to
+/// `producer.shutdown_timeout` for healed trades still on their way to Kafka.
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), VerifyError> {
     let health = Health::default();
-    let passes = health.liveness(
-        "verify_passes",
-        settings.verify.interval + settings.health.max_exchange_silence,
+    // A healthy verifier beats after every check, and while nothing is due; between two beats it
+    // waits at most for one slot of its slower REST limiter, plus what any role may take to hear
+    // from the exchange. Many symbols make rounds longer, not this.
+    let slowest_slot = Duration::from_secs(60)
+        / settings
+            .verify
+            .rest_candles_per_minute
+            .min(settings.verify.rest_trades_per_minute);
+    let checks = health.liveness(
+        "verify_checks",
+        settings.health.max_exchange_silence + slowest_slot,
     );
     let acks = health.progress("kafka_acks", settings.health.max_ack_silence);
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();
     serve_http(settings.http.listen, health, http_stop).await?;
 
-    // The verifier's own share of Bitfinex's per-IP limits.
-    let rest = RestClient::new(
+    // The verifier's own share of Bitfinex's per-IP limits; the listing is read under its
+    // tickers limit.
+    let rest = Arc::new(RestClient::new(
         &BitfinexConfig {
             rest_trades_per_minute: settings.verify.rest_trades_per_minute,
             rest_candles_per_minute: settings.verify.rest_candles_per_minute,
             ..settings.bitfinex.clone()
         },
         cancel.clone(),
-    )?;
+    )?);
     let shutdown = Shutdown::new(cancel.clone(), settings.producer.shutdown_timeout);
     let tracker = DeliveryTracker::new(
         &producer_config(&settings.kafka),
@@ -187,57 +267,121 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
     timeframes.sort_by_key(|t| t.width_ms());
     timeframes.dedup();
     let lookback = settings.verify.lookback_or(settings.bitfinex.backfill);
-    let from = now_ms() - lookback.as_millis() as i64;
-    // Patterns are resolved once, at start: the verifier does not follow listing changes.
     let selection = Selection::new(
         &settings.bitfinex.symbols,
         &settings.bitfinex.symbols_exclude,
     )
     .expect("symbols were validated with the configuration");
-    let symbols = resolve_once(&selection, &rest).await?;
-    let series = symbols
-        .iter()
-        .flat_map(|symbol| {
-            timeframes.iter().map(move |&timeframe| Series {
-                symbol: symbol.clone(),
-                timeframe,
-                cursor: from.div_euclid(timeframe.width_ms()) * timeframe.width_ms(),
-                open: BTreeMap::new(),
-            })
-        })
-        .collect();
+    let symbols: BTreeSet<String> = resolve_once(&selection, &rest).await?.into_iter().collect();
+    let (listing_tx, mut listing) = watch::channel(symbols.clone());
+    if selection.needs_listing() {
+        tokio::spawn(follow_listing(
+            selection,
+            rest.clone(),
+            settings.bitfinex.clone(),
+            listing_tx,
+            cancel.clone(),
+        ));
+    }
     let mut verifier = Verifier {
         sink: InfluxSink::new(&settings.influx)?,
         encoder: Encoder::new(&settings.schema_registry, &settings.kafka)?,
         tracker,
         rest,
         http,
-        series,
+        timeframes,
+        lookback,
+        series: Vec::new(),
         minutes: HashMap::new(),
         healthy: true,
         settings,
     };
+    verifier.follow(&symbols, true);
     tracing::info!(
         symbols = symbols.len(),
-        timeframes = ?timeframes.iter().map(|t| t.label()).collect::<Vec<_>>(),
+        timeframes = ?verifier.timeframes.iter().map(|t| t.label()).collect::<Vec<_>>(),
         ?lookback,
         measurement = %verifier.settings.verify.measurement,
         "verifier running"
     );
 
-    let mut ticker = tokio::time::interval(verifier.settings.verify.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let grace = verifier.settings.verify.grace.as_millis() as i64;
+    let interval = verifier.settings.verify.interval;
+    let interval_ms = interval.as_millis() as i64;
+    // How long a failed check holds the next one back: the slot a request would have taken, so
+    // that an outage is retried no faster than checks would run.
+    let candle_slot = Duration::from_secs(60) / verifier.settings.verify.rest_candles_per_minute;
+    let idle_beat = verifier.settings.health.max_exchange_silence / 2;
     loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            _ = ticker.tick() => {}
+        if listing.has_changed().unwrap_or(false) {
+            let symbols = listing.borrow_and_update().clone();
+            verifier.follow(&symbols, false);
         }
-        // A pass can wait on the REST limiter or a slow InfluxDB; shutdown does not wait for it.
-        tokio::select! {
+        let now = now_ms();
+        let next = verifier
+            .series
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.due(grace, interval_ms), i))
+            .min();
+        let Some((_, i)) = next.filter(|(due, _)| *due <= now) else {
+            // Nothing due: idle, not stuck. Wake when the next series is due, a listing change
+            // arrives, or in time for the next beat.
+            checks.beat();
+            let wait = next.map_or(idle_beat, |(due, _)| {
+                Duration::from_millis((due - now) as u64).min(idle_beat)
+            });
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = listing.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            continue;
+        };
+        // A check can wait on the REST limiter or a slow InfluxDB; shutdown does not wait for it.
+        let checked = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            _ = verifier.pass(&passes) => {}
+            r = verifier.check(i, now, &checks) => r,
+        };
+        let series = &mut verifier.series[i];
+        let done = now_ms();
+        series.not_before = done + interval_ms;
+        if checked.is_ok() {
+            series.checked_at = done;
+        }
+        let failed = checked.map_err(|e| {
+            format!(
+                "{} {} (owed for {} s): {e}",
+                series.symbol,
+                series.timeframe.label(),
+                series.overdue(now, grace, interval_ms).max(0) / 1000
+            )
+        });
+        verifier.publish_gauges(i, done, grace);
+        match failed {
+            Ok(()) => {
+                if !verifier.healthy {
+                    tracing::info!("verifier reads and writes again; catching up");
+                }
+                verifier.healthy = true;
+                checks.beat();
+            }
+            Err(failure) => {
+                if verifier.healthy {
+                    // Once per outage: every check of it fails the same way.
+                    tracing::warn!(%failure, retry_after = ?interval, "verify check failed: no verdict on what could not be read; each series is tried again after verify.interval");
+                } else {
+                    tracing::debug!(%failure, "verify check failed");
+                }
+                verifier.healthy = false;
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(candle_slot) => {}
+                }
+            }
         }
     }
 
@@ -251,39 +395,126 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
     Ok(())
 }
 
+/// Reads Bitfinex's listing every `bitfinex.symbols_refresh` and sends the symbols `selection`
+/// stands for. A listing that cannot be read is retried with the REST backoff; meanwhile the
+/// symbols stay as they are (a failed read is no reason to stop verifying anything).
+async fn follow_listing(
+    selection: Selection,
+    rest: Arc<RestClient>,
+    cfg: BitfinexConfig,
+    symbols: watch::Sender<BTreeSet<String>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(cfg.symbols_refresh) => {}
+        }
+        let read = retry(
+            cfg.rest_backoff(),
+            &cancel,
+            || rest.pairs(),
+            |e: &ExchangeError, wait| {
+                if !e.is_retryable() {
+                    tracing::warn!(error = %e, "reading Bitfinex's list of trading pairs failed; trying again at the next refresh");
+                    return RetryVerdict::Fail;
+                }
+                tracing::warn!(error = %e, ?wait, "reading Bitfinex's list of trading pairs failed; retrying");
+                RetryVerdict::Retry
+            },
+        )
+        .await;
+        match read {
+            Ok(listing) => {
+                symbols.send_if_modified(|current| {
+                    let next = selection.resolve(&listing);
+                    let changed = *current != next;
+                    *current = next;
+                    changed
+                });
+            }
+            Err(GaveUp::Failed(_)) => {}
+            Err(GaveUp::Stopped) => return,
+        }
+    }
+}
+
 impl Verifier {
-    async fn pass(&mut self, passes: &Liveness) {
+    /// Verifies `symbols` from now on: a series per timeframe for each new one (due at once,
+    /// since it owes its lookback), none any more for those gone. After start, each symbol added
+    /// or removed is logged and counted.
+    fn follow(&mut self, symbols: &BTreeSet<String>, first: bool) {
+        let current: BTreeSet<String> = self.series.iter().map(|s| s.symbol.clone()).collect();
+        if !first && &current == symbols {
+            return;
+        }
         let now = now_ms();
-        let mut failures = Vec::new();
-        for i in 0..self.series.len() {
-            if let Err(e) = self.check(i, now).await {
-                let s = &self.series[i];
-                failures.push(format!("{} {}: {e}", s.symbol, s.timeframe.label()));
+        let from = now - self.lookback.as_millis() as i64;
+        for symbol in symbols.difference(&current) {
+            if !first {
+                metrics::counter!(metric::VERIFY_SYMBOLS_ADDED).increment(1);
+                tracing::info!(%symbol, "new listing; verifying it");
+            }
+            for &timeframe in &self.timeframes {
+                self.series
+                    .push(Series::new(symbol.clone(), timeframe, from, now));
             }
         }
-        self.publish_gauges(now);
-        match (failures.is_empty(), self.healthy) {
-            (true, _) => {
-                if !self.healthy {
-                    tracing::info!("verifier reads and writes again; catching up");
-                }
-                self.healthy = true;
-                passes.beat();
-            }
-            (false, true) => {
-                // Once per outage: every pass of it fails the same way.
-                tracing::warn!(
-                    ?failures,
-                    "verify pass incomplete: no verdict on what could not be read; retrying next pass"
-                );
-                self.healthy = false;
-            }
-            (false, false) => tracing::debug!(?failures, "verify pass incomplete"),
+        for symbol in current.difference(symbols) {
+            metrics::counter!(metric::VERIFY_SYMBOLS_REMOVED).increment(1);
+            tracing::info!(%symbol, "delisted; no longer verified");
+            self.minutes.remove(symbol);
+        }
+        self.series.retain(|s| symbols.contains(&s.symbol));
+        metrics::gauge!(metric::VERIFY_SYMBOLS).set(symbols.len() as f64);
+        self.report_budget();
+    }
+
+    /// Logs what the candles budget allows for the series now, and warns when it cannot check
+    /// each series as often as it gets a new candle (and `verify.interval` allows).
+    fn report_budget(&self) {
+        let cfg = &self.settings.verify;
+        let budget = f64::from(cfg.rest_candles_per_minute);
+        // One candles request per check: a round over every series takes this long, as the
+        // first round after start does (every series owes its lookback).
+        let round = Duration::from_secs_f64(self.series.len() as f64 * 60.0 / budget);
+        metrics::gauge!(metric::VERIFY_ROUND).set(round.as_secs_f64());
+        // Checks a minute that keep up: each series once per candle, no more than once per
+        // interval.
+        let interval = cfg.interval.as_millis() as f64;
+        let needed: f64 = self
+            .series
+            .iter()
+            .map(|s| 60_000.0 / (s.timeframe.width_ms() as f64).max(interval))
+            .sum();
+        let timeframes: Vec<&str> = self.timeframes.iter().map(|t| t.label()).collect();
+        if needed > budget {
+            let narrowest = self.timeframes[0].width_ms() as f64;
+            let every = Duration::from_secs_f64(narrowest.max(interval) / 1000.0 * needed / budget);
+            tracing::warn!(
+                series = self.series.len(),
+                ?timeframes,
+                ?round,
+                checks_needed_per_minute = needed.round(),
+                rest_candles_per_minute = cfg.rest_candles_per_minute,
+                narrowest_checked_every = ?every,
+                "the candles budget cannot keep up: each series is checked less often than it gets a new candle, and verdicts lag by about that much; \
+                 check fewer series (verify.timeframes, bitfinex.symbols, bitfinex.symbols_exclude) or give the verifier more of Bitfinex's ~30 candles requests a minute per IP (verify.rest_candles_per_minute, taken from audit's bitfinex.rest_candles_per_minute)"
+            );
+        } else {
+            tracing::info!(
+                series = self.series.len(),
+                ?timeframes,
+                ?round,
+                checks_needed_per_minute = needed.round(),
+                rest_candles_per_minute = cfg.rest_candles_per_minute,
+                "verify budget: a round over every series takes this long; each series is checked once per candle"
+            );
         }
     }
 
     /// Checks one series; nothing changes unless its candles were read and the verdicts written.
-    async fn check(&mut self, i: usize, now: i64) -> Result<(), PassError> {
+    async fn check(&mut self, i: usize, now: i64, progress: &Liveness) -> Result<(), CheckError> {
         let grace = self.settings.verify.grace.as_millis() as i64;
         let max = self.settings.verify.max_repairs;
         let (symbol, timeframe) = (self.series[i].symbol.clone(), self.series[i].timeframe);
@@ -452,12 +683,18 @@ impl Verifier {
                 }
             }
         }
-        self.heal(i, &repairs).await
+        self.heal(i, &repairs, progress).await
     }
 
     /// Fetches the trades of `minutes` (one request per run of consecutive minutes), produces
-    /// them to the trades topic and marks each minute as waiting for them.
-    async fn heal(&mut self, i: usize, minutes: &[i64]) -> Result<(), PassError> {
+    /// them to the trades topic and marks each minute as waiting for them. Each fetch is
+    /// progress: trade requests are the slowest (3 a minute), and a heal may take several.
+    async fn heal(
+        &mut self,
+        i: usize,
+        minutes: &[i64],
+        progress: &Liveness,
+    ) -> Result<(), CheckError> {
         let symbol = self.series[i].symbol.clone();
         let width = self.series[i].timeframe.width_ms();
         let mut runs: Vec<(i64, i64)> = Vec::new();
@@ -469,6 +706,7 @@ impl Verifier {
         }
         for (first, last) in runs {
             let trades = fetch_trades(&self.rest, &symbol, first, last + width - 1).await?;
+            progress.beat();
             let mut per_minute: BTreeMap<i64, u64> = BTreeMap::new();
             let received_at = now_ms();
             for t in &trades {
@@ -505,27 +743,39 @@ impl Verifier {
         Ok(())
     }
 
-    fn publish_gauges(&mut self, now: i64) {
-        let since = now - DAY_MS;
-        for (symbol, minutes) in &mut self.minutes {
-            *minutes = minutes.split_off(&since);
+    /// After a check of series `i`: its symbol's verified ratio, and how far behind the checks
+    /// are over all series.
+    fn publish_gauges(&mut self, i: usize, now: i64, grace: i64) {
+        let symbol = &self.series[i].symbol;
+        if let Some(minutes) = self.minutes.get_mut(symbol) {
+            *minutes = minutes.split_off(&(now - DAY_MS));
             if !minutes.is_empty() {
                 let good = minutes.values().filter(|s| s.verified()).count();
                 metrics::gauge!(metric::CANDLES_VERIFIED, "symbol" => symbol.clone())
                     .set(good as f64 / minutes.len() as f64);
             }
         }
-        // The narrowest timeframe says how far behind the checks are.
-        let narrowest = self.series.iter().map(|s| s.timeframe.width_ms()).min();
-        let newest_checked = self
+        for &timeframe in &self.timeframes {
+            let lag = self
+                .series
+                .iter()
+                .filter(|s| s.timeframe == timeframe)
+                .map(|s| s.lag(now))
+                .max()
+                .unwrap_or(0);
+            metrics::gauge!(metric::VERIFY_LAG, "timeframe" => timeframe.label())
+                .set(lag as f64 / 1000.0);
+        }
+        // The work owed longest: what an alert watches (lag includes the lookback at start).
+        let interval = self.settings.verify.interval.as_millis() as i64;
+        let overdue = self
             .series
             .iter()
-            .filter(|s| Some(s.timeframe.width_ms()) == narrowest)
-            .map(|s| s.cursor)
-            .min();
-        if let Some(checked_until) = newest_checked {
-            metrics::gauge!(metric::VERIFY_LAG).set((now - checked_until) as f64 / 1000.0);
-        }
+            .map(|s| s.overdue(now, grace, interval))
+            .max()
+            .unwrap_or(0)
+            .max(0);
+        metrics::gauge!(metric::VERIFY_OVERDUE).set(overdue as f64 / 1000.0);
     }
 }
 

@@ -334,7 +334,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                _ = listing.changed() => {}
+                // `changed` marks the new symbols seen: they are taken here.
+                Ok(()) = listing.changed() => {
+                    let symbols = listing.borrow_and_update().clone();
+                    verifier.follow(&symbols, false);
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
             continue;

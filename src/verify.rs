@@ -318,30 +318,27 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
             verifier.follow(&symbols, false);
         }
         let now = now_ms();
-        let next = verifier
-            .series
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.due(grace, interval_ms), i))
-            .min();
-        let Some((_, i)) = next.filter(|(due, _)| *due <= now) else {
-            // Nothing due: idle, not stuck. Wake when the next series is due, a listing change
-            // arrives, or in time for the next beat.
-            checks.beat();
-            let wait = next.map_or(idle_beat, |(due, _)| {
-                Duration::from_millis((due - now) as u64).min(idle_beat)
-            });
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                // `changed` marks the new symbols seen: they are taken here.
-                Ok(()) = listing.changed() => {
-                    let symbols = listing.borrow_and_update().clone();
-                    verifier.follow(&symbols, false);
+        let i = match most_behind(&verifier.series, grace, interval_ms, now) {
+            Ok(i) => i,
+            Err(next) => {
+                // Nothing due: idle, not stuck. Wake when the next series is due, a listing
+                // change arrives, or in time for the next beat.
+                checks.beat();
+                let wait = next.map_or(idle_beat, |due| {
+                    Duration::from_millis((due - now) as u64).min(idle_beat)
+                });
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    // `changed` marks the new symbols seen: they are taken here.
+                    Ok(()) = listing.changed() => {
+                        let symbols = listing.borrow_and_update().clone();
+                        verifier.follow(&symbols, false);
+                    }
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                _ = tokio::time::sleep(wait) => {}
+                continue;
             }
-            continue;
         };
         // A check can wait on the REST limiter or a slow InfluxDB; shutdown does not wait for it.
         let checked = tokio::select! {
@@ -397,6 +394,23 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
         tracing::info!("verifier stopped");
     }
     Ok(())
+}
+
+/// The series to check now: of those due, the one most behind (whose owed work became due
+/// first). `Err` with when the next one is due when none is due now (`None`: no series).
+fn most_behind(
+    series: &[Series],
+    grace: i64,
+    interval: i64,
+    now: i64,
+) -> Result<usize, Option<i64>> {
+    series
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.due(grace, interval) <= now)
+        .min_by_key(|(i, s)| (s.owed(grace, interval), *i))
+        .map(|(i, _)| i)
+        .ok_or_else(|| series.iter().map(|s| s.due(grace, interval)).min())
 }
 
 /// Reads Bitfinex's listing every `bitfinex.symbols_refresh` and sends the symbols `selection`
@@ -596,6 +610,15 @@ impl Verifier {
                 unjudged.push(start);
                 continue;
             }
+            // Equal while its minutes are being healed: equal thanks to the heal, maybe before
+            // the minutes are declared repaired. It waits for them (see wrong_before_repair).
+            if status == Status::Equal
+                && timeframe != Timeframe::ONE_MINUTE
+                && healing.range(start..start + width).next().is_some()
+            {
+                unjudged.push(start);
+                continue;
+            }
             let prev = open.and_then(|e| e.last);
             let attempts = open.map_or(0, |e| e.attempts);
             let (status, next) = match status {
@@ -625,6 +648,7 @@ impl Verifier {
             });
         }
 
+        tracing::debug!(%symbol, timeframe = timeframe.label(), from, end, verdicts = checked.len(), unjudged = unjudged.len(), waiting = series.open.len(), "series checked");
         let mut lines = String::new();
         for c in &checked {
             point(
@@ -649,6 +673,7 @@ impl Verifier {
         }
         let label = timeframe.label();
         let mut repairs = Vec::new();
+        let mut repaired = Vec::new();
         for c in &checked {
             metrics::counter!(metric::CANDLES_CHECKED, "symbol" => symbol.clone(), "timeframe" => label, "status" => c.status.as_str())
                 .increment(1);
@@ -666,6 +691,7 @@ impl Verifier {
                         if timeframe == Timeframe::ONE_MINUTE {
                             metrics::counter!(metric::CANDLES_REPAIRED, "symbol" => symbol.clone())
                                 .increment(1);
+                            repaired.push(c.start);
                         }
                     }
                 }
@@ -687,7 +713,31 @@ impl Verifier {
                 }
             }
         }
+        self.wrong_before_repair(&symbol, &repaired, end);
         self.heal(i, &repairs, progress).await
+    }
+
+    /// `minutes` of `symbol` were repaired: the wider candles holding them were wrong here
+    /// before, even those not checked yet (a wider series may come to a candle only after its
+    /// minutes healed). Those closed by `closed_by` are marked so, so that their check, equal
+    /// now, says `repaired`; a verdict they already have stands.
+    fn wrong_before_repair(&mut self, symbol: &str, minutes: &[i64], closed_by: i64) {
+        for series in &mut self.series {
+            if series.symbol != symbol || series.timeframe == Timeframe::ONE_MINUTE {
+                continue;
+            }
+            let width = series.timeframe.width_ms();
+            for &m in minutes {
+                let start = m.div_euclid(width) * width;
+                if start + width > closed_by {
+                    continue;
+                }
+                if start >= series.cursor || series.open.contains_key(&start) {
+                    let e = series.open.entry(start).or_default();
+                    e.last.get_or_insert(Status::MissingHere);
+                }
+            }
+        }
     }
 
     /// Fetches the trades of `minutes` (one request per run of consecutive minutes), produces
@@ -849,6 +899,67 @@ async fn fetch_trades(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_series_most_behind_goes_first_and_a_failure_shows_as_overdue() {
+        const MIN: i64 = 60_000;
+        let (grace, interval) = (2 * MIN, MIN);
+        let now = 1_000 * 24 * 60 * MIN;
+        let tf = |label: &str| Timeframe::try_from(label.to_string()).unwrap();
+        // Two pairs checked up to the last closed minute a minute ago, one with a heal waiting.
+        let checked = |symbol: &str| {
+            let mut s = Series::new(symbol.into(), tf("1m"), now - 3 * MIN, now - 10 * MIN);
+            s.checked_at = now - MIN;
+            s.not_before = now;
+            s
+        };
+        let steady = checked("tAUSD");
+        let mut healing = checked("tBUSD");
+        healing.open.insert(now - 5 * MIN, Open::default());
+        healing.cursor += MIN;
+        // A pair listed now owes its lookback: due at once, first in line.
+        let listed = Series::new("tCUSD".into(), tf("1m"), now - 6 * 60 * MIN, now);
+        let hour = Series::new("tAUSD".into(), tf("1h"), now - 30 * MIN, now - 10 * MIN);
+        let mut series = vec![steady, healing, hour, listed];
+        assert_eq!(most_behind(&series, grace, interval, now), Ok(3));
+        assert_eq!(series[3].overdue(now, grace, interval), 0, "no backlog yet");
+        assert_eq!(
+            series[3].lag(now) / MIN,
+            6 * 60 - 1,
+            "the lookback is unchecked"
+        );
+        series.pop();
+        // Then the heal's re-check (owed a minute after its check: now) and the minute that
+        // closed `grace` ago (owed now too): equally behind, taken in order.
+        assert_eq!(series[1].due(grace, interval), now);
+        assert_eq!(series[0].due(grace, interval), now);
+        assert_eq!(
+            series[1].owed(grace, interval),
+            now - MIN + interval,
+            "checked a minute ago"
+        );
+        assert_eq!(
+            most_behind(&series, grace, interval, now),
+            Ok(0),
+            "equal: in order"
+        );
+        assert_eq!(
+            most_behind(&series, grace, interval, now - 1),
+            Err(Some(now))
+        );
+        // The hour closes in 30 min: not due.
+        assert!(series[2].due(grace, interval) > now);
+        assert_eq!(series[2].lag(now), 0);
+        // A failed check holds the series back for `interval`, but its work stays owed: the
+        // overdue time keeps growing through an outage.
+        let before = series[0].overdue(now, grace, interval);
+        series[0].not_before = now + interval;
+        assert_eq!(series[0].due(grace, interval), now + interval);
+        assert_eq!(
+            series[0].overdue(now + 5 * MIN, grace, interval),
+            before + 5 * MIN
+        );
+    }
 
     #[test]
     fn statuses_are_the_documented_strings() {

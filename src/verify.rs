@@ -321,9 +321,13 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
         let i = match most_behind(&verifier.series, grace, interval_ms, now) {
             Ok(i) => i,
             Err(next) => {
-                // Nothing due: idle, not stuck. Wake when the next series is due, a listing
-                // change arrives, or in time for the next beat.
-                checks.beat();
+                // Nothing due: idle, not stuck, unless the last check failed (then only a check
+                // that succeeds beats again). Wake when the next series is due, a listing change
+                // arrives, or in time for the next beat.
+                if verifier.healthy {
+                    checks.beat();
+                }
+                verifier.publish_lag(now, grace);
                 let wait = next.map_or(idle_beat, |due| {
                     Duration::from_millis((due - now) as u64).min(idle_beat)
                 });
@@ -740,9 +744,12 @@ impl Verifier {
         }
     }
 
-    /// Fetches the trades of `minutes` (one request per run of consecutive minutes), produces
-    /// them to the trades topic and marks each minute as waiting for them. Each fetch is
-    /// progress: trade requests are the slowest (3 a minute), and a heal may take several.
+    /// Fetches the trades of the oldest run of consecutive minutes among `minutes` (one request,
+    /// more only past 10 000 trades), produces them to the trades topic and marks each of its
+    /// minutes as waiting for them. One run per check: trade requests are the scarcest (3 a
+    /// minute), and a symbol with many gaps must not hold every other series' checks for a slot
+    /// each. Its other minutes stay open, due again after `verify.interval`; the next checks of the
+    /// series heal them, oldest first.
     async fn heal(
         &mut self,
         i: usize,
@@ -751,54 +758,53 @@ impl Verifier {
     ) -> Result<(), CheckError> {
         let symbol = self.series[i].symbol.clone();
         let width = self.series[i].timeframe.width_ms();
-        let mut runs: Vec<(i64, i64)> = Vec::new();
-        for &m in minutes {
-            match runs.last_mut() {
-                Some((_, last)) if *last + width == m => *last = m,
-                _ => runs.push((m, m)),
-            }
+        let Some((&first, rest)) = minutes.split_first() else {
+            return Ok(());
+        };
+        let run = rest
+            .iter()
+            .zip(1..)
+            .take_while(|&(&m, n)| m == first + n * width)
+            .count();
+        let last = first + run as i64 * width;
+        let trades = fetch_trades(&self.rest, &symbol, first, last + width - 1).await?;
+        progress.beat();
+        let mut per_minute: BTreeMap<i64, u64> = BTreeMap::new();
+        let received_at = now_ms();
+        for t in &trades {
+            let record = Record::Trade(Trade {
+                symbol: symbol.clone(),
+                id: t.id,
+                exchange_time: t.mts,
+                amount: t.amount,
+                price: t.price,
+                source: Source::Rest,
+                sequence: None,
+                received_at,
+            });
+            let payload = self.encoder.encode(&record).await?;
+            let out = Outgoing {
+                topic: self.settings.kafka.topic_of(RecordKind::Trade),
+                key: &symbol,
+                payload,
+            };
+            self.tracker.send(&out).await;
+            *per_minute
+                .entry(t.mts.div_euclid(width) * width)
+                .or_default() += 1;
         }
-        for (first, last) in runs {
-            let trades = fetch_trades(&self.rest, &symbol, first, last + width - 1).await?;
-            progress.beat();
-            let mut per_minute: BTreeMap<i64, u64> = BTreeMap::new();
-            let received_at = now_ms();
-            for t in &trades {
-                let record = Record::Trade(Trade {
-                    symbol: symbol.clone(),
-                    id: t.id,
-                    exchange_time: t.mts,
-                    amount: t.amount,
-                    price: t.price,
-                    source: Source::Rest,
-                    sequence: None,
-                    received_at,
-                });
-                let payload = self.encoder.encode(&record).await?;
-                let out = Outgoing {
-                    topic: self.settings.kafka.topic_of(RecordKind::Trade),
-                    key: &symbol,
-                    payload,
-                };
-                self.tracker.send(&out).await;
-                *per_minute
-                    .entry(t.mts.div_euclid(width) * width)
-                    .or_default() += 1;
-            }
-            tracing::info!(%symbol, from = first, until = last + width, trades = trades.len(), "healing: trades fetched from REST and sent to Kafka");
-            let series = &mut self.series[i];
-            for (&m, e) in series.open.range_mut(first..=last) {
-                if minutes.contains(&m) {
-                    e.attempts += 1;
-                    e.awaiting = Some(per_minute.get(&m).copied().unwrap_or(0));
-                }
+        tracing::info!(%symbol, from = first, until = last + width, trades = trades.len(), "healing: trades fetched from REST and sent to Kafka");
+        let series = &mut self.series[i];
+        for (&m, e) in series.open.range_mut(first..=last) {
+            if minutes.contains(&m) {
+                e.attempts += 1;
+                e.awaiting = Some(per_minute.get(&m).copied().unwrap_or(0));
             }
         }
         Ok(())
     }
 
-    /// After a check of series `i`: its symbol's verified ratio, and how far behind the checks
-    /// are over all series.
+    /// After a check of series `i`: its symbol's verified ratio, and the lag.
     fn publish_gauges(&mut self, i: usize, now: i64, grace: i64) {
         let symbol = &self.series[i].symbol;
         if let Some(minutes) = self.minutes.get_mut(symbol) {
@@ -809,6 +815,12 @@ impl Verifier {
                     .set(good as f64 / minutes.len() as f64);
             }
         }
+        self.publish_lag(now, grace);
+    }
+
+    /// How far behind the checks are, over all series: after every check, and while idle (a
+    /// candle closing during `grace` makes the lag grow with nothing to check yet).
+    fn publish_lag(&self, now: i64, grace: i64) {
         for &timeframe in &self.timeframes {
             let lag = self
                 .series

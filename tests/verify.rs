@@ -7,6 +7,9 @@
 //!   fetched `max_repairs` times and no more, and nothing else changes;
 //! - outage: InfluxDB down across a minute's close gives no verdict while down, no
 //!   `missing_here`, and the minute is `equal` once it is back.
+//!
+//! A second test runs the verifier at scale (60 pairs from a pattern) on InfluxDB 1.6.7 and the
+//! fake exchange alone: see its comment.
 
 // The cluster lock is held across awaits on purpose: one cluster at a time.
 #![allow(clippy::await_holding_lock)]
@@ -422,14 +425,16 @@ async fn verifier_checks_heals_and_rides_out_an_influx_outage() {
 /// closed minute of every pair gets its verdict; the 1m lag starts at the lookback and falls to
 /// the grace period once the round is through; no 6 s saw more candles requests than 6 s of the
 /// budget allows; a pair listed at runtime is checked, and a delisted one no longer asked about,
-/// within one `symbols_refresh`.
+/// within one `symbols_refresh`; with InfluxDB down while a new listing is due, /healthz turns
+/// red within the liveness window and the overdue work grows, and it is green once InfluxDB is
+/// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
     const PAIRS: usize = 60;
     const CANDLES_PER_MINUTE: u32 = 600;
     const REFRESH: Duration = Duration::from_secs(1);
     const SILENCE: Duration = Duration::from_secs(2);
-    let influx = tokio::task::spawn_blocking(support::influx1::Influx1::start)
+    let mut influx = tokio::task::spawn_blocking(support::influx1::Influx1::start)
         .await
         .unwrap();
     let db = support::unique("verify_scale").replace('-', "_");
@@ -684,12 +689,47 @@ async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
         answers.len()
     );
     assert!(red.is_empty(), "/healthz not 200: {red:?}");
+    // InfluxDB down while a new listing is due: its checks fail, /healthz turns red within the
+    // liveness window and names the check, the overdue work grows; back up, green again.
+    let healthz = || async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    influx.stop();
+    let down = Instant::now();
+    exchange.list(&pair(PAIRS + 1));
+    eventually_async("/healthz red", WAIT, || async { healthz().await.0 == 503 }).await;
+    let red_after = down.elapsed();
+    let (_, why) = healthz().await;
+    assert!(why.starts_with("verify_checks: nothing for"), "{why}");
+    assert!(
+        red_after <= REFRESH + SILENCE + Duration::from_secs(3),
+        "red {red_after:?} after InfluxDB stopped"
+    );
+    let overdue = || metric(port, "candlestream_verify_overdue_seconds", &[]);
+    let first = overdue().await;
+    eventually_async("the overdue work grows", WAIT, || async {
+        overdue().await >= first + 1.0
+    })
+    .await;
+    influx.start_again();
+    let up = Instant::now();
+    eventually_async("/healthz green", WAIT, || async {
+        healthz().await.0 == 200
+    })
+    .await;
+    let green_after = up.elapsed();
+
     crate::report!(
-        "VERIFY | {PAIRS} pairs x 1m,1h at {CANDLES_PER_MINUTE} candles/min | first 1m round {:.1}s (liveness window {:.1}s), /healthz 200 in {} of {} polls | lag 1m {lag_at_start:.0}s -> {lag_after:.0}s | candles requests {requests}, busiest 6 s {busiest} (allowed {allowed}) | new listing asked after {:.2}s",
+        "VERIFY | {PAIRS} pairs x 1m,1h at {CANDLES_PER_MINUTE} candles/min | first 1m round {:.1}s (liveness window {:.1}s), /healthz 200 in {} of {} polls | lag 1m {lag_at_start:.0}s -> {lag_after:.0}s | candles requests {requests}, busiest 6 s {busiest} (allowed {allowed}) | new listing asked after {:.2}s | InfluxDB down: /healthz red after {:.1}s, green {:.1}s after it was back",
         round.as_secs_f64(),
         SILENCE.as_secs_f64() + 0.1,
         answers.len(),
         answers.len(),
-        first_new.as_secs_f64()
+        first_new.as_secs_f64(),
+        red_after.as_secs_f64(),
+        green_after.as_secs_f64()
     );
 }

@@ -138,9 +138,9 @@ struct Series {
     /// Not checked again before this (ms): its last check, or failed attempt, plus
     /// `verify.interval`.
     not_before: i64,
-    /// When its last check succeeded; at first, when the verifier began to follow it (at start,
-    /// or the refresh that found it listed).
+    /// When its last check succeeded; at first, `since`.
     checked_at: i64,
+    /// When the verifier began to follow it: at start, or the refresh that found it listed.
     since: i64,
 }
 
@@ -400,6 +400,40 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Ve
     Ok(())
 }
 
+/// What the candles budget (`verify.rest_candles_per_minute`) allows.
+#[derive(Debug, PartialEq)]
+struct Budget {
+    /// One check of every series, one request each: what the first round after start takes
+    /// (every series owes its lookback).
+    round: Duration,
+    /// Checks a minute that keep up: each series once per candle, no more than once per
+    /// `verify.interval`.
+    needed_per_minute: f64,
+    /// When the budget is short of that: how often a series of the narrowest timeframe is
+    /// checked instead of once per candle.
+    narrowest_every: Option<Duration>,
+}
+
+impl Budget {
+    /// For `symbols` symbols in `timeframes` (narrowest first, not empty).
+    fn of(symbols: usize, timeframes: &[Timeframe], interval: Duration, per_minute: u32) -> Self {
+        let per_minute = f64::from(per_minute);
+        let series = symbols * timeframes.len();
+        let period = |t: &Timeframe| Duration::from_millis(t.width_ms() as u64).max(interval);
+        let needed_per_minute = symbols as f64
+            * timeframes
+                .iter()
+                .map(|t| 60.0 / period(t).as_secs_f64())
+                .sum::<f64>();
+        Self {
+            round: Duration::from_secs_f64(series as f64 * 60.0 / per_minute),
+            needed_per_minute,
+            narrowest_every: (needed_per_minute > per_minute)
+                .then(|| period(&timeframes[0]).mul_f64(needed_per_minute / per_minute)),
+        }
+    }
+}
+
 /// The series to check now: of those due, the one most behind (whose owed work became due
 /// first). `Err` with when the next one is due when none is due now (`None`: no series).
 fn most_behind(
@@ -496,42 +530,34 @@ impl Verifier {
     /// each series as often as it gets a new candle (and `verify.interval` allows).
     fn report_budget(&self) {
         let cfg = &self.settings.verify;
-        let budget = f64::from(cfg.rest_candles_per_minute);
-        // One candles request per check: a round over every series takes this long, as the
-        // first round after start does (every series owes its lookback).
-        let round = Duration::from_secs_f64(self.series.len() as f64 * 60.0 / budget);
-        metrics::gauge!(metric::VERIFY_ROUND).set(round.as_secs_f64());
-        // Checks a minute that keep up: each series once per candle, no more than once per
-        // interval.
-        let interval = cfg.interval.as_millis() as f64;
-        let needed: f64 = self
-            .series
-            .iter()
-            .map(|s| 60_000.0 / (s.timeframe.width_ms() as f64).max(interval))
-            .sum();
+        let symbols = self.series.len() / self.timeframes.len();
+        let b = Budget::of(
+            symbols,
+            &self.timeframes,
+            cfg.interval,
+            cfg.rest_candles_per_minute,
+        );
+        metrics::gauge!(metric::VERIFY_ROUND).set(b.round.as_secs_f64());
         let timeframes: Vec<&str> = self.timeframes.iter().map(|t| t.label()).collect();
-        if needed > budget {
-            let narrowest = self.timeframes[0].width_ms() as f64;
-            let every = Duration::from_secs_f64(narrowest.max(interval) / 1000.0 * needed / budget);
-            tracing::warn!(
+        match b.narrowest_every {
+            Some(every) => tracing::warn!(
                 series = self.series.len(),
                 ?timeframes,
-                ?round,
-                checks_needed_per_minute = needed.round(),
+                round = ?b.round,
+                checks_needed_per_minute = b.needed_per_minute.round(),
                 rest_candles_per_minute = cfg.rest_candles_per_minute,
                 narrowest_checked_every = ?every,
                 "the candles budget cannot keep up: each series is checked less often than it gets a new candle, and verdicts lag by about that much; \
                  check fewer series (verify.timeframes, bitfinex.symbols, bitfinex.symbols_exclude) or give the verifier more of Bitfinex's ~30 candles requests a minute per IP (verify.rest_candles_per_minute, taken from audit's bitfinex.rest_candles_per_minute)"
-            );
-        } else {
-            tracing::info!(
+            ),
+            None => tracing::info!(
                 series = self.series.len(),
                 ?timeframes,
-                ?round,
-                checks_needed_per_minute = needed.round(),
+                round = ?b.round,
+                checks_needed_per_minute = b.needed_per_minute.round(),
                 rest_candles_per_minute = cfg.rest_candles_per_minute,
                 "verify budget: a round over every series takes this long; each series is checked once per candle"
-            );
+            ),
         }
     }
 
@@ -970,6 +996,35 @@ mod tests {
         assert_eq!(
             series[0].overdue(now + 5 * MIN, grace, interval),
             before + 5 * MIN
+        );
+    }
+
+    #[test]
+    fn the_budget_at_300_pairs_is_a_45_minute_round_and_a_check_every_15() {
+        let tf = |labels: &[&str]| -> Vec<Timeframe> {
+            labels
+                .iter()
+                .map(|l| Timeframe::try_from(l.to_string()).unwrap())
+                .collect()
+        };
+        let minute = Duration::from_secs(60);
+        let b = Budget::of(300, &tf(&["1m", "1h", "1D"]), minute, 20);
+        assert_eq!(b.round, Duration::from_secs(45 * 60));
+        assert!((b.needed_per_minute - 300.0 * (1.0 + 1.0 / 60.0 + 1.0 / 1440.0)).abs() < 1e-9);
+        let every = b.narrowest_every.expect("20 a minute cannot keep up");
+        assert_eq!(every.as_secs(), 915, "{every:?}: about every 15 minutes");
+        // The defaults keep up: 6.1 of 20 a minute, a round of 54 s.
+        let b = Budget::of(6, &tf(&["1m", "1h", "1D"]), minute, 20);
+        assert_eq!(
+            (b.round, b.narrowest_every),
+            (Duration::from_secs(54), None)
+        );
+        assert!((b.needed_per_minute - 6.1).abs() < 0.01);
+        // verify.interval bounds how often a series is checked: 1m at 5m is checked every 5m.
+        let b = Budget::of(300, &tf(&["1m"]), 5 * minute, 20);
+        assert_eq!(
+            (b.needed_per_minute, b.narrowest_every),
+            (60.0, Some(15 * minute))
         );
     }
 

@@ -633,7 +633,7 @@ impl TryFrom<String> for Timeframe {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VerifyConfig {
-    /// Time between passes.
+    /// Minimum time between two checks of one series (and the wait after a failed one).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// A candle is compared once it closed this long ago: its trades may still be on their way.

@@ -62,7 +62,23 @@ pub mod metric {
     pub const REBALANCES: &str = "candlestream_consumer_rebalances_total";
     pub const CANDLES_CHECKED: &str = "candlestream_candles_checked_total";
     pub const CANDLES_VERIFIED: &str = "candlestream_candles_verified_ratio";
+    /// Per timeframe: how long the oldest closed candle the verifier has not checked yet (over
+    /// all symbols) has been closed; 0 when every closed candle was checked. At start it is the
+    /// lookback until the first check of every series.
     pub const VERIFY_LAG: &str = "candlestream_verify_lag_seconds";
+    /// How long the verifier's most overdue work has waited since it became due (a candle closed
+    /// plus `verify.grace`, or a re-check), counted from start for the lookback: the scheduler's
+    /// backlog. At most about [`VERIFY_ROUND`] while checks succeed; it grows without bound while
+    /// they fail.
+    pub const VERIFY_OVERDUE: &str = "candlestream_verify_overdue_seconds";
+    /// The time one check of every series takes at `verify.rest_candles_per_minute`.
+    pub const VERIFY_ROUND: &str = "candlestream_verify_round_seconds";
+    /// Symbols the verifier checks now.
+    pub const VERIFY_SYMBOLS: &str = "candlestream_verify_symbols";
+    /// Symbols the verifier began to check at runtime because a pattern matched a new listing.
+    pub const VERIFY_SYMBOLS_ADDED: &str = "candlestream_verify_symbols_added_total";
+    /// Symbols the verifier stopped checking at runtime because they were delisted.
+    pub const VERIFY_SYMBOLS_REMOVED: &str = "candlestream_verify_symbols_removed_total";
     pub const CANDLES_REPAIRED: &str = "candlestream_candles_repaired_total";
     /// Exchange time of the newest trade InfluxDB acknowledged, per symbol (Unix seconds):
     /// `time() - it` is how long a symbol has had no trade stored.

@@ -1969,3 +1969,160 @@ async fn hundreds_of_symbols_query_only_the_chosen_coins_on_influxdb_1_6() {
         series.len()
     );
 }
+
+/// The health dashboard at 300 pairs (issue 18 item 6): `$symbol` defaults to a short list, the
+/// first six configured symbols as in the candles dashboard, with All (one regex) still offered,
+/// and every per-symbol query takes the list as a regex; the producer's oldest-unacknowledged
+/// panel sits beside the oldest-unstored one; a verifier-lag panel shows the lag per timeframe
+/// with the overdue work and the round the alert compares. The queries run on a real scrape in
+/// tests/operations.rs.
+#[test]
+fn health_dashboard_defaults_to_a_few_symbols_and_shows_stalls_and_verifier_lag() {
+    use candlestream::telemetry::metric;
+    let dashboard: Value = serde_json::from_str(&repo("grafana/dashboards/health.json")).unwrap();
+    let symbol = &dashboard["templating"]["list"][0];
+    assert_eq!(symbol["name"], "symbol");
+    assert_eq!(symbol["multi"], true);
+    assert_eq!(symbol["includeAll"], true, "All stays available");
+    assert_eq!(symbol["allValue"], ALL_VALUE);
+    let configured = Settings::default().bitfinex.symbols;
+    let first_six: Vec<&str> = configured.iter().take(6).map(String::as_str).collect();
+    let default: Vec<&str> = symbol["current"]["value"]
+        .as_array()
+        .expect("a list of symbols by default, not All")
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(default, first_six);
+    let panels = panels(&dashboard);
+    let exprs = |p: &Value| -> Vec<String> {
+        p["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["expr"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for p in &panels {
+        for e in exprs(p) {
+            if e.contains("$symbol") {
+                assert!(e.contains("symbol=~\"$symbol\""), "{e}: a list is a regex");
+            }
+        }
+    }
+    let find = |metric: &str| {
+        *panels
+            .iter()
+            .find(|p| exprs(p).iter().any(|e| e.contains(metric)))
+            .unwrap_or_else(|| panic!("no panel on {metric}"))
+    };
+    let unstored = find(metric::OLDEST_UNSTORED);
+    let unacked = find(metric::OLDEST_UNACKED);
+    assert_eq!(
+        unstored["gridPos"]["y"], unacked["gridPos"]["y"],
+        "side by side"
+    );
+    assert_eq!(
+        unstored["gridPos"]["x"].as_i64().unwrap() + unstored["gridPos"]["w"].as_i64().unwrap(),
+        unacked["gridPos"]["x"].as_i64().unwrap()
+    );
+    assert_eq!(unacked["fieldConfig"]["defaults"]["unit"], "s");
+    let lag = find(metric::VERIFY_LAG);
+    let lag_exprs = exprs(lag);
+    assert!(
+        lag_exprs
+            .iter()
+            .any(|e| e.contains(metric::VERIFY_LAG) && e.contains("by (timeframe)")),
+        "{lag_exprs:?}"
+    );
+    for m in [metric::VERIFY_OVERDUE, metric::VERIFY_ROUND] {
+        assert!(
+            lag_exprs.iter().any(|e| e.contains(m)),
+            "{m}: {lag_exprs:?}"
+        );
+    }
+    let mut ids: Vec<i64> = panels.iter().map(|p| p["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+}
+
+/// The verifier's overdue alert, run by `promtool test rules`: at 300 pairs x 3 timeframes (a
+/// round of 45 min at 20 candles requests a minute) it stays quiet through the first round after
+/// a start (work overdue up to a round) and the steady state (15 min), and fires 15 min after
+/// failing checks pushed the overdue work past two rounds; at 6 pairs (a round of 54 s) a 3-minute
+/// InfluxDB outage lifts it to 4 rounds without firing.
+#[test]
+fn verify_behind_alert_fires_for_failing_checks_not_for_scale_or_a_start() {
+    let doc = yaml("grafana/provisioning/alerting/candlestream.yaml");
+    let rule = doc["groups"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_vec().unwrap())
+        .find(|r| r["uid"].as_str() == Some("candlestream-verify-behind"))
+        .expect("the verify-behind rule")
+        .clone();
+    let data = rule["data"].as_vec().unwrap();
+    let expr = data[0]["model"]["expr"].as_str().unwrap();
+    let evaluator = &data[1]["model"]["conditions"][0]["evaluator"];
+    assert_eq!(evaluator["type"].as_str(), Some("gt"));
+    let threshold = evaluator["params"][0].as_i64().unwrap();
+    let pending = rule["for"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yml"),
+        format!(
+            "groups:\n  - name: verify\n    rules:\n      - alert: Behind\n        expr: '({expr}) > {threshold}'\n        for: {pending}\n"
+        ),
+    )
+    .unwrap();
+    let series = |name: &str, instance: &str, values: &str| {
+        format!("      - series: '{name}{{instance=\"{instance}\"}}'\n        values: '{values}'\n")
+    };
+    // One sample a minute. "big": 45 min of the first round, 45 min steady, then every check
+    // fails from minute 90. "small": steady at 30 s, InfluxDB down at minutes 91-93.
+    let alert_at = |minute: u32, firing: bool| {
+        let expected = if firing {
+            "\n          - exp_labels: {instance: big}"
+        } else {
+            " []"
+        };
+        format!(
+            "      - eval_time: {minute}m\n        alertname: Behind\n        exp_alerts:{expected}\n"
+        )
+    };
+    let test = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}    alert_rule_test:\n{}{}{}{}{}",
+        series(
+            "candlestream_verify_overdue_seconds",
+            "big",
+            "0+60x45 900x45 900+60x120"
+        ),
+        series("candlestream_verify_round_seconds", "big", "2700x210"),
+        series(
+            "candlestream_verify_overdue_seconds",
+            "small",
+            "30x90 90 150 210 30x120"
+        ),
+        series("candlestream_verify_round_seconds", "small", "54x215"),
+        // The end of the first round; the outage at small; past two rounds but pending; firing.
+        alert_at(45, false),
+        alert_at(93, false),
+        alert_at(110, false),
+        alert_at(170, false),
+        alert_at(185, true),
+    );
+    std::fs::write(dir.path().join("test.yml"), test).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules", "test.yml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("promtool not found; run tests/install-deps.sh");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

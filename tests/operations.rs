@@ -331,7 +331,8 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
     assert_eq!(symbol["datasource"]["uid"], PROMETHEUS_UID);
 
     // The alert rules: file-provisioned, on that datasource, each with a summary and a pending
-    // period Grafana parses; the six the issue asks for, and the stall alert of issue 19.
+    // period Grafana parses; the six the issue asks for, the stall alert of issue 19 and the
+    // verifier's overdue alert.
     let doc = yaml(ALERT_RULES);
     assert_eq!(text(&doc["apiVersion"]), "1");
     let mut uids = Vec::new();
@@ -366,6 +367,7 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
             "candlestream-stall",
             "candlestream-unhealthy",
             "candlestream-verified-ratio",
+            "candlestream-verify-behind",
         ]
     );
     // Grafana reads alerting provisioning from this folder only; no contact point by default.

@@ -7,6 +7,9 @@
 //!   fetched `max_repairs` times and no more, and nothing else changes;
 //! - outage: InfluxDB down across a minute's close gives no verdict while down, no
 //!   `missing_here`, and the minute is `equal` once it is back.
+//!
+//! A second test runs the verifier at scale (60 pairs from a pattern) on InfluxDB 1.6.7 and the
+//! fake exchange alone: see its comment.
 
 // The cluster lock is held across awaits on purpose: one cluster at a time.
 #![allow(clippy::await_holding_lock)]
@@ -14,6 +17,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -374,8 +378,13 @@ async fn verifier_checks_heals_and_rides_out_an_influx_outage() {
         metric(port, "candlestream_candles_checked_total", &["differs"]).await,
         differs_before
     );
-    let lag = metric(port, "candlestream_verify_lag_seconds", &[]).await;
-    assert!(lag <= 60.0 + GRACE.as_secs_f64() + 5.0, "lag {lag}s");
+    let lag = metric(
+        port,
+        "candlestream_verify_lag_seconds",
+        &["timeframe=\"1m\""],
+    )
+    .await;
+    assert!(lag <= GRACE.as_secs_f64() + 5.0, "lag {lag}s");
     rig.assert_trades_exact(
         "verify: InfluxDB down 15 s across a minute's close while trading",
         Some(caught_up),
@@ -406,4 +415,321 @@ async fn verifier_checks_heals_and_rides_out_an_influx_outage() {
     );
     producer.stop().await;
     consumer.stop().await;
+}
+
+/// The verifier at exchange scale, on InfluxDB 1.6.7 and the fake exchange (no Kafka cluster:
+/// every candle is equal, so nothing is healed; librdkafka's mock cluster stands in): `t*USD`
+/// matches 60 of the fake's 61 listed pairs, each with 10 minutes of history that InfluxDB
+/// holds too, checked in 1m and 1h at 600 candles requests a minute. A round of the 60 due 1m
+/// series takes longer than the liveness window, and yet /healthz stays 200 throughout; every
+/// closed minute of every pair gets its verdict; the 1m lag starts at the lookback and falls to
+/// the grace period once the round is through; no 6 s saw more candles requests than 6 s of the
+/// budget allows; a pair listed at runtime is checked, and a delisted one no longer asked about,
+/// within one `symbols_refresh`; with InfluxDB down while a new listing is due, /healthz turns
+/// red within the liveness window and the overdue work grows, and it is green once InfluxDB is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
+    const PAIRS: usize = 60;
+    const CANDLES_PER_MINUTE: u32 = 600;
+    const REFRESH: Duration = Duration::from_secs(1);
+    const SILENCE: Duration = Duration::from_secs(2);
+    let mut influx = tokio::task::spawn_blocking(support::influx1::Influx1::start)
+        .await
+        .unwrap();
+    let db = support::unique("verify_scale").replace('-', "_");
+    influx.create_database(&db).await;
+    let exchange = support::fake_bitfinex::FakeBitfinex::start().await;
+    let registry = support::fake_registry::FakeRegistry::start().await;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = support::unique("verify-scale");
+    let mut s = support::settings(&exchange, &registry, &cluster.bootstrap_servers(), &topic);
+    influx.configure(&mut s, &db);
+    let port = free_port();
+    s.http.listen = ([127, 0, 0, 1], port).into();
+    s.bitfinex.symbols = vec!["t*USD".into()];
+
+    let pair = |i: usize| format!("tC{i:02}USD");
+    let mut listed: Vec<String> = (0..PAIRS).map(pair).collect();
+    listed.push("tC00EUR".into());
+    exchange.set_listing(&listed.iter().map(String::as_str).collect::<Vec<_>>());
+    // Ten minutes of history up to the last closed minute, in the exchange and in InfluxDB.
+    let t0 = now_ms();
+    let last_closed = t0.div_euclid(MINUTE) * MINUTE - 1;
+    let store = |trades: Vec<support::fake_trades::Trade>| {
+        let mut lines = String::new();
+        for t in trades {
+            let record = candlestream::model::Record::Trade(candlestream::model::Trade {
+                symbol: t.symbol,
+                id: t.id,
+                exchange_time: t.mts,
+                amount: t.amount,
+                price: t.price,
+                source: candlestream::model::Source::Rest,
+                sequence: None,
+                received_at: t.mts,
+            });
+            candlestream::sink::influx::write_line(&mut lines, "trades", &record);
+        }
+        lines
+    };
+    let mut lines = String::new();
+    for symbol in listed.iter().chain([&pair(PAIRS)]) {
+        let history = exchange.preload_history(symbol, t0 - 10 * MINUTE, last_closed, 20);
+        lines += &store(history);
+    }
+    let http = reqwest::Client::new();
+    let wrote = http
+        .post(format!("{}/write?db={db}", influx.url()))
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert!(wrote.status().is_success(), "{:?}", wrote.text().await);
+
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let toml = settings_toml(&s).replace(
+        "[bitfinex]\n",
+        &format!(
+            "[bitfinex]\nsymbols_refresh = \"{}ms\"\n",
+            REFRESH.as_millis()
+        ),
+    ) + &format!(
+        "[health]\nmax_exchange_silence = \"{}ms\"\n\
+         [verify]\ninterval = \"1s\"\ngrace = \"1s\"\nlookback = \"10m\"\n\
+         timeframes = [\"1m\", \"1h\"]\nrest_trades_per_minute = {CANDLES_PER_MINUTE}\n\
+         rest_candles_per_minute = {CANDLES_PER_MINUTE}\n",
+        SILENCE.as_millis()
+    );
+    std::fs::write(config.path(), toml).unwrap();
+    let started = Instant::now();
+    let _verifier = Process::spawn("verify", config.path());
+
+    // /healthz every 100 ms from its first answer to the end of the test.
+    let answers: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let polling = tokio::spawn({
+        let (answers, stop) = (answers.clone(), stop.clone());
+        async move {
+            let url = format!("http://127.0.0.1:{port}/healthz");
+            while !stop.is_cancelled() {
+                let answer = match reqwest::get(&url).await {
+                    Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+                    Err(e) => Some((0, e.to_string())),
+                };
+                {
+                    let mut answers = answers.lock().unwrap();
+                    if answer.as_ref().is_some_and(|a| a.0 != 0) || !answers.is_empty() {
+                        answers.extend(answer);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let lag_1m = || {
+        metric(
+            port,
+            "candlestream_verify_lag_seconds",
+            &["timeframe=\"1m\""],
+        )
+    };
+    eventually_async("the first check", WAIT, || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+            && lag_1m().await > 0.0
+    })
+    .await;
+    let lag_at_start = lag_1m().await;
+    assert!(
+        lag_at_start >= 8.0 * 60.0,
+        "the 1m lag starts at the lookback: {lag_at_start} s"
+    );
+
+    let closed = |symbols: &[String]| -> Vec<(String, i64)> {
+        symbols
+            .iter()
+            .flat_map(|s| {
+                exchange
+                    .candles_of(s, MINUTE)
+                    .into_keys()
+                    .map(move |m| (s.clone(), m))
+            })
+            .collect()
+    };
+    let usd: Vec<String> = (0..PAIRS).map(pair).collect();
+    let expected = closed(&usd);
+    assert_eq!(expected.len(), PAIRS * 10, "ten minutes of each pair");
+    let checks_of = |db: &str| {
+        let (influx, db) = (&influx, db.to_string());
+        async move {
+            influx
+                .rows(&db, "SELECT symbol, timeframe, status FROM candle_checks")
+                .await
+                .into_iter()
+                .map(|r| {
+                    (
+                        (
+                            r["symbol"].as_str().unwrap().to_string(),
+                            r["timeframe"].as_str().unwrap().to_string(),
+                            r["time"].as_i64().unwrap(),
+                        ),
+                        r["status"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect::<BTreeMap<_, _>>()
+        }
+    };
+    eventually_async(
+        "every closed minute of every pair checked",
+        WAIT,
+        || async {
+            let c = checks_of(&db).await;
+            expected
+                .iter()
+                .all(|(s, m)| c.contains_key(&(s.clone(), "1m".to_string(), *m)))
+        },
+    )
+    .await;
+    let round = started.elapsed();
+    assert!(
+        round > SILENCE * 2,
+        "the round ({round:?}) outlasts the liveness window (about {SILENCE:?})"
+    );
+    let c = checks_of(&db).await;
+    assert!(c.values().all(|s| s == "equal"), "{c:?}");
+    assert!(
+        !c.keys().any(|k| k.0 == "tC00EUR"),
+        "t*USD leaves tC00EUR out"
+    );
+    let lag_after = lag_1m().await;
+    assert!(
+        lag_after < 20.0,
+        "the 1m lag after the round: {lag_after} s (was {lag_at_start} s)"
+    );
+
+    // A listing and a delisting.
+    let (new, gone) = (pair(PAIRS), pair(5));
+    exchange.list(&new);
+    exchange.delist(&gone);
+    let changed = Instant::now();
+    let new_minutes = closed(std::slice::from_ref(&new));
+    eventually_async(
+        "the new listing checked",
+        Duration::from_secs(10),
+        || async {
+            let c = checks_of(&db).await;
+            new_minutes.iter().all(|(s, m)| {
+                c.get(&(s.clone(), "1m".to_string(), *m))
+                    .map(String::as_str)
+                    == Some("equal")
+            })
+        },
+    )
+    .await;
+    let candles = exchange.rest_arrivals("candles");
+    let first_new = candles
+        .iter()
+        .find(|(_, s)| *s == new)
+        .map(|(t, _)| t.duration_since(changed))
+        .unwrap();
+    assert!(
+        first_new <= REFRESH + Duration::from_secs(1),
+        "the new listing asked for {first_new:?} after it was listed"
+    );
+    // Two more refreshes: nothing is asked about the delisted pair after the first.
+    tokio::time::sleep(REFRESH * 2).await;
+    let last_gone = exchange
+        .rest_arrivals("candles")
+        .iter()
+        .rev()
+        .find(|(_, s)| *s == gone)
+        .map(|(t, _)| *t)
+        .unwrap();
+    let after = last_gone.saturating_duration_since(changed);
+    assert!(
+        after <= REFRESH + Duration::from_secs(1),
+        "the delisted pair was asked about {after:?} after it was delisted"
+    );
+    assert_eq!(
+        metric(port, "candlestream_verify_symbols ", &[]).await,
+        PAIRS as f64
+    );
+    assert_eq!(
+        metric(port, "candlestream_verify_symbols_added_total", &[]).await,
+        1.0
+    );
+    assert_eq!(
+        metric(port, "candlestream_verify_symbols_removed_total", &[]).await,
+        1.0
+    );
+
+    // Never more than the budget: 6 s of it is 60 candles requests; nothing needed trades.
+    let window = Duration::from_secs(6);
+    let allowed = CANDLES_PER_MINUTE as usize * 6 / 60;
+    let busiest = exchange.most_rest_requests_within("candles", window);
+    assert!(
+        busiest <= allowed,
+        "{busiest} candles requests within {window:?}"
+    );
+    assert_eq!(exchange.rest_requests_by("trades"), 0);
+    let requests = exchange.rest_requests_by("candles");
+
+    stop.cancel();
+    polling.await.unwrap();
+    let answers = answers.lock().unwrap().clone();
+    let red: Vec<&(u16, String)> = answers
+        .iter()
+        .filter(|(status, _)| *status != 200)
+        .collect();
+    assert!(
+        answers.len() > 10 * round.as_secs() as usize / 2,
+        "polled /healthz throughout: {} answers",
+        answers.len()
+    );
+    assert!(red.is_empty(), "/healthz not 200: {red:?}");
+    // InfluxDB down while a new listing is due: its checks fail, /healthz turns red within the
+    // liveness window and names the check, the overdue work grows; back up, green again.
+    let healthz = || async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    influx.stop();
+    let down = Instant::now();
+    exchange.list(&pair(PAIRS + 1));
+    eventually_async("/healthz red", WAIT, || async { healthz().await.0 == 503 }).await;
+    let red_after = down.elapsed();
+    let (_, why) = healthz().await;
+    assert!(why.starts_with("verify_checks: nothing for"), "{why}");
+    assert!(
+        red_after <= REFRESH + SILENCE + Duration::from_secs(3),
+        "red {red_after:?} after InfluxDB stopped"
+    );
+    let overdue = || metric(port, "candlestream_verify_overdue_seconds", &[]);
+    let first = overdue().await;
+    eventually_async("the overdue work grows", WAIT, || async {
+        overdue().await >= first + 1.0
+    })
+    .await;
+    influx.start_again();
+    let up = Instant::now();
+    eventually_async("/healthz green", WAIT, || async {
+        healthz().await.0 == 200
+    })
+    .await;
+    let green_after = up.elapsed();
+
+    crate::report!(
+        "VERIFY | {PAIRS} pairs x 1m,1h at {CANDLES_PER_MINUTE} candles/min | first 1m round {:.1}s (liveness window {:.1}s), /healthz 200 in {} of {} polls | lag 1m {lag_at_start:.0}s -> {lag_after:.0}s | candles requests {requests}, busiest 6 s {busiest} (allowed {allowed}) | new listing asked after {:.2}s | InfluxDB down: /healthz red after {:.1}s, green {:.1}s after it was back",
+        round.as_secs_f64(),
+        SILENCE.as_secs_f64() + 0.1,
+        answers.len(),
+        answers.len(),
+        first_new.as_secs_f64(),
+        red_after.as_secs_f64(),
+        green_after.as_secs_f64()
+    );
 }

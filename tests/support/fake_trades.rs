@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -324,6 +324,8 @@ pub(super) struct TradeSettings {
     candles_requests: AtomicU64,
     /// (symbol, start, end) of every trades history request, in order.
     trades_queries: std::sync::Mutex<Vec<HistRequest>>,
+    /// When each hist request arrived: (time, "trades" or "candles", symbol), in order.
+    arrivals: std::sync::Mutex<Vec<(Instant, &'static str, String)>>,
     rate_limited: AtomicU64,
     te_frames: AtomicU64,
     tu_frames: AtomicU64,
@@ -341,6 +343,7 @@ impl Default for TradeSettings {
             trades_requests: AtomicU64::new(0),
             candles_requests: AtomicU64::new(0),
             trades_queries: std::sync::Mutex::new(Vec::new()),
+            arrivals: std::sync::Mutex::new(Vec::new()),
             rate_limited: AtomicU64::new(0),
             te_frames: AtomicU64::new(0),
             tu_frames: AtomicU64::new(0),
@@ -365,6 +368,13 @@ impl TradeSettings {
             &self.tu_frames
         };
         counter.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn arrived(&self, endpoint: &'static str, symbol: &str) {
+        self.arrivals
+            .lock()
+            .unwrap()
+            .push((Instant::now(), endpoint, symbol.to_string()));
     }
 
     /// Counts a hist request; `Some(refusal)` when this one is to be refused.
@@ -489,6 +499,38 @@ impl FakeBitfinex {
         }
     }
 
+    /// When each request to `"trades"` or `"candles"` history arrived, with its symbol, in order
+    /// (candles requests with a key that names no symbol are left out).
+    pub fn rest_arrivals(&self, endpoint: &str) -> Vec<(Instant, String)> {
+        self.inner
+            .trades
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e, _)| *e == endpoint)
+            .map(|(t, _, s)| (*t, s.clone()))
+            .collect()
+    }
+
+    /// The most requests to `"trades"` or `"candles"` history that arrived within any `window`.
+    pub fn most_rest_requests_within(&self, endpoint: &str, window: Duration) -> usize {
+        let times: Vec<Instant> = self
+            .rest_arrivals(endpoint)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|t| **t - times[i] < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Hist requests refused with 11010 so far.
     pub fn rate_limited(&self) -> u64 {
         self.inner.trades.rate_limited.load(Ordering::SeqCst)
@@ -581,6 +623,7 @@ pub(super) async fn trades_hist(
     Query(q): Query<HistQuery>,
 ) -> Response {
     inner.trades.trades_requests.fetch_add(1, Ordering::SeqCst);
+    inner.trades.arrived("trades", &symbol);
     inner
         .trades
         .trades_queries
@@ -624,6 +667,7 @@ pub(super) async fn candles_hist(
                 .into_response();
         }
     };
+    inner.trades.arrived("candles", &symbol);
     let rows = inner
         .exchange
         .lock()

@@ -2114,15 +2114,5 @@ fn verify_behind_alert_fires_for_failing_checks_not_for_scale_or_a_start() {
         alert_at(185, true),
     );
     std::fs::write(dir.path().join("test.yml"), test).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["test", "rules", "test.yml"])
-        .current_dir(dir.path())
-        .output()
-        .expect("promtool not found; run tests/install-deps.sh");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::promtool(&["test", "rules", "test.yml"], dir.path());
 }

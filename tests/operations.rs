@@ -30,13 +30,6 @@ use support::pipeline::{WAIT, produce_raw, raw_producer};
 use support::rig::{CLUSTER, Rig, free_port};
 use support::{Process, SYMBOLS, eventually_async, now_ms, settings_toml, topic_size};
 
-/// Whether `candlestream verify` (issue 15) is in this branch: without it, its scrape job is left
-/// out of the test's Prometheus and the queries on its metrics are not required to return data.
-const VERIFIER_IN_THIS_BRANCH: bool = true;
-
-/// The prefix of the metrics only the verifier serves.
-const VERIFIER_METRIC: &str = "candlestream_candles_";
-
 const PROMETHEUS_UID: &str = "candlestream-prometheus";
 const SCRAPE_CONFIG: &str = "prometheus/prometheus.yml";
 const DATASOURCE: &str = "grafana/provisioning/datasources/prometheus.yaml";
@@ -260,9 +253,7 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
             .map(text)
             .collect();
         assert_eq!(targets, [format!("{role}:{app_port}")], "{role}");
-        if role == "producer" || VERIFIER_IN_THIS_BRANCH {
-            assert!(names.contains(&role.to_string()), "no {role} service");
-        }
+        assert!(names.contains(&role.to_string()), "no {role} service");
     }
     let dns = &jobs["consumer"]["dns_sd_configs"][0];
     assert_eq!(
@@ -272,16 +263,9 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
     assert_eq!(text(&dns["type"]), "A");
     assert_eq!(text(&dns["port"]), app_port.to_string());
     assert!(names.contains(&"consumer".to_string()));
-    let promtool = std::process::Command::new("promtool")
-        .args(["check", "config", SCRAPE_CONFIG])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("promtool not found; run tests/install-deps.sh");
-    assert!(
-        promtool.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&promtool.stdout),
-        String::from_utf8_lossy(&promtool.stderr)
+    support::promtool(
+        &["check", "config", SCRAPE_CONFIG],
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
     );
 
     // The datasource: the prometheus service at its container port, the scrape interval as
@@ -592,10 +576,6 @@ async fn returns_data(
     }
 }
 
-fn needs_verifier(q: &Query) -> bool {
-    q.expr.contains(VERIFIER_METRIC)
-}
-
 /// Everything on real parts: see the module comment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
@@ -634,20 +614,17 @@ async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
         ("producer", vec![format!("127.0.0.1:{}", rig.producer_port)]),
         ("consumer", consumer_targets),
     ]);
-    let mut _verifier = None;
-    if VERIFIER_IN_THIS_BRANCH {
-        let port = free_port();
-        let mut s = rig.settings.clone();
-        s.http.listen = ([127, 0, 0, 1], port).into();
-        // Passes every second over the closed minutes of the preloaded history.
-        let path = config("verifier", &s);
-        let verify = "[verify]\ninterval = \"1s\"\ngrace = \"5s\"\nlookback = \"10m\"\n\
-                      timeframes = [\"1m\"]\nrest_trades_per_minute = 6000\n\
-                      rest_candles_per_minute = 6000\n";
-        std::fs::write(&path, settings_toml(&s) + verify).unwrap();
-        _verifier = Some(Process::spawn("verify", &path));
-        targets.insert("verifier", vec![format!("127.0.0.1:{port}")]);
-    }
+    let port = free_port();
+    let mut s = rig.settings.clone();
+    s.http.listen = ([127, 0, 0, 1], port).into();
+    // Each series checked every second over the closed minutes of the preloaded history.
+    let path = config("verifier", &s);
+    let verify = "[verify]\ninterval = \"1s\"\ngrace = \"5s\"\nlookback = \"10m\"\n\
+                  timeframes = [\"1m\"]\nrest_trades_per_minute = 6000\n\
+                  rest_candles_per_minute = 6000\n";
+    std::fs::write(&path, settings_toml(&s) + verify).unwrap();
+    let _verifier = Process::spawn("verify", &path);
+    targets.insert("verifier", vec![format!("127.0.0.1:{port}")]);
     let prom = Prometheus::start(&targets);
     prom.ready().await;
 
@@ -690,13 +667,6 @@ async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
         .into_iter()
         .chain(rules().into_iter().map(|r| r.query));
     for q in queries {
-        if needs_verifier(&q) && !VERIFIER_IN_THIS_BRANCH {
-            results.push((
-                q.name.clone(),
-                "skipped: no verifier in this branch".to_string(),
-            ));
-            continue;
-        }
         let series = returns_data(&prom, &q, Duration::from_secs(60)).await;
         results.push((q.name.clone(), render(&series)));
     }
@@ -862,15 +832,5 @@ fn stall_alert_fires_for_a_freeze_not_for_a_failover() {
         alert_at(150, false),
     );
     std::fs::write(dir.path().join("test.yml"), test).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["test", "rules", "test.yml"])
-        .current_dir(dir.path())
-        .output()
-        .expect("promtool not found; run tests/install-deps.sh");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::promtool(&["test", "rules", "test.yml"], dir.path());
 }

@@ -395,3 +395,20 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// Runs `promtool` (Prometheus's own checker) with `args` in `dir`; the test fails with its
+/// output unless it succeeds.
+pub fn promtool(args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool not found; run tests/install-deps.sh");
+    assert!(
+        out.status.success(),
+        "promtool {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -789,6 +789,72 @@ async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
     }
 }
 
+/// The stale-feed alert's query, threshold and pending time, run by `promtool test rules`: a
+/// symbol trading 10 a minute that stops fires once silent for over 5 minutes and 1 minute
+/// pending; a quiet one (a trade every 20 minutes, as most pairs trade when every pair is
+/// streamed) never fires, silent for 19 minutes at a time.
+#[test]
+fn stale_feed_fires_for_an_active_symbol_not_for_a_quiet_one() {
+    let stale = rule("candlestream-stale-feed");
+    let pending = list(&yaml(ALERT_RULES)["groups"])
+        .iter()
+        .flat_map(|g| list(&g["rules"]))
+        .find(|r| text(&r["uid"]) == "candlestream-stale-feed")
+        .map(|r| text(&r["for"]))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "groups:\n  - name: stale\n    rules:\n      - alert: Stale\n        expr: '({}) > {}'\n        for: {pending}\n",
+        stale.query.expr, stale.threshold
+    );
+    std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
+    // One sample a minute. tBTCUSD trades 10 a minute for an hour, then stops at minute 60: the
+    // time of its last stored trade stays at 3600 s. tQUIETUSD trades once every 20 minutes.
+    let series = |name: &str, symbol: &str, values: &str| {
+        format!("      - series: '{name}{{symbol=\"{symbol}\"}}'\n        values: '{values}'\n")
+    };
+    let alert_at = |minute: u32, firing: bool| {
+        let expected = if firing {
+            "\n          - exp_labels: {symbol: tBTCUSD}"
+        } else {
+            " []"
+        };
+        format!(
+            "      - eval_time: {minute}m\n        alertname: Stale\n        exp_alerts:{expected}\n"
+        )
+    };
+    let test = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}    alert_rule_test:\n{}{}{}{}",
+        series(
+            "candlestream_trades_received_total",
+            "tBTCUSD",
+            "0+10x60 600x20"
+        ),
+        series(
+            "candlestream_trade_last_stored_timestamp_seconds",
+            "tBTCUSD",
+            "0+60x60 3600x20"
+        ),
+        series(
+            "candlestream_trades_received_total",
+            "tQUIETUSD",
+            "0x19 1x19 2x19 3x19 4x4"
+        ),
+        series(
+            "candlestream_trade_last_stored_timestamp_seconds",
+            "tQUIETUSD",
+            "0x19 1200x19 2400x19 3600x19 4800x4"
+        ),
+        // Trading; silent 3 minutes; silent 6 (pending); silent 7 and more: firing.
+        alert_at(59, false),
+        alert_at(63, false),
+        alert_at(66, false),
+        alert_at(68, true),
+    );
+    std::fs::write(dir.path().join("test.yml"), test).unwrap();
+    support::promtool(&["test", "rules", "test.yml"], dir.path());
+}
+
 /// The stall alert's query and threshold, run by `promtool test rules` over the gauge as a frozen
 /// partition and a broker failover draw it: it fires for a freeze of a minute, on the frozen
 /// partition only, while it lasts, and not for a failover that delays records by 18 s.

@@ -520,6 +520,10 @@ impl Verifier {
             metrics::counter!(metric::VERIFY_SYMBOLS_REMOVED).increment(1);
             tracing::info!(%symbol, "delisted; no longer verified");
             self.minutes.remove(symbol);
+            // The exporter cannot remove a series, and the last ratio would keep the verified-
+            // ratio alert firing for a pair nobody trades any more. NaN is Prometheus's "no
+            // value": an average over it is NaN, which compares false, and panels show a gap.
+            metrics::gauge!(metric::CANDLES_VERIFIED, "symbol" => symbol.clone()).set(f64::NAN);
         }
         self.series.retain(|s| symbols.contains(&s.symbol));
         metrics::gauge!(metric::VERIFY_SYMBOLS).set(symbols.len() as f64);

@@ -664,6 +664,12 @@ async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
         metric(port, "candlestream_verify_symbols_removed_total", &[]).await,
         1.0
     );
+    let gone_label = format!("symbol=\"{gone}\"");
+    let ratio = metric(port, "candlestream_candles_verified_ratio", &[&gone_label]).await;
+    assert!(
+        ratio.is_nan(),
+        "the delisted pair's verified ratio is no value any more: {ratio}"
+    );
 
     // Never more than the budget: 6 s of it is 60 candles requests; nothing needed trades.
     let window = Duration::from_secs(6);

@@ -63,6 +63,7 @@ struct Shared {
     decoder: Decoder,
     sink: InfluxSink,
     dlq: writer::DeadLetterTopic,
+    /// Records from decoding until InfluxDB took them; beats on every acknowledged write.
     writes: Arc<Liveness>,
     /// Set while InfluxDB refuses writes for a reason only an operator can fix.
     setup: Arc<Fault>,
@@ -81,7 +82,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), ConsumerError> {
     let health = Health::default();
-    let writes = health.progress("influx_writes", settings.health.max_ack_silence);
+    let writes = health.progress("records_stored", settings.health.max_ack_silence);
     let setup = health.fault("influx_writes");
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();

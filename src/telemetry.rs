@@ -172,10 +172,16 @@ impl Liveness {
             .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Work starts or stops waiting. When work starts waiting after none did, silence is
+    /// counted from now: a stream quiet for longer than `max_silence` is not unhealthy the
+    /// moment its next record waits, only when that record waits `max_silence` unanswered.
     pub fn add_pending(&self, n: i64) {
-        if let Some(p) = &self.pending {
-            p.fetch_add(n, Ordering::Relaxed);
+        let Some(p) = &self.pending else { return };
+        // Beat first: a status read in between must not see waiting work with the old silence.
+        if n > 0 && p.load(Ordering::Relaxed) <= 0 {
+            self.beat();
         }
+        p.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn pending(&self) -> i64 {
@@ -391,10 +397,27 @@ mod tests {
             "nothing pending, nothing to wait for"
         );
         acks.add_pending(1);
+        std::thread::sleep(Duration::from_millis(5));
         let err = health.status().unwrap_err();
         assert!(err[0].starts_with("kafka_ack"), "{err:?}");
         acks.add_pending(-1);
         assert!(health.status().is_ok());
+    }
+
+    #[test]
+    fn silence_counts_from_when_work_started_waiting() {
+        let health = Health::default();
+        let acks = health.progress("kafka_ack", Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(80));
+        acks.add_pending(1);
+        assert!(
+            health.status().is_ok(),
+            "a record that just started waiting after a quiet spell is not overdue"
+        );
+        acks.add_pending(1);
+        std::thread::sleep(Duration::from_millis(80));
+        let err = health.status().unwrap_err();
+        assert!(err[0].contains("while 2 wait"), "{err:?}");
     }
 
     #[test]

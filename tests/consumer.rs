@@ -91,7 +91,7 @@ impl Setup {
         })
         .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(self.dead_letters(), 0, "a setup fault dead-letters nothing");
+        assert_eq!(self.dead_letters(), 0, "held records are not dead-lettered");
         let (status, body) = self.health().await;
         assert_eq!(status, 503, "still unhealthy while held: {body}");
     }
@@ -276,17 +276,19 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn influx_outage_holds_the_batch_and_loses_nothing() {
     let mut t = Setup::new().await;
+    t.settings.health.max_ack_silence = Duration::from_secs(1);
     let ticks = make_ticks(&SYMBOLS, 100, START_MS, 1000);
     let running = start_consumer(t.settings.clone(), 1);
     t.produce(&ticks[..150]).await;
     t.wait_for_points(150).await;
+    assert_eq!(t.health().await.0, 200, "nothing waits");
     t.influx.stop();
     t.produce(&ticks[150..]).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The held batch is work waiting for InfluxDB: red once it waited max_ack_silence.
+    t.assert_held("records_stored").await;
     tokio::task::block_in_place(|| t.influx.start_again());
-    t.wait_for_points(ticks.len()).await;
+    t.assert_recovered(&ticks).await;
     running.stop().await;
-    t.assert_points_are(&ticks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,19 +503,18 @@ async fn a_field_type_conflict_dead_letters_exactly_the_rejected_points() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_answering_500_is_retried_not_dead_lettered() {
-    let t = Setup::new().await;
+    let mut t = Setup::new().await;
+    t.settings.health.max_ack_silence = Duration::from_secs(1);
     let ticks = make_ticks(&SYMBOLS, 30, START_MS, 1000);
     t.produce(&ticks).await;
     t.registry.fail_with(500);
     let running = start_consumer(t.settings.clone(), 1);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A record waiting to be decoded waits to be stored too: red once it waited max_ack_silence.
+    t.assert_held("records_stored").await;
     assert_eq!(t.influx.count(&t.db, "ticker").await, 0);
-    assert_eq!(t.dead_letters(), 0, "a 500 says nothing about the record");
     t.registry.fail_with(0);
-    t.wait_for_points(ticks.len()).await;
+    t.assert_recovered(&ticks).await;
     running.stop().await;
-    assert_eq!(t.dead_letters(), 0);
-    t.assert_points_are(&ticks).await;
 }
 
 /// Reads one sample of the Prometheus text, e.g. `name_bucket{kind="ticker",le="0.25"}`.

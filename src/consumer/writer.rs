@@ -307,9 +307,13 @@ impl Writer {
         &self.shared.shutdown.expired
     }
 
+    /// Decodes the record into the batch, or dead-letters it when it can never be decoded. It
+    /// counts as waiting from here until InfluxDB took it, so a Schema Registry outage that holds
+    /// decoding turns /healthz red just as an InfluxDB outage that holds the write does.
     async fn add(&mut self, record: OwnedMessage) {
         let (partition, offset) = (partition_of(&record), record.offset());
         let id = self.id;
+        self.shared.writes.add_pending(1);
         let decoded = retry(
             self.policy(),
             self.expired(),
@@ -332,11 +336,14 @@ impl Writer {
             Ok(decoded) => {
                 let measurement = self.shared.settings.influx.measurement_of(decoded.kind());
                 self.batch.push(measurement, &decoded, record);
-                self.shared.writes.add_pending(1);
                 self.batch.mark_done(partition, offset);
             }
-            Err(GaveUp::Stopped) => self.batch.block(partition),
+            Err(GaveUp::Stopped) => {
+                self.shared.writes.add_pending(-1);
+                self.batch.block(partition);
+            }
             Err(GaveUp::Failed(e)) => {
+                self.shared.writes.add_pending(-1);
                 let taken = dead_letter(
                     &self.shared.dlq,
                     self.policy(),
@@ -362,10 +369,12 @@ impl Writer {
             return;
         }
         let mut batch = std::mem::take(&mut self.batch);
+        let written = self.write(&batch).await;
+        // Only now: while the write is held, its records wait and /healthz must say so.
         self.shared
             .writes
             .add_pending(-(batch.records.len() as i64));
-        let Some(rejected) = self.write(&batch).await else {
+        let Some(rejected) = written else {
             tracing::error!(
                 worker = self.id,
                 points = batch.records.len(),

@@ -124,8 +124,24 @@ struct Open {
     last: Option<Status>,
     /// Trade fetches (1-minute candles wrong here) or re-checks (the others) so far.
     attempts: u32,
-    /// After a repair: the trades InfluxDB must hold in the candle before it is checked again.
-    awaiting: Option<u64>,
+    /// After a repair: the trades InfluxDB must hold in the candle before it is checked again,
+    /// and when they were sent (Unix ms).
+    awaiting: Option<(u64, i64)>,
+}
+
+/// How long a healed candle waits for its trades to be stored before it is judged on what is
+/// stored. Healed trades take seconds through Kafka and the consumer; one that never arrives (a
+/// record the producer gave up or the consumer dead-lettered) must not keep the candle unjudged,
+/// and the series' checks reading from that minute, for ever. Judged, it is healed again or
+/// given up after `verify.max_repairs`. An outage longer than this is on /healthz meanwhile.
+const HEALED_TRADES_WAIT_MS: i64 = 15 * 60_000;
+
+impl Open {
+    /// Whether the candle still waits for healed trades, with `stored` of them in InfluxDB.
+    fn waits_for_trades(&self, stored: u64, now: i64) -> bool {
+        self.awaiting
+            .is_some_and(|(n, sent)| stored < n && now - sent < HEALED_TRADES_WAIT_MS)
+    }
 }
 
 /// One symbol in one timeframe.
@@ -619,10 +635,17 @@ impl Verifier {
             let o = ours.get(&start).copied();
             let t = theirs.get(&start).copied();
             let open = series.open.get(&start);
-            if let Some(n) = open.and_then(|e| e.awaiting)
-                && o.map_or(0, |s| s.trades) < n
-            {
+            let stored = o.map_or(0, |s| s.trades);
+            if open.is_some_and(|e| e.waits_for_trades(stored, now)) {
                 continue; // the healed trades are not all stored yet
+            }
+            if let Some(&Open {
+                awaiting: Some((n, _)),
+                ..
+            }) = open
+                && stored < n
+            {
+                tracing::warn!(%symbol, start, stored, healed = n, wait = ?Duration::from_millis(HEALED_TRADES_WAIT_MS as u64), "healed trades not all stored in time; judging what is stored");
             }
             let Some(verdict) = audit::judge(start, o.map(|s| &s.candle), t) else {
                 vanished.push(start);
@@ -828,7 +851,7 @@ impl Verifier {
         for (&m, e) in series.open.range_mut(first..=last) {
             if minutes.contains(&m) {
                 e.attempts += 1;
-                e.awaiting = Some(per_minute.get(&m).copied().unwrap_or(0));
+                e.awaiting = Some((per_minute.get(&m).copied().unwrap_or(0), received_at));
             }
         }
         Ok(())
@@ -941,6 +964,22 @@ async fn fetch_trades(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heal_waits_for_its_trades_but_not_for_ever() {
+        let sent = 1_700_000_000_000;
+        let healed = Open {
+            awaiting: Some((5, sent)),
+            ..Open::default()
+        };
+        assert!(healed.waits_for_trades(4, sent + 60_000), "one trade short");
+        assert!(!healed.waits_for_trades(5, sent + 60_000), "all stored");
+        assert!(
+            !healed.waits_for_trades(4, sent + HEALED_TRADES_WAIT_MS),
+            "a trade that never arrives does not keep the candle unjudged"
+        );
+        assert!(!Open::default().waits_for_trades(0, sent), "nothing healed");
+    }
 
     #[test]
     fn the_series_most_behind_goes_first_and_a_failure_shows_as_overdue() {

@@ -438,3 +438,47 @@ async fn a_swap_while_subscribing_stays_within_the_channels_of_a_connection() {
     assert_eq!((ex.refused_channels(), ex.refused_upgrades()), (0, 0));
     source.stop().await;
 }
+
+/// A connection Bitfinex holds to fewer channels than configured: the channel it refuses (10305)
+/// is not asked for again at once (it would be refused again), its symbol's trades come over
+/// REST meanwhile, and it is subscribed as soon as a channel leaves the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_refused_for_the_limit_waits_for_room_and_loses_nothing() {
+    let ex = FakeBitfinex::start().await;
+    ex.set_ws_limits(3, UPGRADES, WINDOW);
+    ex.set_listing(&["tAAAUSD", "tBBBUSD"]);
+    let mut cfg = source_config(&ex, &["t*USD"]);
+    cfg.channels_per_connection = 4;
+    cfg.symbols_refresh = Duration::from_millis(100);
+    let source = Source::start(cfg);
+    // Tickers first, then trades: tBBBUSD's trades are the 4th channel.
+    eventually("the 4th channel refused", WAIT, || {
+        ex.refused_channels() == 1
+    })
+    .await;
+    assert_eq!(fully_subscribed(&ex), ["tAAAUSD"]);
+    let executed = ex.execute("tBBBUSD", 5).await.len();
+    eventually("tBBBUSD's trades arrive over REST", WAIT, || {
+        source.trades_of("tBBBUSD") == executed
+    })
+    .await;
+    assert_eq!(
+        ex.refused_channels(),
+        1,
+        "not asked for again while no channel left the connection"
+    );
+    ex.delist("tAAAUSD");
+    eventually(
+        "the refused channel subscribed once there is room",
+        WAIT,
+        || fully_subscribed(&ex) == ["tBBBUSD"],
+    )
+    .await;
+    let more = ex.execute("tBBBUSD", 5).await.len();
+    eventually("every trade once", WAIT, || {
+        source.trades_of("tBBBUSD") == executed + more
+    })
+    .await;
+    assert_eq!((ex.refused_channels(), ex.ws_connections()), (1, 1));
+    source.stop().await;
+}

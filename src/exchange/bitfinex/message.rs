@@ -91,6 +91,8 @@ pub enum Event {
     Error {
         code: Option<u32>,
         msg: Option<String>,
+        /// The refused subscribe's channel (`ticker`, `trades`); absent on older servers.
+        channel: Option<String>,
         symbol: Option<String>,
         pair: Option<String>,
     },
@@ -663,6 +665,7 @@ mod tests {
             (
                 r#"{"event":"error","msg":"symbol: invalid","code":10300,"channel":"trades","symbol":"tNOPEUSD"}"#,
                 ERROR_SUBSCRIPTION_FAILED,
+                Some("trades"),
                 Some("tNOPEUSD"),
                 None,
             ),
@@ -670,23 +673,30 @@ mod tests {
                 r#"{"event":"error","msg":"symbol: invalid","code":10300,"pair":"NOPEUSD"}"#,
                 ERROR_SUBSCRIPTION_FAILED,
                 None,
+                None,
                 Some("NOPEUSD"),
             ),
             (
                 r#"{"event":"error","msg":"subscribe: limit","code":10305,"channel":"ticker","symbol":"tBTCUSD"}"#,
                 ERROR_CHANNEL_LIMIT,
+                Some("ticker"),
                 Some("tBTCUSD"),
                 None,
             ),
         ];
-        for (text, want_code, want_symbol, want_pair) in cases {
+        for (text, want_code, want_channel, want_symbol, want_pair) in cases {
             let Ok(Frame::Event(Event::Error {
-                code, symbol, pair, ..
+                code,
+                channel,
+                symbol,
+                pair,
+                ..
             })) = parse_frame(text)
             else {
                 panic!("{text}: an error event");
             };
             assert_eq!(code, Some(want_code), "{text}");
+            assert_eq!(channel.as_deref(), want_channel, "{text}");
             assert_eq!(symbol.as_deref(), want_symbol, "{text}");
             assert_eq!(pair.as_deref(), want_pair, "{text}");
         }

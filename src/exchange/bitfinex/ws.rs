@@ -14,9 +14,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 
 use super::message::{
-    ChannelMessage, ERROR_SUBSCRIPTION_FAILED, Event, FLAG_SEQ_ALL, FLAG_TIMESTAMP, Frame,
-    INFO_MAINTENANCE_END, INFO_MAINTENANCE_START, INFO_RECONNECT, Payload, TickerValues,
-    parse_frame,
+    ChannelMessage, ERROR_CHANNEL_LIMIT, ERROR_SUBSCRIPTION_FAILED, Event, FLAG_SEQ_ALL,
+    FLAG_TIMESTAMP, Frame, INFO_MAINTENANCE_END, INFO_MAINTENANCE_START, INFO_RECONNECT, Payload,
+    TickerValues, parse_frame,
 };
 use super::{Channel, Ctx, ExchangeError, Sub, now_ms, trades};
 use crate::model::{Record, Source};
@@ -164,6 +164,9 @@ struct Session<'a> {
     deferred: VecDeque<Sub>,
     /// Channels no longer wanted whose unsubscribe was sent: not asked to leave twice.
     leaving: HashSet<u64>,
+    /// Channels Bitfinex subscribed that this session did not ask for (or no longer knew it
+    /// asked for), unsubscribed at once: they count on Bitfinex's side until it confirms.
+    strays: HashSet<u64>,
     /// Shutting down: whatever gets subscribed now is unsubscribed at once.
     draining: bool,
     last_seq: Option<u64>,
@@ -184,6 +187,7 @@ impl<'a> Session<'a> {
             pending: HashSet::new(),
             deferred: VecDeque::new(),
             leaving: HashSet::new(),
+            strays: HashSet::new(),
             draining: false,
             last_seq: None,
             subscribed: false,
@@ -333,7 +337,7 @@ impl<'a> Session<'a> {
     /// is unsubscribed only once subscribed), may still count on Bitfinex's side, and the 26th
     /// channel of a connection is refused (10305).
     async fn subscribe(&mut self, ws: &mut Socket, sub: Sub) -> Result<(), ExchangeError> {
-        if self.channels.len() + self.pending.len() >= self.ctx.cfg.channels_per_connection {
+        if !self.has_room() {
             self.deferred.push_back(sub);
             return Ok(());
         }
@@ -346,11 +350,16 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Whether one more channel fits: every channel Bitfinex may count for this connection
+    /// (held, asked for, or stray and being left) is counted.
+    fn has_room(&self) -> bool {
+        self.channels.len() + self.pending.len() + self.strays.len()
+            < self.ctx.cfg.channels_per_connection
+    }
+
     /// Asks for deferred channels still wanted, as far as the connection has room.
     async fn subscribe_deferred(&mut self, ws: &mut Socket) -> Result<(), ExchangeError> {
-        while self.channels.len() + self.pending.len() < self.ctx.cfg.channels_per_connection
-            && !self.draining
-        {
+        while self.has_room() && !self.draining {
             let Some(sub) = self.deferred.pop_front() else {
                 break;
             };
@@ -486,7 +495,11 @@ impl<'a> Session<'a> {
                         .find(|s| s.channel.name() == channel && s.symbol == symbol)
                 });
                 let Some(sub) = asked.cloned() else {
-                    tracing::warn!(shard, %channel, chan_id, "subscribed to a channel we did not ask for");
+                    // Left subscribed, it would take room on Bitfinex's side that this session
+                    // does not count, and the 26th channel would be refused.
+                    tracing::warn!(shard, %channel, chan_id, "subscribed to a channel we did not ask for; unsubscribing it");
+                    send(ws, json!({"event": "unsubscribe", "chanId": chan_id})).await?;
+                    self.strays.insert(chan_id);
                     return Ok(None);
                 };
                 tracing::info!(shard, channel = sub.channel.name(), symbol = %sub.symbol, chan_id, "subscribed");
@@ -504,23 +517,49 @@ impl<'a> Session<'a> {
             Event::Unsubscribed { chan_id, .. } => {
                 self.channels.remove(&chan_id);
                 self.leaving.remove(&chan_id);
+                self.strays.remove(&chan_id);
                 self.subscribe_deferred(ws).await?;
             }
             Event::Error {
                 code,
                 msg,
+                channel,
                 symbol,
                 pair,
             } => {
-                // Errors name the symbol (older servers the pair) but not always the channel:
-                // the symbol's pending subscriptions are answered.
+                // Errors name the symbol (older servers the pair) and mostly the channel: the
+                // subscription refused is answered, and the symbol's other one still waits
+                // for its own answer. Without a channel, both are taken as answered.
                 let symbol = symbol.or_else(|| pair.map(|p| format!("t{p}")));
-                if let Some(s) = &symbol {
-                    self.pending.retain(|p| &p.symbol != s);
+                let refused: Vec<Sub> = self
+                    .pending
+                    .iter()
+                    .filter(|p| {
+                        symbol.as_ref() == Some(&p.symbol)
+                            && channel.as_deref().is_none_or(|c| c == p.channel.name())
+                    })
+                    .cloned()
+                    .collect();
+                for sub in &refused {
+                    self.pending.remove(sub);
                 }
                 let code_label = code.map_or("none".to_string(), |c| c.to_string());
                 metrics::counter!(metric::EXCHANGE_ERRORS, "code" => code_label).increment(1);
-                tracing::warn!(shard, ?code, ?msg, ?symbol, "exchange error event");
+                tracing::warn!(
+                    shard,
+                    ?code,
+                    ?msg,
+                    ?channel,
+                    ?symbol,
+                    "exchange error event"
+                );
+                if code == Some(ERROR_CHANNEL_LIMIT) {
+                    // Bitfinex counts a channel this session does not: asking again now would
+                    // be refused again. The refused channels wait for a channel to leave (or the
+                    // next connection); REST polling covers their symbols meanwhile.
+                    self.deferred.extend(refused);
+                    return Ok(None);
+                }
                 if let (Some(ERROR_SUBSCRIPTION_FAILED), Some(s)) = (code, &symbol) {
                     // Reported once; the shards then drop the symbol, so it is not asked
                     // for again on this or any connection.

@@ -84,6 +84,11 @@ pub async fn run(
     let health = Health::default();
     let writes = health.progress("records_stored", settings.health.max_ack_silence);
     let setup = health.fault("influx_writes");
+    // Every kind exported from the start at 0: a rate over a counter that appears only with its
+    // first failure cannot show that failure.
+    for kind in ["retried", "misconfigured", "rejected"] {
+        metrics::counter!(metric::WRITE_ERRORS, "kind" => kind).increment(0);
+    }
     let http_stop = CancellationToken::new();
     let _http_guard = http_stop.clone().drop_guard();
     serve_http(settings.http.listen, health, http_stop.clone()).await?;

@@ -91,6 +91,10 @@ pub mod metric {
     pub const SYMBOLS_ADDED: &str = "candlestream_exchange_symbols_added_total";
     /// Symbols unsubscribed at runtime: `reason` = delisted, or rejected (error 10300).
     pub const SYMBOLS_REMOVED: &str = "candlestream_exchange_symbols_removed_total";
+    /// Channels subscribed on the websocket now, per `channel` (ticker, trades). Beside
+    /// [`SYMBOLS`]: a symbol whose channel is not subscribed (its connection down, waiting for an
+    /// open, or refused) is polled over REST meanwhile, within the REST budget.
+    pub const CHANNELS_SUBSCRIBED: &str = "candlestream_exchange_channels_subscribed";
     /// Websocket shards (connections of up to `channels_per_connection` channels) now.
     pub const SHARDS: &str = "candlestream_exchange_shards";
     /// Age (since the producer received it) of the oldest record of a partition that Kafka holds
@@ -134,7 +138,12 @@ pub fn prometheus() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         use metrics_exporter_prometheus::Matcher;
         let mut builder = PrometheusBuilder::new();
-        for name in [metric::PIPELINE_LATENCY, metric::EXCHANGE_TO_STORE] {
+        // Write latency too: a summary per process cannot be summed over consumers.
+        for name in [
+            metric::PIPELINE_LATENCY,
+            metric::EXCHANGE_TO_STORE,
+            metric::WRITE_SECONDS,
+        ] {
             builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), LATENCY_BUCKETS).expect("buckets");
         }
         let recorder = builder.build_recorder();
@@ -145,6 +154,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
             metric::PIPELINE_LATENCY,
             metrics::Unit::Seconds,
             "From the producer receiving a record to InfluxDB acknowledging its point, per record kind"
+        );
+        metrics::describe_histogram!(
+            metric::WRITE_SECONDS,
+            metrics::Unit::Seconds,
+            "One InfluxDB write that succeeded, from the request to its acknowledgement"
         );
         metrics::describe_histogram!(
             metric::EXCHANGE_TO_STORE,

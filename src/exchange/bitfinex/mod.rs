@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{BitfinexConfig, ExchangeMode};
 use crate::model::{Record, now_ms};
-use crate::telemetry::Liveness;
+use crate::telemetry::{Liveness, metric};
 
 pub use rest::RestClient;
 
@@ -119,17 +119,32 @@ pub struct Coverage(watch::Sender<BTreeSet<Sub>>);
 
 impl Coverage {
     fn new() -> Self {
-        Self(watch::Sender::new(BTreeSet::new()))
+        let coverage = Self(watch::Sender::new(BTreeSet::new()));
+        coverage.publish();
+        coverage
     }
     fn cover(&self, sub: &Sub) {
-        self.0.send_if_modified(|s| s.insert(sub.clone()));
+        if self.0.send_if_modified(|s| s.insert(sub.clone())) {
+            self.publish();
+        }
     }
     fn uncover<'a>(&self, subs: impl IntoIterator<Item = &'a Sub>) {
         let subs: Vec<&Sub> = subs.into_iter().collect();
-        self.0.send_if_modified(|s| {
+        let changed = self.0.send_if_modified(|s| {
             subs.iter()
                 .fold(false, |changed, sub| s.remove(*sub) | changed)
         });
+        if changed {
+            self.publish();
+        }
+    }
+    /// Sets `candlestream_exchange_channels_subscribed` per channel.
+    fn publish(&self) {
+        let covered = self.0.borrow();
+        for channel in [Channel::Ticker, Channel::Trades] {
+            let n = covered.iter().filter(|s| s.channel == channel).count();
+            metrics::gauge!(metric::CHANNELS_SUBSCRIBED, "channel" => channel.name()).set(n as f64);
+        }
     }
     fn subscribe(&self) -> watch::Receiver<BTreeSet<Sub>> {
         self.0.subscribe()

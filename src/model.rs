@@ -2,8 +2,6 @@
 //! InfluxDB, and the OHLCV candles that trades make. It depends on no stage: each exchange
 //! converts its own frames into these types.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// The wall clock in milliseconds since the epoch, the unit of every record's times.
@@ -112,11 +110,6 @@ impl Trade {
             Side::Buy
         }
     }
-
-    /// Execution order: time, then id for trades that share a millisecond.
-    pub fn order_key(&self) -> (i64, i64) {
-        (self.exchange_time, self.id)
-    }
 }
 
 /// The record types of the pipeline. Each has its own topic, schema and measurement and shares
@@ -188,34 +181,6 @@ pub struct Candle {
     pub volume: f64,
 }
 
-/// Folds the trades of one symbol into candles of `width_ms`, aligned to the epoch like
-/// InfluxQL's `GROUP BY time(…)` and Bitfinex's candles. Windows without trades have no candle.
-pub fn candles<'a>(trades: impl IntoIterator<Item = &'a Trade>, width_ms: i64) -> Vec<Candle> {
-    let mut ordered: Vec<&Trade> = trades.into_iter().collect();
-    ordered.sort_by_key(|t| t.order_key());
-    let mut out: BTreeMap<i64, Candle> = BTreeMap::new();
-    for t in ordered {
-        let start_ms = t.exchange_time.div_euclid(width_ms) * width_ms;
-        let (p, v) = (t.price, t.amount.abs());
-        out.entry(start_ms)
-            .and_modify(|c| {
-                c.high = c.high.max(p);
-                c.low = c.low.min(p);
-                c.close = p;
-                c.volume += v;
-            })
-            .or_insert(Candle {
-                start_ms,
-                open: p,
-                high: p,
-                low: p,
-                close: p,
-                volume: v,
-            });
-    }
-    out.into_values().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,40 +216,6 @@ mod tests {
             sequence: None,
             received_at: t,
         }
-    }
-
-    #[test]
-    fn candles_follow_execution_order_not_arrival_order() {
-        // Three trades share one millisecond; their ids, not their arrival, say which is last.
-        let trades = [
-            trade(7, 121_000, 1.0, 5.0),
-            trade(3, 59_999, -0.5, 3.0),
-            trade(2, 59_999, 0.25, 9.0),
-            trade(1, 1_000, 2.0, 2.0),
-            trade(4, 59_999, -1.0, 1.0),
-        ];
-        let c = candles(&trades, 60_000);
-        assert_eq!(
-            c,
-            vec![
-                Candle {
-                    start_ms: 0,
-                    open: 2.0,
-                    high: 9.0,
-                    low: 1.0,
-                    close: 1.0,
-                    volume: 3.75
-                },
-                Candle {
-                    start_ms: 120_000,
-                    open: 5.0,
-                    high: 5.0,
-                    low: 5.0,
-                    close: 5.0,
-                    volume: 1.0
-                },
-            ]
-        );
     }
 
     #[test]

@@ -42,13 +42,13 @@ use crate::audit::{self, AuditError, Stored, Verdict};
 use crate::codec::{CodecError, Encoder};
 use crate::config::{BitfinexConfig, Settings, Timeframe};
 use crate::exchange::bitfinex::message::TradeValues;
-use crate::exchange::bitfinex::pairs::{Selection, resolve_once};
-use crate::exchange::bitfinex::rest::PAGE;
+use crate::exchange::bitfinex::pairs::{Selection, read_listing, resolve_once};
+use crate::exchange::bitfinex::rest::{PAGE, next_trades_page};
 use crate::exchange::bitfinex::{ExchangeError, RestClient};
 use crate::kafka::producer_config;
 use crate::model::{Candle, Record, RecordKind, Source, Trade, now_ms};
 use crate::producer::delivery::{DeliveryTracker, KafkaStageError, Outgoing};
-use crate::retry::{GaveUp, Shutdown, Verdict as RetryVerdict, retry};
+use crate::retry::Shutdown;
 use crate::sink::influx::{InfluxConnection, InfluxSink, SinkError, escape};
 use crate::telemetry::{Health, Liveness, metric, serve_http};
 
@@ -482,32 +482,15 @@ async fn follow_listing(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(cfg.symbols_refresh) => {}
         }
-        let read = retry(
-            cfg.rest_backoff(),
-            &cancel,
-            || rest.pairs(),
-            |e: &ExchangeError, wait| {
-                if !e.is_retryable() {
-                    tracing::warn!(error = %e, "reading Bitfinex's list of trading pairs failed; trying again at the next refresh");
-                    return RetryVerdict::Fail;
-                }
-                tracing::warn!(error = %e, ?wait, "reading Bitfinex's list of trading pairs failed; retrying");
-                RetryVerdict::Retry
-            },
-        )
-        .await;
-        match read {
-            Ok(listing) => {
-                symbols.send_if_modified(|current| {
-                    let next = selection.resolve(&listing);
-                    let changed = *current != next;
-                    *current = next;
-                    changed
-                });
-            }
-            Err(GaveUp::Failed(_)) => {}
-            Err(GaveUp::Stopped) => return,
-        }
+        let Some(listing) = read_listing(&rest, &cfg, &cancel).await else {
+            return;
+        };
+        symbols.send_if_modified(|current| {
+            let next = selection.resolve(&listing);
+            let changed = *current != next;
+            *current = next;
+            changed
+        });
     }
 }
 
@@ -952,11 +935,10 @@ async fn fetch_trades(
                 }
             }
         }
-        match last {
-            // The next page starts at the last millisecond seen: trades sharing it may have been
-            // cut off; those already taken are skipped by id.
-            Some(mts) if full => start = if mts > start { mts } else { start + 1 },
-            _ => return Ok(out),
+        // Trades of the next page's first millisecond already taken are skipped by id.
+        match next_trades_page(start, full, last) {
+            Some(next) => start = next,
+            None => return Ok(out),
         }
     }
 }

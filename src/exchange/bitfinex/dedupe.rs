@@ -729,9 +729,9 @@ mod tests {
                 assert!(again.new.is_empty(), "a page fetched twice");
             }
             last_page = (start, complete);
-            match last {
-                Some(ms) if full => start = if ms > start { ms } else { start + 1 },
-                _ => break,
+            match crate::exchange::bitfinex::rest::next_trades_page(start, full, last) {
+                Some(next) => start = next,
+                None => break,
             }
         }
         for (_, tu) in pending_tu {

@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use tokio::sync::watch;
 
+use tokio_util::sync::CancellationToken;
+
 use super::{Ctx, ExchangeError, RestClient, sleep_or_cancel};
+use crate::config::BitfinexConfig;
 use crate::retry::{Verdict, retry};
 use crate::telemetry::metric;
 
@@ -205,7 +208,7 @@ pub(super) async fn follow_listing(
         // reason to unsubscribe anything). None: stopping.
         let listing = match first_listing.take() {
             Some(read) => read,
-            None => match read_listing(&ctx).await {
+            None => match read_listing(&ctx.rest, &ctx.cfg, &ctx.cancel).await {
                 Some(read) => read,
                 None => return,
             },
@@ -223,12 +226,17 @@ pub(super) async fn follow_listing(
     }
 }
 
-/// The listing, retried with the REST backoff until it is read; `None` only when stopping.
-async fn read_listing(ctx: &Ctx) -> Option<Vec<String>> {
+/// The listing, retried with the REST backoff until it is read; `None` only when stopping. The
+/// producer's listing follower and the verifier's read it this way.
+pub(crate) async fn read_listing(
+    rest: &RestClient,
+    cfg: &BitfinexConfig,
+    cancel: &CancellationToken,
+) -> Option<Vec<String>> {
     let read = retry(
-        ctx.cfg.rest_backoff(),
-        &ctx.cancel,
-        || ctx.rest.pairs(),
+        cfg.rest_backoff(),
+        cancel,
+        || rest.pairs(),
         |e: &ExchangeError, wait| {
             if !e.is_retryable() {
                 return Verdict::Fail;

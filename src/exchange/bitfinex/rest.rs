@@ -213,6 +213,17 @@ pub struct RestClient {
 /// Bitfinex's maximum rows per history call (`/v2/trades/…/hist`, `/v2/candles/…/hist`).
 pub const PAGE: usize = 10_000;
 
+/// Where the next page of trade history starts, after a page asked from `start` whose newest
+/// trade is at `newest` and which held [`PAGE`] rows (`full`); `None` when the range is done. It
+/// starts at that same millisecond, because trades sharing it may have been cut off (the caller
+/// skips those it has); one later when the whole page shared `start`, so that paging moves on.
+pub fn next_trades_page(start: i64, full: bool, newest: Option<i64>) -> Option<i64> {
+    match newest {
+        Some(mts) if full => Some(if mts > start { mts } else { start + 1 }),
+        _ => None,
+    }
+}
+
 impl RestClient {
     pub fn new(cfg: &BitfinexConfig, cancel: CancellationToken) -> Result<Self, ExchangeError> {
         Ok(Self {

@@ -23,7 +23,7 @@ use metrics::Counter;
 
 use super::dedupe::{Admitted, Fetch, complete_until};
 use super::message::{TradeEntry, TradeValues};
-use super::rest::{Class, PAGE};
+use super::rest::{Class, PAGE, next_trades_page};
 use super::{Ctx, ExchangeError, now_ms};
 use crate::model::{Record, Source, Trade};
 use crate::retry::{Verdict, retry_letting_attempts_finish};
@@ -467,11 +467,9 @@ pub(super) async fn catch_up(
             recovered += 1;
             metrics::counter!(metric::TRADES_REPAIRED, "symbol" => symbol.to_string()).increment(1);
         }
-        match last {
-            // The next page starts at the last millisecond seen: trades sharing it may have been
-            // cut off.
-            Some(mts) if full => start = if mts > start { mts } else { start + 1 },
-            _ => return Ok(recovered),
+        match next_trades_page(start, full, last) {
+            Some(next) => start = next,
+            None => return Ok(recovered),
         }
     }
 }

@@ -315,8 +315,8 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
     assert_eq!(symbol["datasource"]["uid"], PROMETHEUS_UID);
 
     // The alert rules: file-provisioned, on that datasource, each with a summary and a pending
-    // period Grafana parses; the six the issue asks for, the stall alert of issue 19 and the
-    // verifier's overdue alert.
+    // period Grafana parses; the six the issue asks for, the stall alert of issue 19, the
+    // verifier's overdue alert and the producer's dropped records.
     let doc = yaml(ALERT_RULES);
     assert_eq!(text(&doc["apiVersion"]), "1");
     let mut uids = Vec::new();
@@ -347,6 +347,7 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
             "candlestream-consumer-lag",
             "candlestream-dead-letters",
             "candlestream-latency-p99",
+            "candlestream-producer-dropped",
             "candlestream-stale-feed",
             "candlestream-stall",
             "candlestream-unhealthy",

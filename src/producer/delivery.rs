@@ -498,7 +498,6 @@ mod tests {
     /// settled, /healthz red once acks are silent) and delivered once when it is granted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_refused_for_authorization_is_held_and_delivered_once_when_granted() {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::mocking::MockCluster;
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -547,14 +546,59 @@ mod tests {
         assert_eq!(acks.pending(), 0);
         tracker.close(Duration::from_secs(5)).await.unwrap();
 
+        assert_eq!(
+            watermarks(&cluster, "held"),
+            (0, 1),
+            "the record is in Kafka exactly once"
+        );
+    }
+
+    /// The low and high watermarks of partition 0 of `topic`.
+    fn watermarks(
+        cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        topic: &str,
+    ) -> (i64, i64) {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
         let reader: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("group.id", "held-reader")
+            .set("group.id", "watermarks")
             .create()
             .unwrap();
-        let (low, high) = reader
-            .fetch_watermarks("held", 0, Duration::from_secs(5))
-            .unwrap();
-        assert_eq!((low, high), (0, 1), "the record is in Kafka exactly once");
+        reader
+            .fetch_watermarks(topic, 0, Duration::from_secs(5))
+            .unwrap()
+    }
+
+    /// A record too large for Kafka can never be written: it is dropped at once and not waited
+    /// for, and the records after it go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_too_large_for_kafka_is_dropped_and_the_next_delivered() {
+        use rdkafka::mocking::MockCluster;
+
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("large", 1, 1).unwrap();
+        let health = Health::default();
+        let acks = health.progress("kafka_acks", Duration::from_millis(100));
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("message.max.bytes", "10000");
+        let tracker =
+            DeliveryTracker::new(&config, acks.clone(), CancellationToken::new()).unwrap();
+        let record = |payload: Vec<u8>| Outgoing {
+            topic: "large",
+            key: "tBTCUSD",
+            payload,
+        };
+        assert!(tracker.send(&record(vec![0; 20_000])).await);
+        assert_eq!(acks.pending(), 0, "dropped, not waited for");
+        assert!(tracker.send(&record(b"tick".to_vec())).await);
+        let deliveries = tracker.producer.context().clone();
+        tokio::time::timeout(Duration::from_secs(10), deliveries.all_settled())
+            .await
+            .expect("the next record delivered");
+        assert!(health.status().is_ok());
+        tracker.close(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(watermarks(&cluster, "large"), (0, 1), "only the small one");
     }
 }

@@ -80,27 +80,24 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
     client_config(&cfg.brokers, &defaults, &cfg.consumer)
 }
 
-/// Errors after which sending the same record again can succeed.
-pub fn is_retriable(e: &KafkaError) -> bool {
+/// Errors caused by the record itself, which no retry and no repair outside it can cure: too
+/// large for Kafka (librdkafka's own size check, or the broker's), or refused by the broker's
+/// validation of its contents (KIP-467; the other records of that batch fail with
+/// `InvalidDifferentRecord` and are not meant here).
+///
+/// Why a list of the record's faults and not of the passing ones: every other error is a fault of
+/// configuration or infrastructure (an ACL missing, a topic not created, brokers down, a clock
+/// off) or one librdkafka adds in a later version, and giving up on those lost records while
+/// /healthz stayed green. They are held and sent again, so the records wait unacknowledged and
+/// the `kafka_acks` check turns red until someone fixes the cause.
+///
+/// Not listed, though it names the record: `InvalidMessage` (a CRC mismatch). librdkafka takes it
+/// for corruption on the way and sends the batch again itself, as the Java client does.
+pub fn is_permanent_for_record(e: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
         e.rdkafka_error_code(),
-        Some(
-            MessageTimedOut
-                | QueueFull
-                | NotEnoughReplicas
-                | NotEnoughReplicasAfterAppend
-                | LeaderNotAvailable
-                | NotLeaderForPartition
-                | RequestTimedOut
-                | NetworkException
-                | BrokerTransportFailure
-                | AllBrokersDown
-                | UnknownTopicOrPartition
-                | UnknownPartition
-                | BrokerNotAvailable
-                | OutOfOrderSequenceNumber
-        )
+        Some(MessageSizeTooLarge | InvalidMessageSize | InvalidRecord)
     )
 }
 
@@ -239,4 +236,48 @@ pub fn read_at(
     // Nothing more is fetched until the next read.
     client.unassign()?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_records_own_faults_are_permanent() {
+        use RDKafkaErrorCode::*;
+        for code in [MessageSizeTooLarge, InvalidMessageSize, InvalidRecord] {
+            let e = KafkaError::MessageProduction(code);
+            assert!(
+                is_permanent_for_record(&e),
+                "{code:?} is the record's fault"
+            );
+        }
+        // Faults of configuration or infrastructure, passing ones, a record failed for another
+        // record's fault, and what librdkafka reports for a code it does not know.
+        for code in [
+            TopicAuthorizationFailed,
+            ClusterAuthorizationFailed,
+            SaslAuthenticationFailed,
+            Authentication,
+            UnknownTopic,
+            UnknownPartition,
+            UnknownTopicOrPartition,
+            QueueFull,
+            MessageTimedOut,
+            NotEnoughReplicas,
+            AllBrokersDown,
+            InvalidDifferentRecord,
+            InvalidMessage,
+            InvalidTimestamp,
+            MessageBatchTooLarge,
+            PolicyViolation,
+            UnsupportedForMessageFormat,
+            Fatal,
+            Unknown,
+        ] {
+            let e = KafkaError::MessageProduction(code);
+            assert!(!is_permanent_for_record(&e), "{code:?} is held");
+        }
+        assert!(!is_permanent_for_record(&KafkaError::Canceled));
+    }
 }

@@ -315,8 +315,8 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
     assert_eq!(symbol["datasource"]["uid"], PROMETHEUS_UID);
 
     // The alert rules: file-provisioned, on that datasource, each with a summary and a pending
-    // period Grafana parses; the six the issue asks for, the stall alert of issue 19 and the
-    // verifier's overdue alert.
+    // period Grafana parses; the six the issue asks for, the stall alert of issue 19, the
+    // verifier's overdue alert and the producer's dropped records.
     let doc = yaml(ALERT_RULES);
     assert_eq!(text(&doc["apiVersion"]), "1");
     let mut uids = Vec::new();
@@ -347,6 +347,7 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
             "candlestream-consumer-lag",
             "candlestream-dead-letters",
             "candlestream-latency-p99",
+            "candlestream-producer-dropped",
             "candlestream-stale-feed",
             "candlestream-stall",
             "candlestream-unhealthy",
@@ -791,10 +792,12 @@ async fn every_panel_and_alert_query_returns_data_on_a_real_scrape() {
 
 /// The stale-feed alert's query, threshold and pending time, run by `promtool test rules`: a
 /// symbol trading 10 a minute that stops fires once silent for over 5 minutes and 1 minute
-/// pending; a quiet one (a trade every 20 minutes, as most pairs trade when every pair is
-/// streamed) never fires, silent for 19 minutes at a time.
+/// pending, whether its trades came by websocket or by REST polls (`mode = "rest"`); a quiet one
+/// (a trade every 20 minutes, as most pairs trade when every pair is streamed) never fires,
+/// silent for 19 minutes at a time, nor does a quiet one whose backfill sent 300 trades of
+/// history at a cold start (the rule without `source!="backfill"` fired for it).
 #[test]
-fn stale_feed_fires_for_an_active_symbol_not_for_a_quiet_one() {
+fn stale_feed_fires_for_an_active_symbol_not_for_a_quiet_or_backfilled_one() {
     let stale = rule("candlestream-stale-feed");
     let pending = list(&yaml(ALERT_RULES)["groups"])
         .iter()
@@ -808,14 +811,23 @@ fn stale_feed_fires_for_an_active_symbol_not_for_a_quiet_one() {
         stale.query.expr, stale.threshold
     );
     std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
-    // One sample a minute. tBTCUSD trades 10 a minute for an hour, then stops at minute 60: the
-    // time of its last stored trade stays at 3600 s. tQUIETUSD trades once every 20 minutes.
-    let series = |name: &str, symbol: &str, values: &str| {
-        format!("      - series: '{name}{{symbol=\"{symbol}\"}}'\n        values: '{values}'\n")
+    // One sample a minute. tBTCUSD trades 10 a minute on the websocket for an hour, tRESTUSD as
+    // many by REST polls; both stop at minute 60: the time of their last stored trade stays at
+    // 3600 s. tQUIETUSD trades once every 20 minutes. tOLDUSD's backfill sent 300 trades at
+    // minute 1, the newest from before the producer started; it never trades since.
+    let received = |symbol: &str, source: &str, values: &str| {
+        format!(
+            "      - series: 'candlestream_trades_received_total{{symbol=\"{symbol}\",source=\"{source}\"}}'\n        values: '{values}'\n"
+        )
+    };
+    let stored = |symbol: &str, values: &str| {
+        format!(
+            "      - series: 'candlestream_trade_last_stored_timestamp_seconds{{symbol=\"{symbol}\"}}'\n        values: '{values}'\n"
+        )
     };
     let alert_at = |minute: u32, firing: bool| {
         let expected = if firing {
-            "\n          - exp_labels: {symbol: tBTCUSD}"
+            "\n          - exp_labels: {symbol: tBTCUSD}\n          - exp_labels: {symbol: tRESTUSD}"
         } else {
             " []"
         };
@@ -824,32 +836,84 @@ fn stale_feed_fires_for_an_active_symbol_not_for_a_quiet_one() {
         )
     };
     let test = format!(
-        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}    alert_rule_test:\n{}{}{}{}",
-        series(
-            "candlestream_trades_received_total",
-            "tBTCUSD",
-            "0+10x60 600x20"
-        ),
-        series(
-            "candlestream_trade_last_stored_timestamp_seconds",
-            "tBTCUSD",
-            "0+60x60 3600x20"
-        ),
-        series(
-            "candlestream_trades_received_total",
-            "tQUIETUSD",
-            "0x19 1x19 2x19 3x19 4x4"
-        ),
-        series(
-            "candlestream_trade_last_stored_timestamp_seconds",
-            "tQUIETUSD",
-            "0x19 1200x19 2400x19 3600x19 4800x4"
-        ),
-        // Trading; silent 3 minutes; silent 6 (pending); silent 7 and more: firing.
+        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}{}{}{}{}{}    alert_rule_test:\n{}{}{}{}{}",
+        received("tBTCUSD", "websocket", "0+10x60 600x20"),
+        stored("tBTCUSD", "0+60x60 3600x20"),
+        received("tRESTUSD", "rest", "0+10x60 600x20"),
+        stored("tRESTUSD", "0+60x60 3600x20"),
+        received("tQUIETUSD", "websocket", "0x19 1x19 2x19 3x19 4x4"),
+        stored("tQUIETUSD", "0x19 1200x19 2400x19 3600x19 4800x4"),
+        received("tOLDUSD", "backfill", "0 300x79"),
+        received("tOLDUSD", "websocket", "0x80"),
+        stored("tOLDUSD", "-7200x80"),
+        // The backfilled pair's history is 2 hours old; trading; silent 3 minutes; silent 6
+        // (pending); silent 7 and more: firing.
+        alert_at(12, false),
         alert_at(59, false),
         alert_at(63, false),
         alert_at(66, false),
         alert_at(68, true),
+    );
+    std::fs::write(dir.path().join("test.yml"), test).unwrap();
+    support::promtool(&["test", "rules", "test.yml"], dir.path());
+}
+
+/// The dropped-records alert's query and threshold, run by `promtool test rules`: it fires for
+/// the 5 minutes after a record Kafka can never take (a counter the producer registers at 0) and
+/// after one the registry refused (a counter that appears at its first error), on the producer
+/// that dropped it; never for delivery failures that were sent again.
+#[test]
+fn dropped_records_alert_fires_on_a_permanent_failure_not_on_retries() {
+    let dropped = rule("candlestream-producer-dropped");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "groups:\n  - name: dropped\n    rules:\n      - alert: Dropped\n        expr: '({}) > {}'\n",
+        dropped.query.expr, dropped.threshold
+    );
+    std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
+    // One sample a minute, per producer: p1 drops a record too large at minute 11; p2 cannot
+    // encode one at minute 20; p3's deliveries keep failing and are sent again.
+    let series = |selector: String, values: &str| {
+        format!("      - series: '{selector}'\n        values: '{values}'\n")
+    };
+    let delivery = |kind: &str, instance: &str, values: &str| {
+        series(
+            format!(
+                "candlestream_kafka_delivery_errors_total{{kind=\"{kind}\",instance=\"{instance}\"}}"
+            ),
+            values,
+        )
+    };
+    let encode = |instance: &str, values: &str| {
+        series(
+            format!("candlestream_encode_errors_total{{instance=\"{instance}\"}}"),
+            values,
+        )
+    };
+    let alert_at = |minute: u32, instance: Option<&str>| {
+        let expected = match instance {
+            Some(i) => format!("\n          - exp_labels: {{instance: {i}}}"),
+            None => " []".to_string(),
+        };
+        format!(
+            "      - eval_time: {minute}m\n        alertname: Dropped\n        exp_alerts:{expected}\n"
+        )
+    };
+    let test = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}{}{}    alert_rule_test:\n{}{}{}{}{}{}{}",
+        delivery("permanent", "p1", "0x10 1x20"),
+        delivery("retried", "p1", "0x30"),
+        delivery("permanent", "p2", "0x30"),
+        encode("p2", "_x20 1x10"),
+        delivery("permanent", "p3", "0x30"),
+        delivery("retried", "p3", "0+5x30"),
+        alert_at(10, None),
+        alert_at(11, Some("p1")),
+        alert_at(15, Some("p1")),
+        alert_at(17, None),
+        alert_at(20, Some("p2")),
+        alert_at(24, Some("p2")),
+        alert_at(26, None),
     );
     std::fs::write(dir.path().join("test.yml"), test).unwrap();
     support::promtool(&["test", "rules", "test.yml"], dir.path());

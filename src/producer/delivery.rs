@@ -1,5 +1,6 @@
-//! Delivery tracking: every record handed to Kafka is either acknowledged, sent again after a
-//! passing failure, or reported as given up.
+//! Delivery tracking: every record handed to Kafka is either acknowledged, held and sent again
+//! after a failure that is not its own, or reported as given up when Kafka can never take it
+//! (see [`is_permanent_for_record`]).
 //!
 //! librdkafka reports each delivery to [`Deliveries`] on the client's polling thread, with the
 //! record's sequence number as its opaque. Why a callback and not a future per record: the
@@ -7,7 +8,7 @@
 //! their own, cost more CPU than the rest of the producer's path after the websocket (see the
 //! README's benchmark notes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::is_retriable;
+use crate::kafka::is_permanent_for_record;
 use crate::retry::{Backoff, GaveUp, Verdict, retry};
 use crate::telemetry::{Liveness, metric};
 
@@ -47,8 +48,15 @@ const OLDEST_REFRESH: Duration = Duration::from_secs(1);
 /// How often a full librdkafka queue is offered the record again: about one delivery's time.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(50);
 
-/// Produces records and tracks every delivery: acks are counted, retriable failures are sent
-/// again, permanent failures are logged with their key. Memory stays bounded: librdkafka's queue
+/// How long a record whose delivery failed waits before it is sent again. librdkafka hands some
+/// failures over at once without retrying them itself (a topic the producer may not write to):
+/// without a pause, a held record would go round the broker as fast as it answers, a request
+/// and a log line each time, for as long as the fault lasts.
+const RESEND_PAUSE: Duration = Duration::from_secs(1);
+
+/// Produces records and tracks every delivery: acks are counted, records that failed for a fault
+/// outside them are held and sent again, records Kafka can never take are logged with their key
+/// and dropped. Memory stays bounded: librdkafka's queue
 /// is bounded and [`DeliveryTracker::send`] waits while it is full, and while failed records wait
 /// to be sent again (they left that queue, so new records must not take their room).
 pub struct DeliveryTracker {
@@ -94,8 +102,9 @@ impl DeliveryTracker {
         })
     }
 
-    /// Enqueues one record, waiting while librdkafka's queue is full or failed records wait to
-    /// be sent again. Gives up only when shutdown's deadline passes, returning false.
+    /// Enqueues one record, waiting while librdkafka's queue is full, while it refuses the record
+    /// for a fault outside it, or while failed records wait to be sent again. Returns false only
+    /// when shutdown's deadline passes; a record Kafka can never take is dropped and reported.
     pub async fn send(&self, msg: &Outgoing<'_>) -> bool {
         let deliveries = self.producer.context();
         if !deliveries.resends_done(&self.expired).await {
@@ -120,7 +129,7 @@ impl DeliveryTracker {
             Err(e) => {
                 deliveries.settle(seq);
                 deliveries.metrics.permanent.increment(1);
-                tracing::error!(error = %e, topic = msg.topic, key = msg.key, "Kafka refused a record; it is not retried");
+                tracing::error!(error = %e, topic = msg.topic, key = msg.key, "Kafka can never take this record; it is dropped");
                 true
             }
         }
@@ -151,8 +160,9 @@ impl DeliveryTracker {
     }
 }
 
-/// Enqueues one record, waiting while librdkafka refuses it for a passing reason (queue full).
-/// `Ok(false)` when `expired` came first; `Err` when Kafka will never take it.
+/// Enqueues one record, waiting while librdkafka refuses it for a reason outside the record (its
+/// queue is full, the topic or partition is unknown, the client failed). `Ok(false)` when
+/// `expired` came first; `Err` when Kafka can never take it.
 async fn enqueue(
     producer: &ThreadedProducer<Deliveries>,
     topic: &str,
@@ -169,9 +179,12 @@ async fn enqueue(
     // Almost always there is room: no retry machinery on that path.
     match producer.send(record()) {
         Ok(()) => return Ok(true),
-        Err((e, _)) if !is_retriable(&e) => return Err(e),
-        Err((e, _)) => {
+        Err((e, _)) if is_permanent_for_record(&e) => return Err(e),
+        Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
             tracing::warn!(error = %e, "Kafka producer queue is full; holding data (backpressure)")
+        }
+        Err((e, _)) => {
+            tracing::warn!(error = %e, topic, "Kafka client refused a record; holding data and trying again")
         }
     }
     let sent = retry(
@@ -179,10 +192,10 @@ async fn enqueue(
         expired,
         || async { producer.send(record()).map_err(|(e, _)| e) },
         |e, _| {
-            if is_retriable(e) {
-                Verdict::Retry
-            } else {
+            if is_permanent_for_record(e) {
                 Verdict::Fail
+            } else {
+                Verdict::Retry
             }
         },
     )
@@ -194,9 +207,10 @@ async fn enqueue(
     }
 }
 
-/// A record whose delivery failed for a passing reason, to be sent again.
+/// A record whose delivery failed for a fault outside it, to be sent again.
 struct Failed {
     seq: usize,
+    failed_at: Instant,
     topic: String,
     key: Vec<u8>,
     payload: Vec<u8>,
@@ -218,7 +232,17 @@ async fn resend_failed(
             _ = stop.cancelled() => break,
             _ = refresh.tick() => deliveries.publish_oldest(),
             Some(f) = failed.recv() => {
-                match enqueue(&producer, &f.topic, &f.key, &f.payload, f.seq, &expired).await {
+                let paused = tokio::select! {
+                    _ = tokio::time::sleep_until((f.failed_at + RESEND_PAUSE).into()) => true,
+                    _ = expired.cancelled() => false,
+                    _ = stop.cancelled() => false,
+                };
+                let sent = if paused {
+                    enqueue(&producer, &f.topic, &f.key, &f.payload, f.seq, &expired).await
+                } else {
+                    Ok(false)
+                };
+                match sent {
                     Ok(true) => {}
                     // Shutdown's deadline passed: the record stays unacknowledged and is counted
                     // as such when the tracker closes.
@@ -245,6 +269,9 @@ async fn resend_failed(
 struct Outstanding {
     next: usize,
     since: BTreeMap<usize, Instant>,
+    /// Those whose delivery failed before: a record held through a long fault is logged at its
+    /// first failure only, not at every round.
+    held: BTreeSet<usize>,
 }
 
 /// Metric handles, registered once: a lookup per record costs more than the update.
@@ -310,6 +337,7 @@ impl Deliveries {
         let none_left = {
             let mut o = self.lock();
             o.since.remove(&seq);
+            o.held.remove(&seq);
             o.since.is_empty()
         };
         self.acks.add_pending(-1);
@@ -387,12 +415,20 @@ impl ProducerContext for Deliveries {
         if is_purged(error) {
             // The client closed after shutdown's deadline; the tracker reported these already.
             self.settle(seq);
-        } else if is_retriable(error) {
+        } else if is_permanent_for_record(error) {
+            self.give_up(seq, error, key);
+        } else {
             self.metrics.retried.increment(1);
-            tracing::warn!(%error, key = %String::from_utf8_lossy(key), "delivery failed; sending again");
+            let shown = String::from_utf8_lossy(key);
+            if self.lock().held.insert(seq) {
+                tracing::warn!(%error, key = %shown, "delivery failed; holding the record and sending it again");
+            } else {
+                tracing::debug!(%error, key = %shown, "delivery failed again; holding the record and sending it again");
+            }
             self.failed_waiting.fetch_add(1, Ordering::AcqRel);
             let again = Failed {
                 seq,
+                failed_at: Instant::now(),
                 topic: msg.topic().to_string(),
                 key: key.to_vec(),
                 payload: msg.payload().unwrap_or_default().to_vec(),
@@ -402,8 +438,6 @@ impl ProducerContext for Deliveries {
                 self.failed_waiting.fetch_sub(1, Ordering::AcqRel);
                 self.settle(seq);
             }
-        } else {
-            self.give_up(seq, error, key);
         }
     }
 }
@@ -458,5 +492,113 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), d.all_settled())
             .await
             .expect("nothing outstanding: settled at once");
+    }
+
+    /// An authorization Kafka refuses is a fault of configuration: the record is held (not
+    /// settled, /healthz red once acks are silent) and delivered once when it is granted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_refused_for_authorization_is_held_and_delivered_once_when_granted() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("held", 1, 1).unwrap();
+        // Every produce request is refused until the errors are cleared.
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1000],
+        );
+        let health = Health::default();
+        let acks = health.progress("kafka_acks", Duration::from_millis(100));
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("enable.idempotence", "true")
+            .set("acks", "all");
+        let tracker =
+            DeliveryTracker::new(&config, acks.clone(), CancellationToken::new()).unwrap();
+        let msg = Outgoing {
+            topic: "held",
+            key: "tBTCUSD",
+            payload: b"tick".to_vec(),
+        };
+        assert!(tracker.send(&msg).await);
+
+        // Refused at least twice: held through a resend, not given up.
+        let deliveries = tracker.producer.context().clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while deliveries.failed_waiting.load(Ordering::Acquire) == 0 || health.status().is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the refusal never turned /healthz red"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(RESEND_PAUSE * 2).await;
+        assert_eq!(acks.pending(), 1, "the refused record is still waited for");
+        let problems = health.status().unwrap_err();
+        assert!(problems[0].starts_with("kafka_acks"), "{problems:?}");
+
+        cluster.clear_request_errors(RDKafkaApiKey::Produce);
+        tokio::time::timeout(Duration::from_secs(10), deliveries.all_settled())
+            .await
+            .expect("delivered once the topic may be written");
+        assert_eq!(acks.pending(), 0);
+        tracker.close(Duration::from_secs(5)).await.unwrap();
+
+        assert_eq!(
+            watermarks(&cluster, "held"),
+            (0, 1),
+            "the record is in Kafka exactly once"
+        );
+    }
+
+    /// The low and high watermarks of partition 0 of `topic`.
+    fn watermarks(
+        cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        topic: &str,
+    ) -> (i64, i64) {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "watermarks")
+            .create()
+            .unwrap();
+        reader
+            .fetch_watermarks(topic, 0, Duration::from_secs(5))
+            .unwrap()
+    }
+
+    /// A record too large for Kafka can never be written: it is dropped at once and not waited
+    /// for, and the records after it go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_too_large_for_kafka_is_dropped_and_the_next_delivered() {
+        use rdkafka::mocking::MockCluster;
+
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("large", 1, 1).unwrap();
+        let health = Health::default();
+        let acks = health.progress("kafka_acks", Duration::from_millis(100));
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("message.max.bytes", "10000");
+        let tracker =
+            DeliveryTracker::new(&config, acks.clone(), CancellationToken::new()).unwrap();
+        let record = |payload: Vec<u8>| Outgoing {
+            topic: "large",
+            key: "tBTCUSD",
+            payload,
+        };
+        assert!(tracker.send(&record(vec![0; 20_000])).await);
+        assert_eq!(acks.pending(), 0, "dropped, not waited for");
+        assert!(tracker.send(&record(b"tick".to_vec())).await);
+        let deliveries = tracker.producer.context().clone();
+        tokio::time::timeout(Duration::from_secs(10), deliveries.all_settled())
+            .await
+            .expect("the next record delivered");
+        assert!(health.status().is_ok());
+        tracker.close(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(watermarks(&cluster, "large"), (0, 1), "only the small one");
     }
 }

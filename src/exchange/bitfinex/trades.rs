@@ -251,11 +251,47 @@ impl Purpose {
     }
 }
 
+/// How a trade reached the producer, as the `source` label of `candlestream_trades_received_total`
+/// tells it: the record's [`Source`], with REST history fetched for a backfill told apart from
+/// REST polls and gap repairs. Why: polls and repairs bring trades of the last moments, which
+/// the websocket would have brought, while a backfill brings hours of history at start; the
+/// stale-feed alert takes a symbol's live trades of the last hour for how active it is, and a
+/// quiet pair's backfilled history made it look active right after a cold start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Websocket,
+    /// REST polls (websocket down, or `mode = "rest"`) and repairs of a reconnect's gap.
+    Rest,
+    /// REST history from the backfill horizon (or the newest trade Kafka held) up to the stream.
+    Backfill,
+}
+
+impl Arrival {
+    /// Index order of the counters in [`TradeCounters`].
+    const ALL: [Arrival; 3] = [Arrival::Websocket, Arrival::Rest, Arrival::Backfill];
+
+    fn label(self) -> &'static str {
+        match self {
+            Arrival::Websocket => "websocket",
+            Arrival::Rest => "rest",
+            Arrival::Backfill => "backfill",
+        }
+    }
+
+    /// What the record says: REST history is REST history, whatever fetched it.
+    fn source(self) -> Source {
+        match self {
+            Arrival::Websocket => Source::Websocket,
+            Arrival::Rest | Arrival::Backfill => Source::Rest,
+        }
+    }
+}
+
 /// Trade counters by source (and symbol), registered once: a registry lookup per trade builds
 /// and hashes the key and allocates the symbol's label.
 pub(super) struct TradeCounters {
-    /// symbol → received by [`Source`] (websocket, rest).
-    received: Mutex<HashMap<String, [Counter; 2]>>,
+    /// symbol → received by [`Arrival`] (websocket, rest, backfill).
+    received: Mutex<HashMap<String, [Counter; 3]>>,
     repeats: [Counter; 2],
 }
 
@@ -268,16 +304,16 @@ impl TradeCounters {
         }
     }
 
-    fn received(&self, symbol: &str, source: Source) {
+    fn received(&self, symbol: &str, arrival: Arrival) {
         let mut received = self.received.lock().unwrap_or_else(|p| p.into_inner());
         // Symbols are bounded by the pairs Bitfinex lists.
         let counters = match received.get(symbol) {
             Some(c) => c,
-            None => received.entry(symbol.to_string()).or_insert(SOURCES.map(|s| {
-                metrics::counter!(metric::TRADES_RECEIVED, "source" => s.label(), "symbol" => symbol.to_string())
+            None => received.entry(symbol.to_string()).or_insert(Arrival::ALL.map(|a| {
+                metrics::counter!(metric::TRADES_RECEIVED, "source" => a.label(), "symbol" => symbol.to_string())
             })),
         };
-        counters[index(source)].increment(1);
+        counters[arrival as usize].increment(1);
     }
 
     /// Counts trades dropped because this process already sent them.
@@ -288,7 +324,7 @@ impl TradeCounters {
     }
 }
 
-/// Index order of the counters in [`TradeCounters`].
+/// Index order of the duplicate counters in [`TradeCounters`].
 const SOURCES: [Source; 2] = [Source::Websocket, Source::Rest];
 
 fn index(source: Source) -> usize {
@@ -303,18 +339,18 @@ async fn send(
     ctx: &Ctx,
     symbol: &str,
     t: TradeValues,
-    source: Source,
+    arrival: Arrival,
     sequence: Option<u64>,
     received_at: i64,
 ) -> Result<(), ExchangeError> {
-    ctx.trade_counters.received(symbol, source);
+    ctx.trade_counters.received(symbol, arrival);
     let trade = Trade {
         symbol: symbol.to_string(),
         id: t.id,
         exchange_time: t.mts,
         amount: t.amount,
         price: t.price,
-        source,
+        source: arrival.source(),
         sequence: sequence.map(|s| s as i64),
         received_at,
     };
@@ -352,7 +388,7 @@ pub(super) async fn on_update(
         return Ok(());
     };
     if ctx.book.admit(symbol, &t) {
-        send(ctx, symbol, t, Source::Websocket, sequence, now_ms()).await?;
+        send(ctx, symbol, t, Arrival::Websocket, sequence, now_ms()).await?;
     } else {
         ctx.trade_counters.repeats(Source::Websocket, 1);
     }
@@ -373,7 +409,7 @@ pub(super) async fn on_snapshot(
             .admit_snapshot(symbol, valid(symbol, entries), received_at);
     ctx.trade_counters.repeats(Source::Websocket, repeats);
     for t in new {
-        send(ctx, symbol, t, Source::Websocket, sequence, received_at).await?;
+        send(ctx, symbol, t, Arrival::Websocket, sequence, received_at).await?;
     }
     match gap {
         Some(f) if f.backfill => ctx.fetches.started(symbol, f.from_ms, f.until_ms),
@@ -436,6 +472,11 @@ pub(super) async fn catch_up(
     until_ms: i64,
     purpose: Purpose,
 ) -> Result<usize, ExchangeError> {
+    let arrival = if purpose == Purpose::Backfill {
+        Arrival::Backfill
+    } else {
+        Arrival::Rest
+    };
     let mut start = from_ms;
     let mut recovered = 0;
     loop {
@@ -463,7 +504,7 @@ pub(super) async fn catch_up(
             ctx.fetches.paged(symbol, complete);
         }
         for t in new {
-            send(ctx, symbol, t, Source::Rest, None, received_at).await?;
+            send(ctx, symbol, t, arrival, None, received_at).await?;
             recovered += 1;
             metrics::counter!(metric::TRADES_REPAIRED, "symbol" => symbol.to_string()).increment(1);
         }

@@ -80,6 +80,9 @@ pub mod metric {
     /// Symbols the verifier stopped checking at runtime because they were delisted.
     pub const VERIFY_SYMBOLS_REMOVED: &str = "candlestream_verify_symbols_removed_total";
     pub const CANDLES_REPAIRED: &str = "candlestream_candles_repaired_total";
+    /// Candles left as they are after `verify.max_repairs` heals (1m) or re-checks (wider): they
+    /// still differ from Bitfinex's. Per symbol and timeframe, at 0 from the series' start.
+    pub const CANDLES_GIVEN_UP: &str = "candlestream_candles_given_up_total";
     /// Exchange time of the newest trade InfluxDB acknowledged, per symbol (Unix seconds):
     /// `time() - it` is how long a symbol has had no trade stored.
     pub const LAST_TRADE_STORED: &str = "candlestream_trade_last_stored_timestamp_seconds";

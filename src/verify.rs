@@ -513,15 +513,18 @@ impl Verifier {
             for &timeframe in &self.timeframes {
                 self.series
                     .push(Series::new(symbol.clone(), timeframe, from, now));
+                // At 0 from the start: the alert on it sees the first candle given up.
+                metrics::counter!(metric::CANDLES_GIVEN_UP, "symbol" => symbol.clone(), "timeframe" => timeframe.label())
+                    .increment(0);
             }
         }
         for symbol in current.difference(symbols) {
             metrics::counter!(metric::VERIFY_SYMBOLS_REMOVED).increment(1);
             tracing::info!(%symbol, "delisted; no longer verified");
             self.minutes.remove(symbol);
-            // The exporter cannot remove a series, and the last ratio would keep the verified-
-            // ratio alert firing for a pair nobody trades any more. NaN is Prometheus's "no
-            // value": an average over it is NaN, which compares false, and panels show a gap.
+            // The exporter removes no single series on demand, and the last ratio would stay on
+            // the charts as if the pair were still checked. NaN is Prometheus's "no value": an
+            // average over it is NaN, which compares false, and panels show a gap.
             metrics::gauge!(metric::CANDLES_VERIFIED, "symbol" => symbol.clone()).set(f64::NAN);
         }
         self.series.retain(|s| symbols.contains(&s.symbol));
@@ -737,6 +740,8 @@ impl Verifier {
                 }
                 Next::GiveUp => {
                     series.open.remove(&c.start);
+                    metrics::counter!(metric::CANDLES_GIVEN_UP, "symbol" => symbol.clone(), "timeframe" => label)
+                        .increment(1);
                     tracing::warn!(%symbol, timeframe = label, start = c.start, status = c.status.as_str(), detail = %c.detail, attempts = max, "candle stays as it is; not checked again");
                 }
                 Next::Recheck { counts } => {

@@ -344,6 +344,7 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
     assert_eq!(
         uids,
         [
+            "candlestream-candles-left-wrong",
             "candlestream-consumer-lag",
             "candlestream-dead-letters",
             "candlestream-latency-p99",
@@ -351,7 +352,6 @@ fn compose_prometheus_scrape_config_datasource_and_rules_refer_to_each_other() {
             "candlestream-stale-feed",
             "candlestream-stall",
             "candlestream-unhealthy",
-            "candlestream-verified-ratio",
             "candlestream-verify-behind",
         ]
     );
@@ -914,6 +914,53 @@ fn dropped_records_alert_fires_on_a_permanent_failure_not_on_retries() {
         alert_at(20, Some("p2")),
         alert_at(24, Some("p2")),
         alert_at(26, None),
+    );
+    std::fs::write(dir.path().join("test.yml"), test).unwrap();
+    support::promtool(&["test", "rules", "test.yml"], dir.path());
+}
+
+/// The left-wrong alert's query and threshold, run by `promtool test rules`: it fires for the
+/// hour after the verifier gives up on a candle, on that symbol and timeframe only, also for the
+/// first one (the counter is at 0 from the series' start) and across a verifier restart; never
+/// for a symbol whose candles were all healed or equal.
+#[test]
+fn left_wrong_alert_fires_for_an_hour_after_a_candle_is_given_up() {
+    let left = rule("candlestream-candles-left-wrong");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "groups:\n  - name: left\n    rules:\n      - alert: LeftWrong\n        expr: '({}) > {}'\n",
+        left.query.expr, left.threshold
+    );
+    std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
+    let series = |symbol: &str, timeframe: &str, values: &str| {
+        format!(
+            "      - series: 'candlestream_candles_given_up_total{{symbol=\"{symbol}\",timeframe=\"{timeframe}\",instance=\"v\"}}'\n        values: '{values}'\n"
+        )
+    };
+    let alert_at = |minute: u32, labels: Option<(&str, &str)>| {
+        let expected = match labels {
+            Some((s, t)) => format!("\n          - exp_labels: {{symbol: {s}, timeframe: {t}}}"),
+            None => " []".to_string(),
+        };
+        format!(
+            "      - eval_time: {minute}m\n        alertname: LeftWrong\n        exp_alerts:{expected}\n"
+        )
+    };
+    // One sample a minute. tBTCUSD gives up a minute at minute 10; tETHUSD's 1h series, at 2
+    // from before the window, restarts at minute 90 (back to 0) and gives up one at minute 100;
+    // tSOLUSD never.
+    let test = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}    alert_rule_test:\n{}{}{}{}{}{}",
+        series("tBTCUSD", "1m", "0x9 1x200"),
+        series("tETHUSD", "1h", "2x89 0x9 1x100"),
+        series("tETHUSD", "1m", "0x200"),
+        series("tSOLUSD", "1m", "0x200"),
+        alert_at(9, None),
+        alert_at(10, Some(("tBTCUSD", "1m"))),
+        alert_at(60, Some(("tBTCUSD", "1m"))),
+        alert_at(75, None),
+        alert_at(100, Some(("tETHUSD", "1h"))),
+        alert_at(170, None),
     );
     std::fs::write(dir.path().join("test.yml"), test).unwrap();
     support::promtool(&["test", "rules", "test.yml"], dir.path());

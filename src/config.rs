@@ -151,7 +151,9 @@ pub struct BitfinexConfig {
     /// symbol, so the backfill starts there; zero turns that off (full backfill).
     #[serde(with = "humantime_serde")]
     pub resume_timeout: Duration,
-    /// Bitfinex's per-minute REST limits, one limiter each, shared by every REST caller.
+    /// This process's per-minute REST limits, one limiter per endpoint, shared by the REST callers
+    /// of the producer (polling, backfill, repairs) and used by `candlestream audit`; the verifier
+    /// builds its own from `verify.rest_*_per_minute`.
     pub rest_tickers_per_minute: u32,
     pub rest_trades_per_minute: u32,
     pub rest_candles_per_minute: u32,

@@ -27,7 +27,7 @@ fn parse(text: &str) -> Record {
     let values = TickerValues::from_raw(&raw).unwrap();
     Record::Tick(values.into_tick(
         "tBTCUSD".into(),
-        msg.timestamp_ms.unwrap(),
+        msg.timestamp_ms.unwrap().unwrap(),
         msg.seq.map(|s| s as i64),
         Source::Websocket,
         1_763_787_600_200,

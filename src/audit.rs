@@ -282,15 +282,17 @@ pub async fn exchange_candles(
 }
 
 /// Audits `symbols` (exact symbols or patterns, minus `bitfinex.symbols_exclude`) over the
-/// window ending now.
+/// window ending now. Bitfinex's rate-limit answers are retried until `cancel`, so the caller
+/// bounds the run.
 pub async fn run(
     settings: &Settings,
     symbols: &[String],
     since: Duration,
+    cancel: CancellationToken,
 ) -> Result<Vec<SymbolReport>, AuditError> {
     let influx =
         InfluxConnection::new(&settings.influx).map_err(|e| AuditError::Influx(e.to_string()))?;
-    let rest = RestClient::new(&settings.bitfinex, CancellationToken::new())?;
+    let rest = RestClient::new(&settings.bitfinex, cancel)?;
     let selection =
         Selection::new(symbols, &settings.bitfinex.symbols_exclude).map_err(AuditError::Symbols)?;
     let symbols = resolve_once(&selection, &rest).await?;

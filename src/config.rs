@@ -151,7 +151,9 @@ pub struct BitfinexConfig {
     /// symbol, so the backfill starts there; zero turns that off (full backfill).
     #[serde(with = "humantime_serde")]
     pub resume_timeout: Duration,
-    /// Bitfinex's per-minute REST limits, one limiter each, shared by every REST caller.
+    /// This process's per-minute REST limits, one limiter per endpoint, shared by the REST callers
+    /// of the producer (polling, backfill, repairs) and used by `candlestream audit`; the verifier
+    /// builds its own from `verify.rest_*_per_minute`.
     pub rest_tickers_per_minute: u32,
     pub rest_trades_per_minute: u32,
     pub rest_candles_per_minute: u32,
@@ -699,6 +701,81 @@ impl VerifyConfig {
     }
 }
 
+/// Keys whose environment value is a comma-separated list.
+const ENV_LIST_KEYS: [&str; 3] = [
+    "bitfinex.symbols",
+    "bitfinex.symbols_exclude",
+    "verify.timeframes",
+];
+
+/// The `CANDLESTREAM__SECTION__KEY` variables as configuration values.
+///
+/// Not `config::Environment`: its list support needs `try_parsing`, which turns every value that
+/// looks like a boolean or a number into one, so a token `0123` arrived as "123", a password
+/// `TRUE` as "true" and `1e3` as "1000". Here every value stays the string it is; the config
+/// crate converts it where the field is a number, a boolean or a duration. The keys of the
+/// librdkafka tables are mapped too: `CANDLESTREAM__KAFKA__PRODUCER__SASL_PASSWORD` sets
+/// `sasl.password` in `[kafka.producer]` (lowercase, `_` becomes `.`), so a secret can come from
+/// the environment as Docker passes it.
+#[derive(Clone)]
+struct EnvOverrides(Vec<(String, String)>);
+
+/// Names only: the values may be credentials.
+impl std::fmt::Debug for EnvOverrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
+}
+
+impl config::Source for EnvOverrides {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        let origin = Some("the environment".to_string());
+        let prefix = format!("{}__", ENV_PREFIX.to_lowercase());
+        let mut values = config::Map::new();
+        for (name, value) in &self.0 {
+            let name = name.to_lowercase();
+            let Some(path) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let segments: Vec<&str> = path.split("__").collect();
+            if let ["kafka", table @ ("producer" | "consumer"), property] = segments[..] {
+                // librdkafka's names are dotted; the config crate would read the dots as levels,
+                // so the property goes in as one key of its table.
+                let entry = values.entry(format!("kafka.{table}")).or_insert_with(|| {
+                    config::Value::new(origin.as_ref(), config::Map::<String, config::Value>::new())
+                });
+                if let config::ValueKind::Table(properties) = &mut entry.kind {
+                    properties.insert(
+                        property.replace('_', "."),
+                        config::Value::new(origin.as_ref(), value.as_str()),
+                    );
+                }
+                continue;
+            }
+            let key = segments.join(".");
+            let kind = if ENV_LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<config::Value> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| config::Value::new(origin.as_ref(), item))
+                    .collect();
+                config::ValueKind::from(items)
+            } else {
+                config::ValueKind::from(value.as_str())
+            };
+            values.insert(key, config::Value::new(origin.as_ref(), kind));
+        }
+        Ok(values)
+    }
+}
+
 impl Settings {
     /// Loads defaults, then `file` (if any), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -720,18 +797,7 @@ impl Settings {
                     .required(true),
             );
         }
-        let env: config::Map<String, String> = env.into_iter().collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .separator("__")
-                .prefix_separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("bitfinex.symbols")
-                .with_list_parse_key("bitfinex.symbols_exclude")
-                .with_list_parse_key("verify.timeframes")
-                .source(Some(env)),
-        );
+        builder = builder.add_source(EnvOverrides(env.into_iter().collect()));
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
@@ -839,7 +905,7 @@ mod tests {
         assert_eq!(s.bitfinex.rest_poll_interval, Duration::from_millis(250));
         assert_eq!(s.kafka.brokers, "a:1,b:2");
         assert_eq!(
-            s.kafka.producer.get("linger_ms").map(String::as_str),
+            s.kafka.producer.get("linger.ms").map(String::as_str),
             Some("5")
         );
         assert_eq!(
@@ -847,6 +913,98 @@ mod tests {
             Some("true")
         );
         assert_eq!(s.http.listen.port(), 0);
+    }
+
+    #[test]
+    fn environment_strings_arrive_byte_for_byte() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("CANDLESTREAM__INFLUX__TOKEN", "0123"),
+                ("CANDLESTREAM__INFLUX__PASSWORD", "TRUE"),
+                ("CANDLESTREAM__INFLUX__USERNAME", "1e3"),
+                ("CANDLESTREAM__SCHEMA_REGISTRY__PASSWORD", "007"),
+                // Numbers, booleans and durations are still read from their strings.
+                ("CANDLESTREAM__BITFINEX__CHANNELS_PER_CONNECTION", "10"),
+                ("CANDLESTREAM__BITFINEX__TRADES", "FALSE"),
+                ("CANDLESTREAM__VERIFY__LOOKBACK", "1h"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.influx.token.as_ref().map(Secret::expose), Some("0123"));
+        assert_eq!(s.influx.password.as_ref().map(Secret::expose), Some("TRUE"));
+        assert_eq!(s.influx.username.as_deref(), Some("1e3"));
+        assert_eq!(
+            s.schema_registry.password.as_ref().map(Secret::expose),
+            Some("007")
+        );
+        assert_eq!(s.bitfinex.channels_per_connection, 10);
+        assert!(!s.bitfinex.trades);
+        assert_eq!(s.verify.lookback, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn environment_lists_split_on_commas() {
+        let s = Settings::load_with_env(
+            Some(default_file()),
+            env(&[
+                ("CANDLESTREAM__BITFINEX__SYMBOLS", "tBTCUSD, t*:USD"),
+                ("CANDLESTREAM__BITFINEX__SYMBOLS_EXCLUDE", ""),
+                ("CANDLESTREAM__VERIFY__TIMEFRAMES", "1m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.bitfinex.symbols, ["tBTCUSD", "t*:USD"]);
+        assert!(s.bitfinex.symbols_exclude.is_empty());
+        assert_eq!(s.verify.timeframes, [Timeframe::ONE_MINUTE]);
+    }
+
+    #[test]
+    fn environment_sets_librdkafka_properties_by_their_dotted_names() {
+        let dir = std::env::temp_dir().join(format!("cs-config-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[kafka.producer]\n\"sasl.username\" = \"user\"\n\"linger.ms\" = \"50\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(
+            Some(&file),
+            env(&[
+                ("CANDLESTREAM__KAFKA__PRODUCER__LINGER_MS", "5"),
+                ("CANDLESTREAM__KAFKA__PRODUCER__SASL_PASSWORD", "0123"),
+                ("CANDLESTREAM__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "30000"),
+                ("CANDLESTREAM__KAFKA__CONSUMER__SASL_PASSWORD", "TRUE"),
+            ]),
+        )
+        .unwrap();
+        let producer: Vec<(&str, &str)> = s
+            .kafka
+            .producer
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        // The file's keys stay; the environment overrides or adds, by librdkafka's names.
+        assert_eq!(
+            producer,
+            [
+                ("linger.ms", "5"),
+                ("sasl.password", "0123"),
+                ("sasl.username", "user")
+            ]
+        );
+        let consumer: Vec<(&str, &str)> = s
+            .kafka
+            .consumer
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            consumer,
+            [("sasl.password", "TRUE"), ("session.timeout.ms", "30000")]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -51,14 +51,22 @@ enum Command {
     /// Only closed minutes are compared: the open candle and the minute before it, whose trades
     /// may still be on their way, are skipped. Prices must be equal; volumes within a relative
     /// 1e-9. Prints a table per symbol (compared, equal, different, missing here, missing at the
-    /// exchange) and the first differences. Uses the same REST rate limit as the producer.
+    /// exchange) and the first differences. Candles requests keep under
+    /// `bitfinex.rest_candles_per_minute`, the audit's share of Bitfinex's per-IP limit, with a
+    /// limiter of its own; a rate-limit answer is retried with backoff until `--timeout`.
     ///
     /// Exit status: 0 when every compared candle is equal, 1 when any differs or is missing on
-    /// one side, 2 when the audit could not run (InfluxDB or Bitfinex unreachable, bad config).
+    /// one side, 2 when the audit could not run (InfluxDB or Bitfinex unreachable, bad config,
+    /// not done within `--timeout`, SIGINT/SIGTERM).
     Audit {
         /// How far back to look, e.g. "30m", "6h", "2d".
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         since: std::time::Duration,
+        /// Give up (exit 2) when not done by then. One candles request covers a symbol's
+        /// `--since` up to 10 000 minutes, so many symbols take symbols / rest_candles_per_minute
+        /// minutes: raise it for those.
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
         /// Symbols to audit, comma-separated (default: `bitfinex.symbols`).
         #[arg(long, value_delimiter = ',')]
         symbols: Vec<String>,
@@ -112,13 +120,30 @@ async fn run() -> anyhow::Result<()> {
     }
     let settings = settings.context("loading configuration")?;
     match cli.command {
-        Command::Audit { since, symbols } => {
+        Command::Audit {
+            since,
+            symbols,
+            timeout,
+        } => {
+            let cancel = start(&settings);
             let symbols = if symbols.is_empty() {
                 settings.bitfinex.symbols.clone()
             } else {
                 symbols
             };
-            match candlestream::audit::run(&settings, &symbols, since).await {
+            let audit = candlestream::audit::run(&settings, &symbols, since, cancel.clone());
+            let done = tokio::select! {
+                biased;
+                () = cancel.cancelled() => Err("stopped by a signal".to_string()),
+                done = tokio::time::timeout(timeout, audit) => match done {
+                    Ok(done) => done.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!(
+                        "not done within --timeout {}",
+                        humantime::format_duration(timeout)
+                    )),
+                },
+            };
+            match done {
                 Ok(reports) => {
                     print!("{}", candlestream::audit::render(&reports, since));
                     std::process::exit(if reports.iter().all(|r| r.is_clean()) {

@@ -28,6 +28,13 @@ impl Source {
     }
 }
 
+/// The latest exchange time (ms since the epoch) taken from Bitfinex: an MTS or frame timestamp
+/// past it is rejected as malformed. Why this bound: InfluxDB keeps times as i64 nanoseconds, and
+/// a trade's point is its MTS x 10^6 plus up to 999 999 ns (see `sink::influx`), so this is the
+/// last millisecond all of whose nanoseconds fit in an i64 (April 2262). A later time cannot be
+/// stored, and multiplying it out would overflow.
+pub const MAX_EXCHANGE_TIME_MS: i64 = i64::MAX / 1_000_000 - 1;
+
 /// One ticker update, as stored in Kafka (`schemas/ticker.avsc`; field names must match).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tick {

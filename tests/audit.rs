@@ -1,6 +1,6 @@
 //! `candlestream audit` against the fake exchange's own candles, after the pipeline stored its
 //! trades in a real InfluxDB 1.6.7: all equal → 0, a planted difference and a missing minute
-//! → 1, InfluxDB down → 2.
+//! → 1, Bitfinex rate-limiting past --timeout → 2, InfluxDB down → 2.
 
 mod support;
 
@@ -121,6 +121,26 @@ async fn audit_finds_the_exchange_candles_then_a_planted_difference_then_no_infl
         "the difference is shown:\n{out}"
     );
     assert!(!out.contains("tSOLUSD"), "--symbols limits the audit");
+
+    // Bitfinex answers every candles request with its rate limit: the audit backs off, says so
+    // in its log, and gives up at --timeout with the failure status.
+    ex.set_rate_limit_every(Some(1));
+    let started = std::time::Instant::now();
+    let (code, out) = audit(config.path(), &["--symbols", "tBTCUSD", "--timeout", "2s"]);
+    let took = started.elapsed();
+    ex.set_rate_limit_every(None);
+    assert_eq!(
+        code, 2,
+        "rate-limited until the deadline:
+{out}"
+    );
+    assert!(out.contains("not done within --timeout 2s"), "{out}");
+    assert!(
+        out.contains("Bitfinex rate limit hit"),
+        "logged:
+{out}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
 
     pipeline.stop().await;
 

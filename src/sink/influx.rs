@@ -81,7 +81,7 @@ fn tick_fields(out: &mut String, tick: &Tick) -> i64 {
         ("low", tick.low),
     ];
     float_fields(out, ' ', &fields);
-    tick.exchange_time * NS_PER_MS
+    time_ns(tick.exchange_time, 0)
 }
 
 fn trade_fields(out: &mut String, trade: &Trade) -> i64 {
@@ -91,7 +91,17 @@ fn trade_fields(out: &mut String, trade: &Trade) -> i64 {
         ',',
         &[("price", trade.price), ("amount", trade.amount.abs())],
     );
-    trade.exchange_time * NS_PER_MS + trade.id.rem_euclid(NS_PER_MS)
+    time_ns(trade.exchange_time, trade.id.rem_euclid(NS_PER_MS))
+}
+
+/// A point's time: `ms` x 10^6 plus `ns` (0 ..= 999 999). Times from the exchange are
+/// range-checked where they are parsed ([`crate::model::MAX_EXCHANGE_TIME_MS`]), but a record in
+/// Kafka may have been written by anything: a time beyond what i64 nanoseconds hold saturates to
+/// i64::MAX (or MIN), which InfluxDB refuses (its times run from MIN + 2 to MAX - 1), so the point
+/// takes the path of rejected points to the dead-letter topic instead of wrapping around to a
+/// wrong time (or panicking in a debug build).
+fn time_ns(ms: i64, ns: i64) -> i64 {
+    ms.saturating_mul(NS_PER_MS).saturating_add(ns)
 }
 
 /// `first` separates the first of these fields from what precedes it: ' ' after the tags, ','
@@ -401,6 +411,31 @@ mod tests {
              trades,symbol=tBTCUSD,side=sell id=1781554002i,price=97321.5,amount=0.3 1763787601200554002\n\
              trades,symbol=tBTCUSD,side=buy id=1781554003i,price=97321.5,amount=0.00000001 1763787601200554003\n"
         );
+    }
+
+    #[test]
+    fn times_beyond_i64_nanoseconds_saturate_instead_of_wrapping() {
+        let time_of = |record: Record| {
+            let mut out = String::new();
+            write_line(&mut out, "m", &record);
+            out.trim_end().rsplit(' ').next().unwrap().to_string()
+        };
+        let last = crate::model::MAX_EXCHANGE_TIME_MS;
+        let cases = [
+            // The last time the exchange may send, with the largest id offset: still exact.
+            (last, 1_999_999, "9223372036853999999"),
+            (last + 1, 1_999_999, "9223372036854775807"),
+            (i64::MAX, 1, "9223372036854775807"),
+            (i64::MIN / 2, 1_000_000, "-9223372036854775808"),
+        ];
+        for (ms, id, want) in cases {
+            let mut t = trade(id, 1.0);
+            t.exchange_time = ms;
+            assert_eq!(time_of(Record::Trade(t)), want, "trade at {ms} ms");
+        }
+        let mut t = tick("x");
+        t.exchange_time = i64::MAX / 1000;
+        assert_eq!(time_of(Record::Tick(t)), "9223372036854775807");
     }
 
     #[test]

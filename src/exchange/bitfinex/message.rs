@@ -9,7 +9,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 
-use crate::model::{Source, Tick};
+use crate::model::{MAX_EXCHANGE_TIME_MS, Source, Tick};
 
 /// Info code: the server is restarting; reconnect now.
 pub const INFO_RECONNECT: u32 = 20051;
@@ -115,7 +115,20 @@ pub struct ChannelMessage {
     pub chan_id: u64,
     pub payload: Payload,
     pub seq: Option<u64>,
-    pub timestamp_ms: Option<i64>,
+    /// The frame's exchange time (`FLAG_TIMESTAMP`); an error when it is a number but no time
+    /// that can be stored, and the update that carries it is rejected.
+    pub timestamp_ms: Option<Result<i64, TimeOutOfRange>>,
+}
+
+/// An exchange time that is not in 1 ..= [`MAX_EXCHANGE_TIME_MS`] ms since the epoch, as sent.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("exchange time {0} is not a time from 1970 to 2262 in ms (what InfluxDB can store)")]
+pub struct TimeOutOfRange(pub String);
+
+/// `ms` as an exchange time, or why it cannot be one.
+fn exchange_time(ms: Option<i64>, sent: impl fmt::Display) -> Result<i64, TimeOutOfRange> {
+    ms.filter(|ms| (1..=MAX_EXCHANGE_TIME_MS).contains(ms))
+        .ok_or_else(|| TimeOutOfRange(sent.to_string()))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +169,8 @@ pub enum TradeError {
     TooShort(usize),
     #[error("trade value #{0} is null, not a number, or not an integer where one is due")]
     Invalid(usize),
+    #[error("trade MTS: {0}")]
+    Time(#[from] TimeOutOfRange),
 }
 
 /// Largest integer an f64 holds exactly; ids and times beyond it would be silently rounded.
@@ -186,9 +201,10 @@ impl TradeValues {
         if price <= 0.0 {
             return Err(TradeError::Invalid(3));
         }
+        let mts = integer(1)?;
         Ok(Self {
             id: integer(0)?,
-            mts: integer(1)?,
+            mts: exchange_time(Some(mts), mts)?,
             amount: number(2)?,
             price,
         })
@@ -248,9 +264,10 @@ impl<'de> Visitor<'de> for ChannelMessageVisitor {
         let seq_no = seq
             .next_element::<serde_json::Value>()?
             .and_then(|v| v.as_u64());
-        let timestamp_ms = seq
-            .next_element::<serde_json::Value>()?
-            .and_then(|v| v.as_i64());
+        let timestamp_ms = match seq.next_element::<serde_json::Value>()? {
+            Some(serde_json::Value::Number(n)) => Some(exchange_time(n.as_i64(), n)),
+            _ => None,
+        };
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(ChannelMessage {
             chan_id,
@@ -411,6 +428,8 @@ pub enum TickerError {
     TooShort(usize),
     #[error("ticker value #{0} is null or not a number")]
     Missing(usize),
+    #[error("ticker timestamp: {0}")]
+    Time(#[from] TimeOutOfRange),
 }
 
 impl TickerValues {
@@ -530,9 +549,11 @@ mod tests {
             Frame::Event(_) => UnknownEvent,
             Frame::Channel(m) => match m.payload {
                 Payload::Heartbeat => Heartbeat(m.chan_id, m.seq),
-                Payload::Ticker(raw) => match TickerValues::from_raw(&raw) {
-                    Ok(v) => Ticker(m.chan_id, v.last_price, m.seq, m.timestamp_ms),
-                    Err(_) => RejectedTicker(m.chan_id),
+                Payload::Ticker(raw) => match (TickerValues::from_raw(&raw), m.timestamp_ms) {
+                    (Ok(v), ts @ (None | Some(Ok(_)))) => {
+                        Ticker(m.chan_id, v.last_price, m.seq, ts.map(Result::unwrap))
+                    }
+                    _ => RejectedTicker(m.chan_id),
                 },
                 Payload::Other(_) => UnknownEvent,
                 Payload::Trades(entries) => Snapshot(
@@ -543,8 +564,12 @@ mod tests {
                         .collect(),
                     entries.iter().filter(|e| e.is_err()).count(),
                 ),
-                Payload::TradeExecuted(Ok(t)) => Te(m.chan_id, t, m.seq, m.timestamp_ms),
-                Payload::TradeUpdated(Ok(t)) => Tu(m.chan_id, t, m.seq, m.timestamp_ms),
+                Payload::TradeExecuted(Ok(t)) => {
+                    Te(m.chan_id, t, m.seq, m.timestamp_ms.and_then(Result::ok))
+                }
+                Payload::TradeUpdated(Ok(t)) => {
+                    Tu(m.chan_id, t, m.seq, m.timestamp_ms.and_then(Result::ok))
+                }
                 Payload::TradeExecuted(Err(_)) | Payload::TradeUpdated(Err(_)) => {
                     RejectedTrade(m.chan_id)
                 }
@@ -648,6 +673,42 @@ mod tests {
                 Subscribed(5, "tBTCUSD"),
             ),
             ("{\"event\":\"error\",\"msg\":\"no code\"}", ErrorEvent(0)),
+            // A frame timestamp that is no storable time rejects its ticker update (past 2262,
+            // beyond i64, negative); a trade's MTS likewise rejects its trade.
+            (
+                "[1, [1,2,3,4,5,6,7,8,9,10], 7, 9223372036854]",
+                RejectedTicker(1),
+            ),
+            (
+                "[1, [1,2,3,4,5,6,7,8,9,10], 7, 9223372036853]",
+                Ticker(1, 7.0, Some(7), Some(MAX_EXCHANGE_TIME_MS)),
+            ),
+            (
+                "[1, [1,2,3,4,5,6,7,8,9,10], 7, 18446744073709551615]",
+                RejectedTicker(1),
+            ),
+            ("[1, [1,2,3,4,5,6,7,8,9,10], 7, -1]", RejectedTicker(1)),
+            (
+                "[1, \"te\", [5, 9007199254740991, 1, 2], 7, 1700000000000]",
+                RejectedTrade(1),
+            ),
+            (
+                "[1, \"te\", [5, 9223372036854, 1, 2], 7, 1700000000000]",
+                RejectedTrade(1),
+            ),
+            (
+                "[1, \"te\", [5, 9223372036853, 1, 2], 7, 1700000000000]",
+                Te(
+                    1,
+                    trade(5, MAX_EXCHANGE_TIME_MS, 1.0, 2.0),
+                    Some(7),
+                    Some(1700000000000),
+                ),
+            ),
+            (
+                "[1, [[5, 1700000000000, 1, 2], [6, 9223372036854, 1, 2]]]",
+                Snapshot(1, vec![5], 1),
+            ),
             // A ticker that grew a nested field is still a ticker, not a snapshot.
             (
                 "[1, [1,2,3,4,5,6,7,8,9,10,[11,12]]]",

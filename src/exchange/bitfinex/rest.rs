@@ -52,8 +52,9 @@ impl Endpoint {
 /// Who asks for a page of trade history, which decides when it is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Trades a reconnect left out (a gap between the newest trade seen and a new snapshot), or a
-    /// one-off caller (`candlestream verify`): rare and short, so served first, oldest first.
+    /// Trades a reconnect left out (a gap between the newest trade seen and a new snapshot), or
+    /// the heal of a 1-minute candle (`candlestream verify`, in its own client): rare and short,
+    /// so served first, oldest first.
     Repair,
     /// Work that goes on for as long as it must: the pages of a symbol's backfill, the polls of a
     /// symbol without a websocket. Served when no repair waits. Each symbol asks for its next
@@ -400,8 +401,8 @@ impl RestClient {
             .map_err(|e| ExchangeError::RestBody(format!("{e}: {}", truncate(&body))))
     }
 
-    /// Up to `limit` trades of `symbol` with `start_ms <= MTS <= end_ms`, oldest first, for a
-    /// one-off caller: in line with gap repairs.
+    /// Up to `limit` trades of `symbol` with `start_ms <= MTS <= end_ms`, oldest first, served
+    /// as [`Class::Repair`]: what the verifier's heals use.
     pub async fn trades(
         &self,
         symbol: &str,

@@ -16,7 +16,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_conf
 use super::message::{
     ChannelMessage, ERROR_CHANNEL_LIMIT, ERROR_SUBSCRIPTION_FAILED, Event, FLAG_SEQ_ALL,
     FLAG_TIMESTAMP, Frame, INFO_MAINTENANCE_END, INFO_MAINTENANCE_START, INFO_RECONNECT, Payload,
-    TickerValues, parse_frame,
+    TickerError, TickerValues, TimeOutOfRange, parse_frame,
 };
 use super::{Channel, Ctx, ExchangeError, Sub, now_ms, trades};
 use crate::model::{Record, Source};
@@ -636,10 +636,14 @@ impl<'a> Session<'a> {
         symbol: &str,
         raw: &[Option<f64>],
         seq: Option<u64>,
-        timestamp_ms: Option<i64>,
+        timestamp_ms: Option<Result<i64, TimeOutOfRange>>,
     ) -> Result<(), ExchangeError> {
         let received_at = now_ms();
-        let values = match TickerValues::from_raw(raw) {
+        let checked = timestamp_ms
+            .transpose()
+            .map_err(TickerError::from)
+            .and_then(|ts| Ok((TickerValues::from_raw(raw)?, ts)));
+        let (values, timestamp_ms) = match checked {
             Ok(v) => v,
             Err(e) => {
                 metrics::counter!(metric::TICKS_REJECTED).increment(1);

@@ -49,11 +49,10 @@ use crate::kafka::producer_config;
 use crate::model::{Candle, Record, RecordKind, Source, Trade, now_ms};
 use crate::producer::delivery::{DeliveryTracker, KafkaStageError, Outgoing};
 use crate::retry::Shutdown;
-use crate::sink::influx::{InfluxConnection, InfluxSink, SinkError, escape};
+use crate::sink::influx::{InfluxConnection, InfluxSink, SinkError, escape, time_ns};
 use crate::telemetry::{Health, Liveness, metric, serve_http};
 
 const DAY_MS: i64 = 86_400_000;
-const NS_PER_MS: i64 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -909,7 +908,7 @@ fn point(out: &mut String, measurement: &str, symbol: &str, timeframe: Timeframe
             );
         }
     }
-    let _ = writeln!(out, " {}", c.start * NS_PER_MS);
+    let _ = writeln!(out, " {}", time_ns(c.start, 0));
 }
 
 /// Every trade of `symbol` with `from_ms <= MTS <= until_ms`, oldest first, page by page.

@@ -100,7 +100,7 @@ fn trade_fields(out: &mut String, trade: &Trade) -> i64 {
 /// i64::MAX (or MIN), which InfluxDB refuses (its times run from MIN + 2 to MAX - 1), so the point
 /// takes the path of rejected points to the dead-letter topic instead of wrapping around to a
 /// wrong time (or panicking in a debug build).
-fn time_ns(ms: i64, ns: i64) -> i64 {
+pub fn time_ns(ms: i64, ns: i64) -> i64 {
     ms.saturating_mul(NS_PER_MS).saturating_add(ns)
 }
 

@@ -126,8 +126,11 @@ pub fn init_logging(cfg: &LogConfig) {
         .expect("directive");
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&cfg.level).add_directive(quiet));
+    // Logs on stderr: stdout is for what a command prints (audit's report), so that
+    // `candlestream audit > report.txt` holds the report alone. Docker collects both.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_target(true);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

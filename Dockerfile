@@ -7,10 +7,20 @@
 # Base images are pinned by tag and digest: the tag says what it is, the digest makes every build
 # start from the same bytes. To move on: `docker buildx imagetools inspect <tag>` and change both.
 
+# Parallel compiler jobs of the release build. Cargo's default is one per CPU, and each job of a
+# dependency can take up to about 0.45 GiB beside the 0.7 GiB the build needs anyway (README,
+# Memory): 2 jobs peaked at 1.15 GiB, which fits beside the running platform in 5 GiB and alone in
+# the 4 GiB the README asks for, where 8 or 12 (a Docker Desktop's CPUs) would not. With more
+# memory, raise it: CARGO_BUILD_JOBS in .env (docker-compose.yml passes it), or
+# `docker build --build-arg CARGO_BUILD_JOBS=8 .`. Cargo reads it from the environment, where
+# Docker puts each ARG during RUN.
+ARG CARGO_BUILD_JOBS=2
+
 FROM rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082 AS chef
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential pkg-config python3 zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
+ARG CARGO_BUILD_JOBS
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /build
 
@@ -20,6 +30,7 @@ COPY . .
 RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS build
+ARG CARGO_BUILD_JOBS
 COPY --from=planner /build/recipe.json recipe.json
 # Dependency layer: rebuilt only when Cargo.toml or Cargo.lock change.
 RUN cargo chef cook --release --locked --bin candlestream --recipe-path recipe.json

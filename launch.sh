@@ -1,6 +1,7 @@
 #!/bin/sh
 # Brings candlestream up on top of `docker compose up -d`: refuses public exposure with default
-# secrets, builds the app image, waits for the brokers, the registry and InfluxDB, checks InfluxDB's
+# secrets (and of the unauthenticated services unless asked for), builds the app image, waits for
+# every service of the platform, sets Grafana's admin password from the settings, checks InfluxDB's
 # token, org and bucket, gives Grafana its read-only InfluxDB credential, creates the topics (and
 # applies their retention), registers the schemas, starts (or scales) the producer and the
 # consumers and the verifier, and prints where to look. Safe to run again at any time: a second run with the same
@@ -8,7 +9,7 @@
 #
 # POSIX sh (no arrays, no [[ ]], no $SECONDS), so it runs the same under macOS's /bin/bash 3.2,
 # dash and busybox; tests/run.sh checks it with `shellcheck -s sh` and tests/launch.rs runs it
-# under dash against a stub `docker`. Host tools: docker, sed, tr, sleep.
+# under dash against a stub `docker`. Host tools: docker, sed, tr, grep, head, sleep, date.
 #
 # Settings are resolved like Compose resolves ${NAME:-default}: the caller's environment first,
 # then .env, then the default, so `CONSUMER_REPLICAS=4 ./launch.sh` runs 4 consumers whatever
@@ -135,6 +136,8 @@ grafana_bind_address=$(setting GRAFANA_BIND_ADDRESS 127.0.0.1)
 grafana_anonymous=$(setting GRAFANA_ANONYMOUS false)
 grafana_admin_user=$(setting GRAFANA_ADMIN_USER admin)
 grafana_admin_password=$(setting GRAFANA_ADMIN_PASSWORD admin)
+kafka_ui_readonly=$(setting KAFKA_UI_READONLY true)
+expose_unauthenticated=$(setting EXPOSE_UNAUTHENTICATED_SERVICES false)
 grafana_influx_user=$(setting GRAFANA_INFLUXDB_USER grafana)
 grafana_influx_password=$(setting GRAFANA_INFLUXDB_PASSWORD candlestream-grafana-dev)
 grafana_port=$(setting GRAFANA_PORT 3000)
@@ -160,6 +163,8 @@ positive PROMETHEUS_PORT "$prometheus_port"
 # InfluxDB refuses a shorter password: its setup would fail and the container never turn healthy.
 [ "${#influx_password}" -ge 8 ] || die "INFLUXDB_PASSWORD must have at least 8 characters (InfluxDB refuses shorter ones)."
 [ "${#grafana_influx_password}" -ge 8 ] || die "GRAFANA_INFLUXDB_PASSWORD must have at least 8 characters (InfluxDB refuses shorter ones)."
+# Grafana's password reset (below) refuses 4 characters or fewer.
+[ "${#grafana_admin_password}" -ge 5 ] || die "GRAFANA_ADMIN_PASSWORD must have at least 5 characters (Grafana refuses shorter ones)."
 
 # --- Exposure --------------------------------------------------------------------------------
 # Published beyond this machine, or open to viewers without a login, the stack must not run with a
@@ -171,6 +176,21 @@ loopback() {
     *) return 1 ;;
   esac
 }
+# BIND_ADDRESS publishes services that no password protects: the Schema Registry (writable),
+# Kafka's plaintext LOCAL listener, Kafka-UI, Prometheus and the metrics ports. Passwords of our
+# own do not make that safe, so it takes a setting that says so; and a Kafka-UI that may delete
+# topics is never published. Grafana's own address (GRAFANA_BIND_ADDRESS) needs neither: Grafana
+# has logins and reads InfluxDB read-only.
+if ! loopback "$bind_address"; then
+  [ "$kafka_ui_readonly" = true ] || die "BIND_ADDRESS=$bind_address with KAFKA_UI_READONLY=$kafka_ui_readonly: anyone who reaches
+  Kafka-UI (no login) could delete topics and change their settings. Set KAFKA_UI_READONLY=true, or keep
+  BIND_ADDRESS on 127.0.0.1."
+  [ "$expose_unauthenticated" = true ] || die "BIND_ADDRESS=$bind_address would publish services that no password protects: the Schema
+  Registry (writable), Kafka's plaintext listener (ports 19091-19093), Kafka-UI, Prometheus and the
+  metrics ports. For a public dashboard set GRAFANA_BIND_ADDRESS instead and keep BIND_ADDRESS on
+  127.0.0.1. To publish them all anyway (a network you trust, or a firewall in front of Docker),
+  set EXPOSE_UNAUTHENTICATED_SERVICES=true (README, Public dashboard)."
+fi
 exposure=
 loopback "$grafana_bind_address" || exposure="GRAFANA_BIND_ADDRESS=$grafana_bind_address"
 loopback "$bind_address" || exposure="BIND_ADDRESS=$bind_address"
@@ -227,7 +247,25 @@ esac
 # before the JVMs start, so that the two never need memory at the same time on a first start.
 compose --profile app build producer
 compose up -d
-for service in zookeeper broker_1 broker_2 broker_3 schema-registry influxdb; do
+
+# --- Grafana's admin password ----------------------------------------------------------------
+# GF_SECURITY_ADMIN_PASSWORD applies only on Grafana's first start; after that Grafana keeps the
+# password in its database (grafana_data), whatever .env says. So it is set from the settings on
+# every run, right after Grafana turns healthy: a password changed in .env (say, before
+# publishing the dashboard) replaces the old one at once, and the exposure check above is about
+# the password Grafana really takes. On stdin, so it shows on no command line (`ps`). The reset
+# applies to the admin account Grafana created on its first start (user id 1), under the login
+# it was given then.
+wait_healthy influxdb
+wait_healthy grafana
+if ! out=$(printf '%s\n' "$grafana_admin_password" | compose exec -T grafana grafana cli \
+  --homepath /usr/share/grafana --config /etc/grafana/grafana.ini \
+  admin reset-admin-password --password-from-stdin 2>&1); then
+  die "could not set Grafana's admin password: $out"
+fi
+echo "Grafana: admin password set from GRAFANA_ADMIN_PASSWORD"
+
+for service in zookeeper broker_1 broker_2 broker_3 schema-registry kafka-ui prometheus; do
   wait_healthy "$service"
 done
 
@@ -262,7 +300,8 @@ echo "InfluxDB: token, org '$influx_org' and bucket '$influx_bucket' are valid"
 # A v1 authorization that may only read the bucket: InfluxQL through Grafana then cannot write,
 # drop or delete. Created once; its password is set from .env on every run, so changing
 # GRAFANA_INFLUXDB_PASSWORD takes effect with ./launch.sh (and Grafana's next start). Token and
-# password travel on stdin.
+# password travel on stdin, and influx reads the password from its own stdin when that is not a
+# terminal (influx-cli 2.1 and later), so neither shows on a command line in the container.
 bucket_id=$(printf '%s\n' "$out" | sed -n 's/.*"id": "\([0-9a-f]*\)".*/\1/p' | head -n 1)
 [ -n "$bucket_id" ] || die "could not read the id of bucket '$influx_bucket' from: $out"
 # shellcheck disable=SC2016 # $1..$4 expand in the container's shell
@@ -270,9 +309,9 @@ if ! out=$(printf '%s\n%s\n' "$influx_token" "$grafana_influx_password" | compos
   read -r INFLUX_TOKEN && read -r password && export INFLUX_TOKEN
   host=http://localhost:8086
   if influx v1 auth list --host $host --username "$1" --json | grep -q "\"token\": \"$1\""; then
-    influx v1 auth set-password --host $host --username "$1" --password "$password" && echo "password set"
+    printf "%s\n" "$password" | influx v1 auth set-password --host $host --username "$1" && echo "password set"
   else
-    influx v1 auth create --host $host --org "$2" --read-bucket "$3" --username "$1" --password "$password" \
+    printf "%s\n" "$password" | influx v1 auth create --host $host --org "$2" --read-bucket "$3" --username "$1" \
       --description "Grafana: read-only on bucket $4" >/dev/null && echo created
   fi' grafana-reader "$grafana_influx_user" "$influx_org" "$bucket_id" "$influx_bucket" 2>&1); then
   die "could not give Grafana its read-only InfluxDB credential '$grafana_influx_user': $out"
@@ -292,16 +331,20 @@ transient() {
   esac
 }
 
-# kafka_tool WHAT COMMAND...: runs a Kafka tool in broker_1, retrying transient failures for up
-# to a minute.
+# kafka_tool WHAT COMMAND...: runs a Kafka tool in broker_1, retrying transient failures until
+# HEALTH_TIMEOUT seconds have passed since the first try. A deadline, not a number of tries: one
+# try can take a minute by itself (the admin client's timeout), so counting tries could wait half
+# an hour. Each retry says why, so the wait is never silent for longer than one try.
 kafka_tool() {
   what=$1
   shift
-  tries=1
+  deadline=$(($(date +%s) + health_timeout))
   until out=$(compose exec -T -e KAFKA_HEAP_OPTS=-Xmx256m broker_1 "$@" 2>&1); do
     transient "$out" || die "$what failed: $out"
-    [ "$tries" -lt 30 ] || die "$what still failing after $tries tries: $out"
-    tries=$((tries + 1))
+    left=$((deadline - $(date +%s)))
+    [ "$left" -gt 0 ] || die "$what still failing after ${health_timeout}s (HEALTH_TIMEOUT): $out"
+    printf 'launch.sh: %s: %s; trying again (%ss left)\n' "$what" \
+      "$(printf '%s\n' "$out" | grep -v '^[[:space:]]*$' | head -n 1)" "$left" >&2
     sleep 2
   done
 }

@@ -671,3 +671,25 @@ fn readme_quick_start_is_one_command_and_every_reset_includes_the_app_profile() 
         );
     }
 }
+
+#[test]
+fn the_image_build_caps_its_compiler_jobs_with_one_default() {
+    // The Dockerfile's default, which .env can raise through the compose file's build argument.
+    let dockerfile = repo("Dockerfile");
+    let default = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG CARGO_BUILD_JOBS="))
+        .expect("the Dockerfile declares ARG CARGO_BUILD_JOBS=N");
+    let compose = yaml("docker-compose.yml");
+    let app = merged(&compose["services"]["producer"]);
+    let build = merged(&app["build"]);
+    assert_eq!(scalar(&build["context"]), ".");
+    assert_eq!(
+        scalar(&merged(&build["args"])["CARGO_BUILD_JOBS"]),
+        format!("${{CARGO_BUILD_JOBS:-{default}}}")
+    );
+    assert!(
+        repo(".env.example").contains(&format!("\nCARGO_BUILD_JOBS={default}\n")),
+        ".env.example states the same default"
+    );
+}

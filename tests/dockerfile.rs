@@ -1,7 +1,9 @@
 //! The Dockerfile's build stages, replayed without a Docker engine: each stage gets a directory
 //! of its own standing for its filesystem, COPY copies from the build context (the checkout less
 //! what .dockerignore leaves out) or from an earlier stage, WORKDIR and ENV apply, and RUN runs
-//! its command with `sh` there. So a target that the manifests declare but the image cannot
+//! its command with `sh` there, and ARG sets its variable in the environment of the stage's RUNs
+//! (a declaration before the first FROM gives the default that a stage's bare `ARG NAME` takes).
+//! So a target that the manifests declare but the image cannot
 //! build (a bench whose file the context lacks, say) fails here, in CI, and not on a user's first
 //! `./launch.sh`.
 //!
@@ -143,7 +145,18 @@ fn the_dockerfile_build_stages_build_the_binary_the_runtime_stage_copies() {
     let mut current: Option<(String, Stage)> = None;
     let mut last_build: Option<(String, String)> = None; // (stage, command)
     let mut runtime_copy: Option<(String, String)> = None; // (stage, path)
+    // Build arguments declared before the first FROM, with their defaults.
+    let mut global_args: BTreeMap<String, String> = BTreeMap::new();
+    // The environment of every cargo build of the build stages.
+    let mut cargo_envs: Vec<BTreeMap<String, String>> = Vec::new();
     for (keyword, args) in instructions(&dockerfile) {
+        if keyword == "ARG" && current.is_none() {
+            let (k, v) = args
+                .split_once('=')
+                .expect("a global ARG has a default: ARG NAME=value");
+            global_args.insert(k.into(), v.into());
+            continue;
+        }
         if keyword == "FROM" {
             if let Some((name, stage)) = current.take() {
                 stages.insert(name, stage);
@@ -187,6 +200,18 @@ fn the_dockerfile_build_stages_build_the_binary_the_runtime_stage_copies() {
             "ENV" => {
                 let (k, v) = args.split_once('=').expect("ENV KEY=value");
                 stage.env.insert(k.into(), v.into());
+            }
+            "ARG" => {
+                let (k, v) = match args.split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => {
+                        let v = global_args.get(&args).unwrap_or_else(|| {
+                            panic!("ARG {args} in stage {name}: no default before the first FROM")
+                        });
+                        (args.clone(), v.clone())
+                    }
+                };
+                stage.env.insert(k, v);
             }
             "COPY" => {
                 let mut words: Vec<&str> = args.split_whitespace().collect();
@@ -241,6 +266,9 @@ fn the_dockerfile_build_stages_build_the_binary_the_runtime_stage_copies() {
                 if args.contains("cargo build") {
                     last_build = Some((name.clone(), args.clone()));
                 }
+                if args.contains("cargo build") || args.contains("cargo chef cook") {
+                    cargo_envs.push(stage.env.clone());
+                }
                 if command.is_empty() {
                     continue;
                 }
@@ -281,6 +309,18 @@ fn the_dockerfile_build_stages_build_the_binary_the_runtime_stage_copies() {
         "the runtime stage copies the binary from where cargo builds it"
     );
     assert_eq!(bin, "candlestream");
+
+    // Every compiling step runs with its jobs capped (README, Memory): cargo's default of one job
+    // per CPU can outgrow a 4 GiB Docker on a many-core machine.
+    assert_eq!(cargo_envs.len(), 2, "cargo chef cook and cargo build");
+    for env in &cargo_envs {
+        let jobs: u32 = env
+            .get("CARGO_BUILD_JOBS")
+            .expect("the build stage's cargo runs with CARGO_BUILD_JOBS")
+            .parse()
+            .expect("CARGO_BUILD_JOBS is a number");
+        assert_eq!(jobs, 2, "the default the README's figures are for");
+    }
 }
 
 /// Packages every Debian image has: the C library and what Debian's Essential packages depend on

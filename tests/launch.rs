@@ -2,6 +2,8 @@
 //! calls and answers like Docker with Compose v2, and the fake Schema Registry behind the stub's
 //! `compose exec schema-registry curl`. Each test runs in a copy of the scripts, with a PATH that
 //! holds the stub and a few basic tools only: no real Docker, curl, jq or python on the host side.
+//! The stub also plays `influx` and `grafana` inside their containers, so what those processes
+//! get on their command lines is recorded and checked for secrets too.
 
 mod support;
 
@@ -64,7 +66,9 @@ impl Sandbox {
         std::fs::create_dir_all(root.path().join("state")).unwrap();
         let dash = which("dash").expect("dash runs the shell tests (Debian: apt-get install dash)");
         std::os::unix::fs::symlink(dash, bin.join("sh")).unwrap();
-        for tool in ["cat", "sed", "tr", "grep", "head", "sleep", "dirname"] {
+        for tool in [
+            "cat", "sed", "tr", "grep", "head", "sleep", "dirname", "date",
+        ] {
             let found = which(tool).unwrap_or_else(|| panic!("{tool} not found"));
             std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
         }
@@ -72,13 +76,15 @@ impl Sandbox {
             root,
             registry_url: registry.map(FakeRegistry::url),
         };
-        sandbox.install_stub("docker");
+        sandbox.install_stub("bin", "docker");
+        sandbox.install_stub("container-bin", "influx");
         sandbox
     }
 
-    fn install_stub(&self, name: &str) {
+    fn install_stub(&self, dir: &str, name: &str) {
         use std::os::unix::fs::PermissionsExt;
-        let target = self.root.path().join("bin").join(name);
+        std::fs::create_dir_all(self.root.path().join(dir)).unwrap();
+        let target = self.root.path().join(dir).join(name);
         std::fs::copy(repo("tests/stubs/docker"), &target).unwrap();
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
@@ -97,6 +103,7 @@ impl Sandbox {
             .env_clear()
             .env("PATH", self.root.path().join("bin"))
             .env("STUB_DIR", self.root.path().join("state"))
+            .env("STUB_CONTAINER_BIN", self.root.path().join("container-bin"))
             .env("WAIT_SECONDS", "5");
         if let Some(url) = &self.registry_url {
             cmd.env("STUB_REGISTRY_URL", url)
@@ -124,9 +131,34 @@ impl Sandbox {
         self.lines("calls")
     }
 
+    /// The calls of `influx` and `grafana` inside their containers, with the arguments their
+    /// process list would show: "influx v1 auth list --host … --username grafana --json", …
+    fn container_calls(&self) -> Vec<String> {
+        self.lines("container-calls")
+    }
+
     /// What the calls changed in the pretend deployment: containers started, topics created, scale.
     fn changes(&self) -> Vec<String> {
         self.lines("changes")
+    }
+
+    /// Asserts that no secret shows in any argument of any call, on the host or in a container.
+    fn assert_on_no_command_line(&self, secrets: &[&str]) {
+        let calls = [self.calls(), self.container_calls()].concat();
+        for secret in secrets {
+            assert!(
+                !calls.iter().any(|c| c.contains(secret)),
+                "{secret} on a command line: {calls:#?}"
+            );
+        }
+    }
+
+    /// The admin password the pretend Grafana accepts.
+    fn grafana_admin_password(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("state/grafana-admin-password"))
+            .unwrap()
+            .trim_end()
+            .to_string()
     }
 }
 
@@ -217,16 +249,26 @@ async fn first_run_sets_everything_up_and_a_second_run_changes_nothing() {
             .any(|c| c.starts_with("docker compose exec -T schema-registry curl")),
         "{calls:#?}"
     );
-    // The InfluxDB token travels on stdin, never on a command line.
+    // The InfluxDB token and the passwords travel on stdin, never on a command line, neither
+    // docker's on the host nor influx's or grafana's in their containers.
     assert!(
         calls
             .iter()
             .any(|c| c.starts_with("docker compose exec -T influxdb")),
         "{calls:#?}"
     );
-    for secret in ["candlestream-dev-token", "candlestream-grafana-dev"] {
-        assert!(!calls.iter().any(|c| c.contains(secret)), "{calls:#?}");
+    let in_containers = sandbox.container_calls();
+    for tool in ["influx bucket list", "influx v1 auth create", "grafana cli"] {
+        assert!(
+            in_containers.iter().any(|c| c.starts_with(tool)),
+            "{tool}: {in_containers:#?}"
+        );
     }
+    sandbox.assert_on_no_command_line(&["candlestream-dev-token", "candlestream-grafana-dev"]);
+    assert!(
+        !in_containers.iter().any(|c| c.contains("--password ")),
+        "{in_containers:#?}"
+    );
     // What a new user needs to find their way: the dashboard's real title and the logins.
     for shown in [
         "http://localhost:3000",
@@ -408,7 +450,7 @@ fn compose_v2_is_required() {
     );
 
     // Only the old Python docker-compose: refused, with the reason.
-    sandbox.install_stub("docker-compose");
+    sandbox.install_stub("bin", "docker-compose");
     let run = sandbox.run(&[("STUB_COMPOSE", "none")]);
     assert!(!run.ok);
     assert!(
@@ -532,13 +574,7 @@ async fn retention_and_grafanas_password_follow_the_settings_on_the_next_run() {
             "set retention.ms=3600000 on topic crypto-ticker-dlq",
         ]
     );
-    assert!(
-        !sandbox
-            .calls()
-            .iter()
-            .any(|c| c.contains("a-new-reader-pw")),
-        "password on a command line"
-    );
+    sandbox.assert_on_no_command_line(&["a-new-reader-pw"]);
 }
 
 /// Every secret set to a value of its own, as a public deployment must.
@@ -550,14 +586,18 @@ const OWN_SECRETS: &str = "GRAFANA_ADMIN_PASSWORD=an-admin-secret\n\
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn public_exposure_is_refused_while_a_secret_is_a_default() {
     let example = std::fs::read_to_string(repo(".env.example")).unwrap();
-    for (env, exposure) in [
-        ("", "GRAFANA_ANONYMOUS=true"),
-        ("", "GRAFANA_BIND_ADDRESS=0.0.0.0"),
-        (example.as_str(), "GRAFANA_ANONYMOUS=true"),
-        (example.as_str(), "BIND_ADDRESS=0.0.0.0"),
+    for (env, exposure, opt_in) in [
+        ("", "GRAFANA_ANONYMOUS=true", ""),
+        ("", "GRAFANA_BIND_ADDRESS=0.0.0.0", ""),
+        (example.as_str(), "GRAFANA_ANONYMOUS=true", ""),
+        (
+            example.as_str(),
+            "BIND_ADDRESS=0.0.0.0",
+            "EXPOSE_UNAUTHENTICATED_SERVICES=true",
+        ),
     ] {
         let sandbox = Sandbox::new(None);
-        sandbox.write_env(&format!("{env}\n{exposure}\n"));
+        sandbox.write_env(&format!("{env}\n{exposure}\n{opt_in}\n"));
         let run = sandbox.run(&[]);
         assert!(!run.ok, "{exposure} with defaults: {run:?}");
         assert!(
@@ -635,4 +675,176 @@ fn too_little_memory_for_the_stack_is_said_before_anything_starts() {
     let sandbox = Sandbox::new(None);
     let run = sandbox.run(&[("STUB_UNHEALTHY", "zookeeper"), ("HEALTH_TIMEOUT", "1")]);
     assert!(!run.stderr.contains("MiB of memory"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_bind_address_needs_its_own_opt_in_and_a_read_only_kafka_ui() {
+    // Secrets of its own are not enough: what BIND_ADDRESS publishes has no password at all.
+    let sandbox = Sandbox::new(None);
+    sandbox.write_env(&format!("{OWN_SECRETS}BIND_ADDRESS=0.0.0.0\n"));
+    let run = sandbox.run(&[("STUB_INFLUX_TOKEN", "a-long-operator-token")]);
+    assert!(!run.ok, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("BIND_ADDRESS=0.0.0.0 would publish services that no password protects"),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.contains("set GRAFANA_BIND_ADDRESS instead")
+            && run.stderr.contains("EXPOSE_UNAUTHENTICATED_SERVICES=true"),
+        "says what to do: {run:?}"
+    );
+    assert!(sandbox.changes().is_empty(), "{:#?}", sandbox.changes());
+
+    // A Kafka-UI that may delete topics is never published, opt-in or not.
+    for readonly in ["false", "no"] {
+        let sandbox = Sandbox::new(None);
+        sandbox.write_env(&format!(
+            "{OWN_SECRETS}BIND_ADDRESS=192.168.1.20\nEXPOSE_UNAUTHENTICATED_SERVICES=true\nKAFKA_UI_READONLY={readonly}\n"
+        ));
+        let run = sandbox.run(&[("STUB_INFLUX_TOKEN", "a-long-operator-token")]);
+        assert!(!run.ok, "{run:?}");
+        assert!(
+            run.stderr.contains(&format!(
+                "BIND_ADDRESS=192.168.1.20 with KAFKA_UI_READONLY={readonly}: anyone who reaches"
+            )),
+            "{run:?}"
+        );
+        assert!(sandbox.changes().is_empty(), "{:#?}", sandbox.changes());
+    }
+    // On loopback, an editable Kafka-UI is the user's own business.
+    let sandbox = Sandbox::new(None);
+    let run = sandbox.run(&[
+        ("KAFKA_UI_READONLY", "false"),
+        ("STUB_UNHEALTHY", "zookeeper"),
+        ("HEALTH_TIMEOUT", "1"),
+    ]);
+    assert!(
+        run.stderr.contains("zookeeper is 'starting'"),
+        "got as far as the platform: {run:?}"
+    );
+
+    // Opted in, with secrets of its own: it runs.
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+    sandbox.write_env(&format!(
+        "{OWN_SECRETS}BIND_ADDRESS=0.0.0.0\nEXPOSE_UNAUTHENTICATED_SERVICES=true\n"
+    ));
+    let run = run_async(&sandbox, &[("STUB_INFLUX_TOKEN", "a-long-operator-token")]).await;
+    assert!(run.ok, "{run:?}");
+    assert!(run.stdout.contains("candlestream is running"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafanas_admin_password_follows_the_settings_on_every_run_before_the_rest_is_waited_for() {
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+    // First start without .env: Grafana takes the default, and the reset leaves it as it is.
+    let first = run_async(&sandbox, &[]).await;
+    assert!(first.ok, "{first:?}");
+    assert_eq!(sandbox.grafana_admin_password(), "admin");
+    assert!(
+        !sandbox
+            .changes()
+            .iter()
+            .any(|c| c.contains("Grafana admin")),
+        "{:#?}",
+        sandbox.changes()
+    );
+    let before = sandbox.changes().len();
+    let calls_before = sandbox.calls().len();
+
+    // Secrets of its own, then the dashboard published: GF_SECURITY_ADMIN_PASSWORD no longer
+    // applies, so without the reset Grafana would still take "admin" from anyone.
+    sandbox.write_env(&format!("{OWN_SECRETS}GRAFANA_BIND_ADDRESS=0.0.0.0\n"));
+    let second = run_async(&sandbox, &[("STUB_INFLUX_TOKEN", "a-long-operator-token")]).await;
+    assert!(second.ok, "{second:?}");
+    assert_eq!(sandbox.grafana_admin_password(), "an-admin-secret");
+    assert_eq!(
+        sandbox.changes()[before..],
+        [
+            "set the Grafana admin password",
+            "set the password of InfluxDB v1 user grafana",
+        ]
+    );
+    sandbox.assert_on_no_command_line(&[
+        "an-admin-secret",
+        "a-long-operator-token",
+        "a-reader-secret",
+    ]);
+    // Set as soon as Grafana is healthy: before the brokers and the rest are waited for.
+    let calls = &sandbox.calls()[calls_before..];
+    let position = |prefix: &str| {
+        calls
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}: {calls:#?}"))
+    };
+    assert!(
+        position("docker compose ps -q grafana") < position("docker compose exec -T grafana")
+            && position("docker compose exec -T grafana")
+                < position("docker compose ps -q zookeeper"),
+        "{calls:#?}"
+    );
+
+    // Too short for Grafana: refused before anything starts.
+    let sandbox = Sandbox::new(None);
+    let run = sandbox.run(&[("GRAFANA_ADMIN_PASSWORD", "abcd")]);
+    assert!(!run.ok, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("GRAFANA_ADMIN_PASSWORD must have at least 5 characters"),
+        "{run:?}"
+    );
+    assert!(sandbox.changes().is_empty());
+}
+
+#[test]
+fn grafana_kafka_ui_and_prometheus_are_waited_for_too() {
+    std::thread::scope(|scope| {
+        for service in ["grafana", "kafka-ui", "prometheus"] {
+            scope.spawn(move || {
+                let sandbox = Sandbox::new(None);
+                let run = sandbox.run(&[("STUB_UNHEALTHY", service), ("HEALTH_TIMEOUT", "1")]);
+                assert!(!run.ok, "{run:?}");
+                assert!(
+                    run.stderr.contains(&format!(
+                        "{service} is 'starting' after 1s; see: docker compose logs {service}"
+                    )),
+                    "{run:?}"
+                );
+                assert!(!run.stdout.contains("candlestream is running"), "{run:?}");
+                assert_eq!(
+                    sandbox.changes(),
+                    ["built the app image", "started the platform"]
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn kafka_tool_retries_end_at_a_deadline_and_say_so_meanwhile() {
+    let sandbox = Sandbox::new(None);
+    let started = std::time::Instant::now();
+    let run = sandbox.run(&[("STUB_TOPIC_FAILURES", "1000"), ("HEALTH_TIMEOUT", "3")]);
+    let took = started.elapsed();
+    assert!(!run.ok, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("creating topic crypto-ticker still failing after 3s (HEALTH_TIMEOUT): "),
+        "{run:?}"
+    );
+    // Every retry says why, and how long is left.
+    assert!(
+        run.stderr.contains(
+            "launch.sh: creating topic crypto-ticker: Error while executing topic command : \
+             Replication factor: 3 larger than available brokers: 2.; trying again ("
+        ),
+        "{run:?}"
+    );
+    let tries = topic_call(&sandbox.calls(), "crypto-ticker").len();
+    assert!((2..=3).contains(&tries), "{tries} tries: {run:?}");
+    // A try every 2 s until 3 s have passed (the old count of 30 tries took a minute).
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
 }

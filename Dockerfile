@@ -48,6 +48,9 @@ RUN apt-get update \
 COPY --from=build /build/target/release/candlestream /usr/local/bin/candlestream
 COPY config/default.toml /etc/candlestream/default.toml
 ENV CANDLESTREAM_CONFIG=/etc/candlestream/default.toml
+# In a container /healthz and /metrics listen on all of its interfaces (the default is loopback,
+# for a process on a host); what reaches them is decided where the port is published.
+ENV CANDLESTREAM__HTTP__LISTEN=0.0.0.0:9100
 USER 10001
 EXPOSE 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["candlestream", "healthcheck"]

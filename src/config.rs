@@ -504,7 +504,7 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            listen: ([0, 0, 0, 0], 9100).into(),
+            listen: ([127, 0, 0, 1], 9100).into(),
         }
     }
 }

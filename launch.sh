@@ -206,22 +206,36 @@ if [ -n "$exposure" ]; then
 fi
 
 # --- Platform --------------------------------------------------------------------------------
+# wait_healthy SERVICE: until every container of SERVICE reports healthy (each consumer replica);
+# after HEALTH_TIMEOUT seconds it stops, naming the service, and for a candlestream role also what
+# the first container not healthy says on /healthz: the check that fails, or that nothing answers
+# (a role that exits at start).
 wait_healthy() {
   waited=0
   printf 'waiting for %s ' "$1"
   while :; do
-    status=missing
-    id=$(compose ps -q "$1" 2>/dev/null) || id=
-    if [ -n "$id" ]; then
+    status=missing id=
+    ids=$(compose ps -q "$1" 2>/dev/null) || ids=
+    for id in $ids; do
       status=$(docker inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null) || status=missing
-    fi
+      [ "$status" = healthy ] || break
+    done
     if [ "$status" = healthy ]; then
       echo "healthy"
       return 0
     fi
     if [ "$waited" -ge "$health_timeout" ]; then
       echo
-      die "$1 is '$status' after ${health_timeout}s; see: $compose_name logs $1"
+      says=
+      case $1 in
+        producer | consumer | verifier)
+          if [ -n "$id" ]; then
+            says=$(docker exec "$id" candlestream healthcheck 2>&1) || :
+            [ -z "$says" ] || says="
+  its /healthz: $says"
+          fi ;;
+      esac
+      die "$1 is '$status' after ${health_timeout}s; see: $compose_name logs $1$says"
     fi
     printf .
     sleep 2
@@ -374,6 +388,12 @@ SCHEMA_REGISTRY_URL=http://localhost:8081 SCHEMA_REGISTRY_CURL="$compose_name ex
 
 # --- The app ---------------------------------------------------------------------------------
 compose --profile app up -d --scale consumer="$replicas" producer consumer verifier
+# Why wait: what launch.sh prints next is what the user acts on, opening Grafana; a role that
+# exits at start on a setting it refuses (and restarts, over and over) would otherwise show only
+# as an empty chart.
+for service in producer consumer verifier; do
+  wait_healthy "$service"
+done
 
 url_host() {
   case $1 in

@@ -823,6 +823,68 @@ fn grafana_kafka_ui_and_prometheus_are_waited_for_too() {
     });
 }
 
+/// The app roles are waited for before "running" is said, every consumer replica of them: one
+/// that never turns healthy stops it with what its /healthz says, and a run where all are healthy
+/// asked each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_roles_are_waited_for_and_one_not_healthy_says_why() {
+    let registry = FakeRegistry::start().await;
+    let sandbox = Arc::new(Sandbox::new(Some(&registry)));
+    let run = run_async(
+        &sandbox,
+        &[
+            ("STUB_UNHEALTHY", "consumer-3"),
+            ("CONSUMER_REPLICAS", "3"),
+            ("HEALTH_TIMEOUT", "1"),
+        ],
+    )
+    .await;
+    assert!(!run.ok, "{run:?}");
+    assert!(
+        run.stderr.contains(
+            "consumer is 'starting' after 1s; see: docker compose logs consumer\n  its /healthz: Error: http://127.0.0.1:9100/healthz: 503 Service Unavailable: exchange_data:"
+        ),
+        "{run:?}"
+    );
+    assert!(!run.stdout.contains("candlestream is running"), "{run:?}");
+    let calls = sandbox.calls();
+    for container in ["stub-consumer-1", "stub-consumer-2", "stub-consumer-3"] {
+        assert!(
+            calls.contains(&format!(
+                "docker inspect -f {{{{.State.Health.Status}}}} {container}"
+            )),
+            "{container}: {calls:#?}"
+        );
+    }
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.starts_with("docker exec "))
+            .collect::<Vec<_>>(),
+        ["docker exec stub-consumer-3 candlestream healthcheck"]
+    );
+    assert_eq!(
+        sandbox.changes().last().map(String::as_str),
+        Some("scaled consumer=3")
+    );
+
+    // Healthy: each role was asked, after it was started, before "running".
+    let run = run_async(&sandbox, &[("CONSUMER_REPLICAS", "3")]).await;
+    assert!(run.ok, "{run:?}");
+    assert!(run.stdout.contains("candlestream is running"), "{run:?}");
+    let calls = sandbox.calls();
+    let last_start = calls
+        .iter()
+        .rposition(|c| c.starts_with("docker compose --profile app up -d"))
+        .expect("the app started");
+    for role in ["producer", "consumer", "verifier"] {
+        assert!(
+            calls[last_start..].contains(&format!("docker compose ps -q {role}")),
+            "{role}: {calls:#?}"
+        );
+    }
+}
+
 #[test]
 fn kafka_tool_retries_end_at_a_deadline_and_say_so_meanwhile() {
     let sandbox = Sandbox::new(None);

@@ -291,9 +291,36 @@ impl KafkaCluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// For a failure message: the topic's leaders and ISRs as ZooKeeper holds them, and each
+    /// broker's last warnings and errors.
+    pub fn state(&self, topic: &str) -> String {
+        let mut out = self.describe(topic);
+        for i in 0..self.brokers.len() {
+            let log = self.dir.path().join(format!("broker-{i}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let alarms: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            out += &format!(
+                "broker {} ({}): {} warnings and errors, the last ones:\n{}\n",
+                i + 1,
+                if self.brokers[i].is_some() {
+                    "running"
+                } else {
+                    "killed"
+                },
+                alarms.len(),
+                alarms[alarms.len().saturating_sub(12)..].join("\n")
+            );
+        }
+        out
+    }
+
     /// SIGKILL: the broker gets no chance to hand over leadership.
     pub fn kill_broker(&mut self, i: usize) {
         if let Some(mut child) = self.brokers[i].take() {
+            eprintln!("kafka09: kill -9 broker {} at {}", i + 1, epoch_ms());
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -309,7 +336,10 @@ impl KafkaCluster {
             let child = self.spawn_broker(i);
             self.brokers[i] = Some(child);
             match self.broker_started(i) {
-                Ok(()) => return,
+                Ok(()) => {
+                    eprintln!("kafka09: broker {} started again at {}", i + 1, epoch_ms());
+                    return;
+                }
                 Err(text) if text.contains("already registered") => {
                     self.kill_broker(i);
                     std::thread::sleep(Duration::from_secs(1));
@@ -527,6 +557,14 @@ fn spawn(home: &Path, dir: &Path, name: &str, script: &str, conf: &Path) -> Chil
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {script}: {e}"))
+}
+
+/// Now, in milliseconds since the epoch: the clock of exchange times, for reading logs side by side.
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
 }
 
 fn tail(text: &str) -> String {

@@ -135,8 +135,48 @@ impl Rig {
         if all_stored.is_none() {
             // Where the missing ones stopped: never produced, or in Kafka and not stored.
             let in_kafka = topic_size(&self.cluster.bootstrap(), &self.topic, &client_overrides());
+            let state = self.cluster.state(&self.topic);
+            let rows = self
+                .influx
+                .rows(&self.db, "SELECT symbol, volume FROM ticker")
+                .await;
+            let volumes: std::collections::BTreeSet<(String, u64)> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r["symbol"].as_str().unwrap_or_default().to_string(),
+                        r["volume"].as_f64().unwrap_or_default().to_bits(),
+                    )
+                })
+                .collect();
+            let missing: Vec<String> = sent
+                .iter()
+                .filter(|s| !volumes.contains(&(s.symbol.clone(), s.values[7].to_bits())))
+                .take(5)
+                .map(|s| {
+                    format!(
+                        "{} at exchange time {:?} (seq {:?})",
+                        s.symbol, s.exchange_time, s.seq
+                    )
+                })
+                .collect();
+            // Tolerant: the producer may be what failed.
+            let scraped = match reqwest::get(format!(
+                "http://127.0.0.1:{}/metrics",
+                self.producer_port
+            ))
+            .await
+            {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => format!("no /metrics: {e}"),
+            };
+            let producer: Vec<String> = scraped
+                .lines()
+                .filter(|l| l.starts_with("candlestream_kafka_") || l.starts_with("no /metrics"))
+                .map(String::from)
+                .collect();
             panic!(
-                "{scenario}: timed out waiting for every sent tick to be stored: sent {}, stored {}, in Kafka {in_kafka}",
+                "{scenario}: timed out waiting for every sent tick to be stored: sent {}, stored {}, in Kafka {in_kafka}\nmissing: {missing:#?}\nthe producer's Kafka metrics: {producer:#?}\n{state}",
                 sent.len(),
                 self.stored().await
             );

@@ -21,7 +21,11 @@ const START_MS: i64 = 1_763_787_600_000;
 
 struct Setup {
     topic: String,
-    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    /// Leaked, so that it outlives the test's runtime. Why: when a test panics, the consumer's
+    /// task is dropped with the runtime, after `Setup`; librdkafka's consumer close then waits for
+    /// a cluster that is gone, and the test hung for good (17 minutes in one CI run) instead of
+    /// failing.
+    cluster: &'static MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     registry: FakeRegistry,
     influx: Influx1,
     db: String,
@@ -35,7 +39,7 @@ impl Setup {
 
     async fn with_influx(influx: Influx1) -> Self {
         let topic = unique("ticks");
-        let cluster = MockCluster::new(3).unwrap();
+        let cluster: &'static _ = Box::leak(Box::new(MockCluster::new(3).unwrap()));
         cluster.create_topic(&topic, 3, 3).unwrap();
         cluster
             .create_topic(&format!("{topic}-trades"), 3, 3)

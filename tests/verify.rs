@@ -29,6 +29,11 @@ use support::{Process, SYMBOLS, eventually_async, now_ms, settings_toml};
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 3_600_000;
+
+/// The start of the minute holding `ms`.
+fn minute_of(ms: i64) -> i64 {
+    ms.div_euclid(MINUTE) * MINUTE
+}
 const GRACE: Duration = Duration::from_secs(2);
 const MAX_REPAIRS: usize = 3;
 const WAIT: Duration = Duration::from_secs(90);
@@ -108,7 +113,7 @@ async fn verifier_checks_heals_and_rides_out_an_influx_outage() {
     let mut rig = Rig::new().await;
     // History over the last 110 minutes, up to the last closed minute.
     let t0 = now_ms();
-    let last_closed = t0.div_euclid(MINUTE) * MINUTE - 1;
+    let last_closed = minute_of(t0) - 1;
     for s in SYMBOLS {
         rig.exchange
             .preload_history(s, t0 - 110 * MINUTE, last_closed, 300);
@@ -323,7 +328,7 @@ async fn verifier_checks_heals_and_rides_out_an_influx_outage() {
     tokio::time::sleep(Duration::from_millis(lead as u64)).await;
     let trader = Trader::start(&rig.exchange, &SYMBOLS, 1, Duration::from_millis(200));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let outage_minute = now_ms().div_euclid(MINUTE) * MINUTE;
+    let outage_minute = minute_of(now_ms());
     let missing_before = metric(
         port,
         "candlestream_candles_checked_total",
@@ -434,6 +439,7 @@ async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
     const CANDLES_PER_MINUTE: u32 = 600;
     const REFRESH: Duration = Duration::from_secs(1);
     const SILENCE: Duration = Duration::from_secs(2);
+    const LOOKBACK_MINUTES: i64 = 10;
     let mut influx = tokio::task::spawn_blocking(support::influx1::Influx1::start)
         .await
         .unwrap();
@@ -458,8 +464,8 @@ async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
     // minute of `now - lookback` when it is added, so the first minute stays in the lookback of
     // a pair added up to a minute later (the listing below), whenever in its minute `t0` falls.
     let t0 = now_ms();
-    let last_closed = t0.div_euclid(MINUTE) * MINUTE - 1;
-    let first_minute = (t0 - 10 * MINUTE).div_euclid(MINUTE) * MINUTE + MINUTE;
+    let last_closed = minute_of(t0) - 1;
+    let first_minute = minute_of(t0 - LOOKBACK_MINUTES * MINUTE) + MINUTE;
     let store = |trades: Vec<support::fake_trades::Trade>| {
         let mut lines = String::new();
         for t in trades {
@@ -500,7 +506,7 @@ async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
         ),
     ) + &format!(
         "[health]\nmax_exchange_silence = \"{}ms\"\n\
-         [verify]\ninterval = \"1s\"\ngrace = \"1s\"\nlookback = \"10m\"\n\
+         [verify]\ninterval = \"1s\"\ngrace = \"1s\"\nlookback = \"{LOOKBACK_MINUTES}m\"\n\
          timeframes = [\"1m\", \"1h\"]\nrest_trades_per_minute = {CANDLES_PER_MINUTE}\n\
          rest_candles_per_minute = {CANDLES_PER_MINUTE}\n",
         SILENCE.as_millis()
@@ -620,10 +626,10 @@ async fn verifier_over_60_pairs_stays_healthy_fair_and_follows_the_listing() {
     let changed = Instant::now();
     // What the new pair's lookback holds: it is added within a refresh (asserted below), so a
     // minute that began before `now + refresh + 1 s - lookback` may be out of it under load.
-    let lookback_from = (now_ms() + (REFRESH + Duration::from_secs(1)).as_millis() as i64
-        - 10 * MINUTE)
-        .div_euclid(MINUTE)
-        * MINUTE;
+    let lookback_from = minute_of(
+        now_ms() + (REFRESH + Duration::from_secs(1)).as_millis() as i64
+            - LOOKBACK_MINUTES * MINUTE,
+    );
     let new_minutes: Vec<(String, i64)> = closed(std::slice::from_ref(&new))
         .into_iter()
         .filter(|(_, m)| *m >= lookback_from)

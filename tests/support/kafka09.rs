@@ -211,6 +211,11 @@ impl KafkaCluster {
         }
     }
 
+    /// Where broker `i` writes its output; a restart starts it afresh.
+    fn broker_log(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("broker-{i}.log"))
+    }
+
     /// A broker is ready when it registered itself in ZooKeeper.
     fn wait_for_broker(&self, i: usize) {
         if let Err(log) = self.broker_started(i) {
@@ -220,7 +225,7 @@ impl KafkaCluster {
 
     /// Ok once the broker logs that it started; Err(log) when it gave up or took too long.
     fn broker_started(&self, i: usize) -> Result<(), String> {
-        let log = self.dir.path().join(format!("broker-{i}.log"));
+        let log = self.broker_log(i);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -296,7 +301,7 @@ impl KafkaCluster {
     pub fn state(&self, topic: &str) -> String {
         let mut out = self.describe(topic);
         for i in 0..self.brokers.len() {
-            let log = self.dir.path().join(format!("broker-{i}.log"));
+            let log = self.broker_log(i);
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let alarms: Vec<&str> = text
                 .lines()
@@ -330,7 +335,7 @@ impl KafkaCluster {
     /// until then the broker refuses to register; it is started again until it gets through.
     pub fn restart_broker(&mut self, i: usize) {
         self.kill_broker(i);
-        let log = self.dir.path().join(format!("broker-{i}.log"));
+        let log = self.broker_log(i);
         for _ in 0..30 {
             let _ = std::fs::remove_file(&log);
             let child = self.spawn_broker(i);

@@ -100,12 +100,15 @@ impl Rig {
     }
 
     pub async fn metrics(&self) -> String {
+        self.try_metrics().await.unwrap()
+    }
+
+    /// The producer's /metrics, or why there is none (the producer may be what failed).
+    async fn try_metrics(&self) -> Result<String, reqwest::Error> {
         reqwest::get(format!("http://127.0.0.1:{}/metrics", self.producer_port))
-            .await
-            .unwrap()
+            .await?
             .text()
             .await
-            .unwrap()
     }
 
     /// Records Kafka acknowledged to the producer, from its /metrics.
@@ -160,16 +163,10 @@ impl Rig {
                     )
                 })
                 .collect();
-            // Tolerant: the producer may be what failed.
-            let scraped = match reqwest::get(format!(
-                "http://127.0.0.1:{}/metrics",
-                self.producer_port
-            ))
-            .await
-            {
-                Ok(r) => r.text().await.unwrap_or_default(),
-                Err(e) => format!("no /metrics: {e}"),
-            };
+            let scraped = self
+                .try_metrics()
+                .await
+                .unwrap_or_else(|e| format!("no /metrics: {e}"));
             let producer: Vec<String> = scraped
                 .lines()
                 .filter(|l| l.starts_with("candlestream_kafka_") || l.starts_with("no /metrics"))

@@ -28,6 +28,7 @@ async fn broker_loss() {
 
     // One broker dies: replication 3 with min.insync 2 still takes writes.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = rig.high_watermarks().await;
     rig.cluster.kill_broker(0);
     let before = rig.produced().await;
     let kept_going = until(Duration::from_secs(30), || async {
@@ -39,7 +40,10 @@ async fn broker_loss() {
         "the producer kept writing with one broker down"
     );
 
-    // A second one dies: no acks are possible; the producer holds the data and says so.
+    // A second one dies: no acks are possible; the producer holds the data and says so. Not
+    // before the first election is complete on every partition: Kafka 0.9 would lose acknowledged
+    // records otherwise (see `wait_refetched`).
+    rig.wait_refetched(&held, Duration::from_secs(60)).await;
     rig.cluster.kill_broker(1);
     let unhealthy = until(Duration::from_secs(45), || async {
         let (status, body) = rig.health().await;

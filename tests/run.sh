@@ -25,6 +25,10 @@ echo "cargo fmt --check and cargo clippy -D warnings passed"
 # InfluxDB and Prometheus (6 of 18 minutes busy on 2 cores, measured). It runs at the lowest
 # priority, so the timing of the end-to-end tests sees no more load than before.
 cargo test --locked --no-run
+# A failing test's message names its file and line. A backtrace adds some 40 lines of tokio's
+# frames after it, and a CI log that keeps only its end lost a failure's message so. Off unless
+# asked for with RUST_BACKTRACE_TESTS=1 (CI machines often set RUST_BACKTRACE=1 for everything).
+export RUST_BACKTRACE="${RUST_BACKTRACE_TESTS:-0}"
 lane_log=$(mktemp)
 trap 'rm -f "$lane_log"' EXIT
 nice -n 19 cargo test --locked --test dockerfile "$@" >"$lane_log" 2>&1 &

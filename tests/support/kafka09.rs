@@ -316,7 +316,7 @@ impl KafkaCluster {
                     "killed"
                 },
                 alarms.len(),
-                alarms[alarms.len().saturating_sub(12)..].join("\n")
+                alarms[alarms.len().saturating_sub(6)..].join("\n")
             );
         }
         out

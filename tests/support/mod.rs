@@ -129,37 +129,53 @@ pub fn committed_offsets(
         .collect()
 }
 
-/// Number of records in `topic` (sum of high watermarks; nothing is deleted in tests). Retries
-/// while a partition has no leader, as after a broker was killed.
+/// Number of records in `topic` (sum of high watermarks; nothing is deleted in tests).
 pub fn topic_size(
     brokers: &str,
     topic: &str,
     client_overrides: &BTreeMap<String, String>,
 ) -> usize {
+    high_watermarks(brokers, topic, client_overrides)
+        .iter()
+        .map(|&high| high as usize)
+        .sum()
+}
+
+/// Each partition's high watermark, by partition id, as its leader of the moment answers.
+/// Retries while a partition has no leader, as after a broker was killed.
+pub fn high_watermarks(
+    brokers: &str,
+    topic: &str,
+    client_overrides: &BTreeMap<String, String>,
+) -> Vec<i64> {
     let consumer = reader(brokers, client_overrides);
     let mut attempts = 0;
     loop {
-        let size = consumer
+        let highs = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .and_then(|metadata| {
-                metadata.topics()[0]
+                let mut ids: Vec<i32> = metadata.topics()[0]
                     .partitions()
                     .iter()
+                    .map(|p| p.id())
+                    .collect();
+                ids.sort_unstable();
+                ids.into_iter()
                     .map(|p| {
                         consumer
-                            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                            .map(|(low, high)| (high - low) as usize)
+                            .fetch_watermarks(topic, p, Duration::from_secs(10))
+                            .map(|(_, high)| high)
                     })
-                    .sum::<Result<usize, _>>()
+                    .collect::<Result<Vec<i64>, _>>()
             });
-        match size {
-            Ok(n) => return n,
+        match highs {
+            Ok(highs) => return highs,
             Err(e) if attempts < 10 => {
                 attempts += 1;
-                eprintln!("topic_size({topic}): {e}; retrying");
+                eprintln!("high_watermarks({topic}): {e}; retrying");
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Err(e) => panic!("cannot size {topic}: {e}"),
+            Err(e) => panic!("cannot read the high watermarks of {topic}: {e}"),
         }
     }
 }

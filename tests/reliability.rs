@@ -565,7 +565,7 @@ async fn failover_run(run: usize) {
             while !stop.is_cancelled() {
                 for s in SYMBOLS {
                     if let Some(x) = ex.emit(s).await {
-                        sent.insert((x.symbol, x.values[7].to_bits()), support::now_ms());
+                        sent.insert(x.key(), support::now_ms());
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

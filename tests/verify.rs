@@ -29,14 +29,14 @@ use support::{Process, SYMBOLS, eventually_async, now_ms, settings_toml};
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 3_600_000;
+const GRACE: Duration = Duration::from_secs(2);
+const MAX_REPAIRS: usize = 3;
+const WAIT: Duration = Duration::from_secs(90);
 
 /// The start of the minute holding `ms`.
 fn minute_of(ms: i64) -> i64 {
     ms.div_euclid(MINUTE) * MINUTE
 }
-const GRACE: Duration = Duration::from_secs(2);
-const MAX_REPAIRS: usize = 3;
-const WAIT: Duration = Duration::from_secs(90);
 
 /// (symbol, timeframe, candle start) → the check's columns.
 type Checks = BTreeMap<(String, String, i64), Map<String, Value>>;

@@ -50,6 +50,11 @@ impl Sent {
     pub fn last_price(&self) -> f64 {
         self.values[6]
     }
+
+    /// What tells this update apart from every other: its volume is unique per symbol and update.
+    pub fn key(&self) -> (String, u64) {
+        (self.symbol.clone(), self.values[7].to_bits())
+    }
 }
 
 enum Command {
@@ -531,7 +536,7 @@ impl ExchangeHandle {
         let order = self.0.trades.execution.lock().await;
         let (trades, target) = {
             let mut ex = self.0.exchange.lock().unwrap();
-            let trades = ex.book.execute(symbol, count, wall_ms());
+            let trades = ex.book.execute(symbol, count, super::now_ms());
             // The ledger and the subscription are read under one lock, so that a trade is
             // either in a new subscriber's snapshot or sent to it as `te`, never both or neither.
             let target = if ex.paused {
@@ -570,13 +575,6 @@ impl ExchangeHandle {
         }
         trades
     }
-}
-
-pub(super) fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 impl Drop for FakeBitfinex {

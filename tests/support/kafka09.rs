@@ -325,7 +325,7 @@ impl KafkaCluster {
     /// SIGKILL: the broker gets no chance to hand over leadership.
     pub fn kill_broker(&mut self, i: usize) {
         if let Some(mut child) = self.brokers[i].take() {
-            eprintln!("kafka09: kill -9 broker {} at {}", i + 1, epoch_ms());
+            eprintln!("kafka09: kill -9 broker {} at {}", i + 1, super::now_ms());
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -342,7 +342,11 @@ impl KafkaCluster {
             self.brokers[i] = Some(child);
             match self.broker_started(i) {
                 Ok(()) => {
-                    eprintln!("kafka09: broker {} started again at {}", i + 1, epoch_ms());
+                    eprintln!(
+                        "kafka09: broker {} started again at {}",
+                        i + 1,
+                        super::now_ms()
+                    );
                     return;
                 }
                 Err(text) if text.contains("already registered") => {
@@ -562,14 +566,6 @@ fn spawn(home: &Path, dir: &Path, name: &str, script: &str, conf: &Path) -> Chil
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {script}: {e}"))
-}
-
-/// Now, in milliseconds since the epoch: the clock of exchange times, for reading logs side by side.
-fn epoch_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis()
 }
 
 fn tail(text: &str) -> String {

@@ -186,18 +186,11 @@ impl Rig {
                 .influx
                 .rows(&self.db, "SELECT symbol, volume FROM ticker")
                 .await;
-            let volumes: std::collections::BTreeSet<(String, u64)> = rows
-                .iter()
-                .map(|r| {
-                    (
-                        r["symbol"].as_str().unwrap_or_default().to_string(),
-                        r["volume"].as_f64().unwrap_or_default().to_bits(),
-                    )
-                })
-                .collect();
+            let keys: std::collections::BTreeSet<(String, u64)> =
+                rows.iter().map(stored_key).collect();
             let missing: Vec<String> = sent
                 .iter()
-                .filter(|s| !volumes.contains(&(s.symbol.clone(), s.values[7].to_bits())))
+                .filter(|s| !keys.contains(&s.key()))
                 .take(5)
                 .map(|s| {
                     format!(
@@ -227,16 +220,11 @@ impl Rig {
             .influx
             .rows(&self.db, "SELECT symbol, last_price, volume FROM ticker")
             .await;
-        // Volume is unique per symbol and update in the fake exchange.
         let stored: BTreeMap<(String, u64), (i64, f64)> = rows
             .iter()
             .map(|r| {
-                let key = (
-                    r["symbol"].as_str().unwrap().to_string(),
-                    r["volume"].as_f64().unwrap().to_bits(),
-                );
                 (
-                    key,
+                    stored_key(r),
                     (
                         r["time"].as_i64().unwrap(),
                         r["last_price"].as_f64().unwrap(),
@@ -246,7 +234,7 @@ impl Rig {
             .collect();
         for s in &sent {
             let (time, price) = *stored
-                .get(&(s.symbol.clone(), s.values[7].to_bits()))
+                .get(&s.key())
                 .unwrap_or_else(|| panic!("{scenario}: {s:?} not in InfluxDB"));
             assert_eq!(price, s.last_price(), "{s:?}");
             if let Some(t) = s.exchange_time {
@@ -264,6 +252,15 @@ impl Rig {
             recovery.map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64())),
         );
     }
+}
+
+/// A stored ticker point's identity, as [`Sent::key`](super::fake_bitfinex::Sent::key) gives a
+/// sent update's.
+fn stored_key(row: &serde_json::Map<String, serde_json::Value>) -> (String, u64) {
+    (
+        row["symbol"].as_str().unwrap().to_string(),
+        row["volume"].as_f64().unwrap().to_bits(),
+    )
 }
 
 pub async fn until<F, Fut>(timeout: Duration, mut cond: F) -> Option<Duration>
